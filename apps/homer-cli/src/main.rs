@@ -1,0 +1,449 @@
+//! `homer`: the command-line front end. Thin: argument parsing, progress bars and printing;
+//! everything else lives in homer-engine.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use homer_engine::{Engine, GenerateParams, Message, Progress, SamplingParams, top_k};
+use homer_model::BackendKind;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(
+    name = "homer",
+    version,
+    about = "Llama-family models on wgpu, reading documents longer than their window"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// GGUF file or Hugging Face model directory (default: SmolLM2-135M-Instruct, fetched on first use)
+    #[arg(long, global = true)]
+    model: Option<PathBuf>,
+    /// Compute backend
+    #[arg(long, global = true, default_value = "wgpu")]
+    backend: BackendKind,
+    /// No progress bars
+    #[arg(long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Args, Clone)]
+struct SampleArgs {
+    /// Tokens to generate at most
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 = greedy
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// 0 = off
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 299792458)]
+    seed: u64,
+    /// Stop when this text appears (repeatable)
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+impl SampleArgs {
+    fn params(&self) -> GenerateParams {
+        GenerateParams {
+            max_tokens: self.max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            },
+            stop_strings: self.stop.clone(),
+            stop_at_eos: !self.ignore_eos,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Continue a plain-text prompt
+    Generate {
+        prompt: String,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sample: SampleArgs,
+        /// Wrap the prompt as a user message in the model's chat template
+        #[arg(long)]
+        chat: bool,
+        /// Print timing to stderr
+        #[arg(long)]
+        stats: bool,
+    },
+    /// Interactive chat (empty line or Ctrl-D ends it)
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sample: SampleArgs,
+        /// System message
+        #[arg(long)]
+        system: Option<String>,
+    },
+    /// Next-token top-K ids, tokens and logits
+    Logits {
+        prompt: String,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Model facts, backend, adapter and limits
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prefill and decode speed
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt lengths to prefill
+        #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
+        lengths: Vec<usize>,
+        /// Tokens to decode
+        #[arg(long, default_value_t = 32)]
+        decode: usize,
+        /// Timed repetitions (the median is reported; one untimed warm-up run comes first)
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn progress_handler(quiet: bool) -> impl FnMut(Progress) {
+    let bar: Option<ProgressBar> = None;
+    let mut state = (bar, String::new());
+    move |p: Progress| {
+        if quiet {
+            return;
+        }
+        let (label, done, total) = match &p {
+            Progress::Fetch {
+                message,
+                done,
+                total,
+            } => (message.clone(), *done, *total),
+            Progress::Load { done, total } => (
+                "loading weights".to_string(),
+                *done as u64,
+                Some(*total as u64),
+            ),
+            Progress::Prefill { done, total } => (
+                "prefill (tokens)".to_string(),
+                *done as u64,
+                Some(*total as u64),
+            ),
+        };
+        if state.1 != label || state.0.is_none() {
+            if let Some(b) = state.0.take() {
+                b.finish_and_clear();
+            }
+            let b = match total {
+                Some(t) => ProgressBar::new(t),
+                None => ProgressBar::new_spinner(),
+            };
+            b.set_style(
+                ProgressStyle::with_template("{msg:>18} [{bar:30}] {pos}/{len} {elapsed}")
+                    .unwrap()
+                    .progress_chars("=> "),
+            );
+            b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            b.set_message(label.clone());
+            state = (Some(b), label);
+        }
+        if let Some(b) = &state.0 {
+            b.set_position(done);
+            if total.is_some_and(|t| done >= t) {
+                b.finish_and_clear();
+                state.0 = None;
+            }
+        }
+    }
+}
+
+fn load(m: &ModelArgs) -> Result<Engine, String> {
+    let mut prog = progress_handler(m.quiet);
+    Engine::load(m.model.as_deref(), m.backend, &mut prog).map_err(|e| e.to_string())
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let cancel = AtomicBool::new(false);
+    match cli.command {
+        Cmd::Generate {
+            prompt,
+            model,
+            sample,
+            chat,
+            stats,
+        } => {
+            let engine = load(&model)?;
+            let ids = if chat {
+                engine
+                    .chat_prompt(&[Message::new("user", prompt)])
+                    .map_err(|e| e.to_string())?
+            } else {
+                engine
+                    .tokenizer
+                    .encode(&prompt, true)
+                    .map_err(|e| e.to_string())?
+            };
+            let mut prog = progress_handler(model.quiet);
+            let mut stdout = std::io::stdout();
+            let g = engine
+                .generate(&ids, &sample.params(), &cancel, &mut prog, &mut |t| {
+                    let _ = stdout.write_all(t.as_bytes());
+                    let _ = stdout.flush();
+                })
+                .map_err(|e| e.to_string())?;
+            println!();
+            if stats {
+                eprintln!(
+                    "prompt {} tokens, prefill {:.2}s ({:.1} tok/s); generated {} tokens, {:.2} tok/s; stop: {:?}",
+                    g.prompt_tokens,
+                    g.prefill_secs,
+                    g.prompt_tokens as f64 / g.prefill_secs.max(1e-9),
+                    g.ids.len(),
+                    g.decode_tokens_per_sec(),
+                    g.stop
+                );
+            }
+        }
+        Cmd::Chat {
+            model,
+            sample,
+            system,
+        } => {
+            let engine = load(&model)?;
+            let mut messages = Vec::new();
+            if let Some(s) = system {
+                messages.push(Message::new("system", s));
+            }
+            let stdin = std::io::stdin();
+            loop {
+                eprint!("> ");
+                let _ = std::io::stderr().flush();
+                let mut line = String::new();
+                if stdin
+                    .lock()
+                    .read_line(&mut line)
+                    .map_err(|e| e.to_string())?
+                    == 0
+                    || line.trim().is_empty()
+                {
+                    break;
+                }
+                messages.push(Message::new("user", line.trim_end()));
+                let ids = engine.chat_prompt(&messages).map_err(|e| e.to_string())?;
+                let mut stdout = std::io::stdout();
+                let g = engine
+                    .generate(&ids, &sample.params(), &cancel, &mut |_| {}, &mut |t| {
+                        let _ = stdout.write_all(t.as_bytes());
+                        let _ = stdout.flush();
+                    })
+                    .map_err(|e| e.to_string())?;
+                println!();
+                messages.push(Message::new("assistant", g.text));
+            }
+        }
+        Cmd::Logits {
+            prompt,
+            model,
+            top,
+            json,
+        } => {
+            let engine = load(&model)?;
+            let ids = engine
+                .tokenizer
+                .encode(&prompt, true)
+                .map_err(|e| e.to_string())?;
+            let logits = engine.next_logits(&ids).map_err(|e| e.to_string())?;
+            let best = top_k(&logits, top);
+            if json {
+                let rows: Vec<_> = best
+                    .iter()
+                    .map(|&(id, l)| serde_json::json!({"id": id, "token": engine.tokenizer.decode(&[id], false).unwrap_or_default(), "logit": l}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"prompt": prompt, "ids": ids, "top": rows})
+                );
+            } else {
+                for (id, l) in best {
+                    println!(
+                        "{id:>7} {l:>10.4} {:?}",
+                        engine.tokenizer.decode(&[id], false).unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Cmd::Info { model, json } => {
+            let engine = load(&model)?;
+            let c = &engine.model.config;
+            let v = serde_json::json!({
+                "model": engine.model_path,
+                "format": engine.format,
+                "config": c,
+                "parameters": c.n_params(),
+                "tokenizer": {"vocab": engine.tokenizer.vocab_size(), "bos": engine.tokenizer.bos_id, "eos": engine.tokenizer.eos_ids,
+                              "add_bos": engine.tokenizer.add_bos, "chat_template": engine.tokenizer.chat_template.is_some()},
+                "device": engine.device,
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap());
+            } else {
+                println!(
+                    "model      {} ({})",
+                    engine.model_path.display(),
+                    engine.format
+                );
+                println!(
+                    "arch       llama: {} layers, d {}, {} heads / {} KV heads, head dim {}, ffn {}, vocab {}, window {}, rope θ {}, tied head {}",
+                    c.num_hidden_layers,
+                    c.hidden_size,
+                    c.num_attention_heads,
+                    c.num_key_value_heads,
+                    c.head_dim,
+                    c.intermediate_size,
+                    c.vocab_size,
+                    c.max_position_embeddings,
+                    c.rope_theta,
+                    c.tie_word_embeddings
+                );
+                println!("params     {:.1} M", c.n_params() as f64 / 1e6);
+                let d = &engine.device;
+                println!(
+                    "backend    {} — {} ({}, {}) {}",
+                    d.backend, d.adapter, d.graphics_api, d.device_type, d.driver
+                );
+                if let Some(m) = d.max_storage_buffer_binding_size {
+                    println!(
+                        "limits     max storage binding {} MiB, max buffer {} MiB, shader-f16 {}",
+                        m >> 20,
+                        d.max_buffer_size.unwrap_or(0) >> 20,
+                        d.shader_f16
+                    );
+                }
+            }
+        }
+        Cmd::Bench {
+            model,
+            lengths,
+            decode,
+            reps,
+            json,
+        } => {
+            let engine = load(&model)?;
+            let vocab = engine.model.config.vocab_size as u32;
+            let mut rows = Vec::new();
+            for &n in &lengths {
+                // Deterministic pseudo-text ids (avoid special tokens at the bottom of the vocab).
+                let ids: Vec<u32> = (0..n as u32)
+                    .map(|i| 100 + (i * 7919) % (vocab - 100))
+                    .collect();
+                let mut times = Vec::new();
+                for r in 0..=reps {
+                    let t = Instant::now();
+                    engine.next_logits(&ids).map_err(|e| e.to_string())?;
+                    if r > 0 {
+                        times.push(t.elapsed().as_secs_f64());
+                    }
+                }
+                times.sort_by(f64::total_cmp);
+                let med = times[times.len() / 2];
+                rows.push(serde_json::json!({"kind": "prefill", "tokens": n, "seconds": med, "tokens_per_sec": n as f64 / med}));
+                if !json {
+                    eprintln!(
+                        "prefill {n:>6} tokens: {:.3}s  {:.1} tok/s",
+                        med,
+                        n as f64 / med
+                    );
+                }
+            }
+            // Decode: greedy tokens after a 128-token prompt, EOS ignored.
+            let prompt: Vec<u32> = (0..128u32)
+                .map(|i| 100 + (i * 7919) % (vocab - 100))
+                .collect();
+            let params = GenerateParams {
+                max_tokens: decode + 1,
+                stop_at_eos: false,
+                ..Default::default()
+            };
+            let mut tps = Vec::new();
+            for r in 0..=reps {
+                let g = engine
+                    .generate(&prompt, &params, &cancel, &mut |_| {}, &mut |_| {})
+                    .map_err(|e| e.to_string())?;
+                if r > 0 {
+                    tps.push(g.decode_tokens_per_sec());
+                }
+            }
+            tps.sort_by(f64::total_cmp);
+            let med = tps[tps.len() / 2];
+            rows.push(serde_json::json!({"kind": "decode", "tokens": decode, "context": 128, "tokens_per_sec": med}));
+            let out = serde_json::json!({"backend": engine.device.backend, "adapter": engine.device.adapter, "model": engine.model_path, "results": rows});
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out).unwrap());
+            } else {
+                eprintln!("decode  {decode:>6} tokens: {med:.2} tok/s (context 128)");
+                println!("| backend | adapter | test | tokens | tok/s |\n|---|---|---|---|---|");
+                for r in out["results"].as_array().unwrap() {
+                    println!(
+                        "| {} | {} | {} | {} | {:.1} |",
+                        engine.device.backend,
+                        engine.device.adapter,
+                        r["kind"].as_str().unwrap(),
+                        r["tokens"],
+                        r["tokens_per_sec"].as_f64().unwrap()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("HOMER_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! homer-engine: what the apps call. It knows files, tokenizers and prompts; the model crate
+//! knows tensors. Load a model (the default one is fetched on first use), tokenise, render chat
+//! prompts, and generate with streaming, stop conditions and cancellation.
+
+pub mod chat;
+pub mod error;
+pub mod fetch;
+pub mod sampling;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use homer_model::load::gguf::GgufModel;
+use homer_model::load::{self, WeightSource};
+use homer_model::model::PREFILL_BLOCK;
+use homer_model::{BackendKind, DeviceInfo, KvCache, Llama, Logits, read_f32};
+use serde::Serialize;
+
+pub use chat::{ChatTemplate, Message};
+pub use error::{EngineError, Result};
+pub use sampling::{SamplingParams, top_k};
+pub use tokenizer::{TokenStream, Tokenizer};
+
+/// Progress reported while loading or running.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    Fetch {
+        message: String,
+        done: u64,
+        total: Option<u64>,
+    },
+    Load {
+        done: usize,
+        total: usize,
+    },
+    Prefill {
+        done: usize,
+        total: usize,
+    },
+}
+
+pub struct Engine {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub device: DeviceInfo,
+    pub model_path: PathBuf,
+    pub format: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_strings: Vec<String>,
+    /// Stop at the model's end-of-sequence ids.
+    pub stop_at_eos: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            stop_strings: vec![],
+            stop_at_eos: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Eos,
+    StopString,
+    MaxTokens,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub prompt_tokens: usize,
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub stop: StopReason,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+impl Generation {
+    pub fn decode_tokens_per_sec(&self) -> f64 {
+        if self.decode_secs > 0.0 {
+            self.ids.len().saturating_sub(1) as f64 / self.decode_secs
+        } else {
+            0.0
+        }
+    }
+}
+
+impl Engine {
+    /// Load `model` (a GGUF file or HF directory; the default model when None) on `backend`.
+    pub fn load(
+        model: Option<&Path>,
+        backend: BackendKind,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Self> {
+        let path = match model {
+            Some(p) => p.to_path_buf(),
+            None => fetch::ensure_default_model(&mut |m, d, t| {
+                progress(Progress::Fetch {
+                    message: m.to_string(),
+                    done: d,
+                    total: t,
+                })
+            })?,
+        };
+        let (device, info) = homer_model::backend::device(backend)?;
+        let src = load::open(&path)?;
+        let tokenizer = if path.is_dir() {
+            let cfg = src.config();
+            Tokenizer::from_hf_dir(&path, cfg.bos_token_id, cfg.eos_token_ids.clone())?
+        } else {
+            let g = GgufModel::open(&path)?;
+            Tokenizer::from_gguf(&g.file)?
+        };
+        let model = Llama::load(
+            src.as_ref(),
+            &device,
+            info.max_storage_buffer_binding_size,
+            &mut |d, t| progress(Progress::Load { done: d, total: t }),
+        )?;
+        let bos = tokenizer
+            .bos_id
+            .map(|b| tokenizer.token_str(b))
+            .unwrap_or_default();
+        let eos = tokenizer
+            .eos_ids
+            .first()
+            .map(|&e| tokenizer.token_str(e))
+            .unwrap_or_default();
+        let template = ChatTemplate::from_metadata(tokenizer.chat_template.as_deref(), &bos, &eos);
+        Ok(Engine {
+            model,
+            tokenizer,
+            template,
+            device: info,
+            model_path: path,
+            format: src.describe(),
+        })
+    }
+
+    /// Prefill `ids` in blocks (reporting progress, checking `cancel` between blocks); returns
+    /// the last row's logits and the cache.
+    pub fn prefill(
+        &self,
+        ids: &[u32],
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<(Vec<f32>, KvCache)> {
+        if ids.is_empty() {
+            return Err(EngineError::Setting("the prompt is empty".into()));
+        }
+        let window = self.model.config.max_position_embeddings;
+        if ids.len() > window {
+            tracing::warn!(
+                "prompt of {} tokens exceeds the model's window of {window}",
+                ids.len()
+            );
+        }
+        let mut cache = KvCache::new(self.model.n_layers());
+        let mut last = None;
+        for (i, block) in ids.chunks(PREFILL_BLOCK).enumerate() {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(EngineError::Cancelled);
+            }
+            let is_last = (i + 1) * PREFILL_BLOCK >= ids.len();
+            let logits = self.model.forward(block, None, &mut cache, Logits::Last)?;
+            if is_last {
+                last = Some(read_f32(logits)?);
+            }
+            progress(Progress::Prefill {
+                done: (i * PREFILL_BLOCK + block.len()).min(ids.len()),
+                total: ids.len(),
+            });
+        }
+        Ok((last.expect("at least one block"), cache))
+    }
+
+    /// Next-token logits after `ids`.
+    pub fn next_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(self.prefill(ids, &AtomicBool::new(false), &mut |_| {})?.0)
+    }
+
+    /// Generate from prompt ids, streaming text pieces to `on_text`.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(Progress),
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        params.sampling.validate().map_err(EngineError::Setting)?;
+        let t0 = Instant::now();
+        let (mut logits, mut cache) = self.prefill(prompt, cancel, progress)?;
+        let prefill_secs = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut sampler = sampling::Sampler::new(params.sampling.clone());
+        let mut history = prompt.to_vec();
+        let mut stream = TokenStream::new(&self.tokenizer);
+        let mut text = String::new();
+        let mut out = Vec::new();
+        let mut stop = StopReason::MaxTokens;
+        let max_stop_len = params
+            .stop_strings
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(0);
+        let mut emitted = 0usize; // bytes of `text` already given to on_text
+        while out.len() < params.max_tokens {
+            if cancel.load(Ordering::Relaxed) {
+                stop = StopReason::Cancelled;
+                break;
+            }
+            let next = sampler.sample(&mut logits, &history);
+            if params.stop_at_eos && self.tokenizer.is_eos(next) {
+                stop = StopReason::Eos;
+                break;
+            }
+            out.push(next);
+            history.push(next);
+            if let Some(piece) = stream.push(next)? {
+                text.push_str(&piece);
+            }
+            if let Some(pos) = params
+                .stop_strings
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+            {
+                text.truncate(pos);
+                stop = StopReason::StopString;
+                break;
+            }
+            // Hold back a tail that could still become a stop string.
+            let safe = floor_char_boundary(
+                &text,
+                text.len().saturating_sub(max_stop_len.saturating_sub(1)),
+            );
+            if safe > emitted {
+                on_text(&text[emitted..safe]);
+                emitted = safe;
+            }
+            if out.len() == params.max_tokens {
+                break;
+            }
+            logits = self.model.decode_step(next, &mut cache)?;
+        }
+        if stop != StopReason::StopString {
+            if let Some(rest) = stream.finish()? {
+                text.push_str(&rest);
+            }
+        }
+        if text.len() > emitted {
+            on_text(&text[emitted..]);
+        }
+        Ok(Generation {
+            prompt_tokens: prompt.len(),
+            ids: out,
+            text,
+            stop,
+            prefill_secs,
+            decode_secs: t1.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Render a chat with the model's template and tokenise it.
+    pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        self.tokenizer.encode(&text, true)
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}

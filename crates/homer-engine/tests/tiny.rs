@@ -1,0 +1,128 @@
+//! Tokenizers of the tiny fixtures (HF `tokenizer.json` and the same vocabulary rebuilt from GGUF
+//! metadata) against transformers' ids, and CLI-free generation on the tiny model.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use homer_engine::{Engine, GenerateParams, SamplingParams, Tokenizer};
+use homer_model::BackendKind;
+use homer_model::load::gguf::GgufFile;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn cases() -> Vec<serde_json::Value> {
+    let p = fixtures().join("tiny-llama/reference.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    v["tokenizer_cases"].as_array().unwrap().clone()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn hf_and_gguf_tokenizers_match_transformers() {
+    let hf = Tokenizer::from_hf_dir(&fixtures().join("tiny-llama"), Some(1), vec![2]).unwrap();
+    let gg =
+        Tokenizer::from_gguf(&GgufFile::open(&fixtures().join("tiny-gguf/tiny-f32.gguf")).unwrap())
+            .unwrap();
+    let cases = cases();
+    assert!(cases.len() >= 5);
+    for c in &cases {
+        let text = c["text"].as_str().unwrap();
+        assert_eq!(
+            hf.encode(text, true).unwrap(),
+            ids(&c["ids"]),
+            "hf with specials: {text:?}"
+        );
+        assert_eq!(
+            hf.encode(text, false).unwrap(),
+            ids(&c["ids_no_special"]),
+            "hf: {text:?}"
+        );
+        // The GGUF says add_bos_token = true, as the HF post-processor does.
+        assert_eq!(
+            gg.encode(text, true).unwrap(),
+            ids(&c["ids"]),
+            "gguf: {text:?}"
+        );
+        assert_eq!(
+            gg.decode(&ids(&c["ids_no_special"]), false).unwrap(),
+            c["decoded"].as_str().unwrap()
+        );
+    }
+    assert!(hf.chat_template.is_some() && gg.chat_template.is_some());
+}
+
+#[test]
+fn generation_is_reproducible_and_respects_limits() {
+    let e = Engine::load(
+        Some(&fixtures().join("tiny-llama")),
+        BackendKind::Cpu,
+        &mut |_| {},
+    )
+    .unwrap();
+    let prompt = e.tokenizer.encode("the quick brown fox", true).unwrap();
+    let cancel = AtomicBool::new(false);
+    let run = |seed| {
+        let p = GenerateParams {
+            max_tokens: 12,
+            sampling: SamplingParams {
+                temperature: 0.9,
+                top_k: 40,
+                top_p: 0.95,
+                min_p: 0.02,
+                seed,
+                ..Default::default()
+            },
+            stop_at_eos: false,
+            ..Default::default()
+        };
+        e.generate(&prompt, &p, &cancel, &mut |_| {}, &mut |_| {})
+            .unwrap()
+    };
+    let (a, b) = (run(1), run(1));
+    assert_eq!(a.ids, b.ids);
+    assert_eq!(a.ids.len(), 12);
+    assert_eq!(a.stop, homer_engine::StopReason::MaxTokens);
+    let bad = GenerateParams {
+        sampling: SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = e
+        .generate(&prompt, &bad, &cancel, &mut |_| {}, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("top-p"), "{err}");
+    let err = e
+        .generate(
+            &[],
+            &GenerateParams::default(),
+            &cancel,
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("empty"), "{err}");
+    let err = e
+        .generate(
+            &[5000],
+            &GenerateParams::default(),
+            &cancel,
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("5000") && err.contains("vocabulary"), "{err}");
+}

@@ -1,0 +1,109 @@
+//! Choosing the compute backend at run time: burn-wgpu (the product) or burn's ndarray CPU
+//! backend (fallback and oracle). wgpu is initialised once per process and its adapter
+//! described, including the buffer limits the loader checks against.
+
+use std::sync::OnceLock;
+
+use burn::tensor::Device;
+use burn::tensor::wgpu::wgpu;
+
+use crate::error::{ModelError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// burn-wgpu: Vulkan, Metal, DX12 (Mesa lavapipe on machines without a GPU).
+    Wgpu,
+    /// burn's ndarray backend on the CPU.
+    Cpu,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "wgpu" | "gpu" => Ok(BackendKind::Wgpu),
+            "cpu" | "ndarray" => Ok(BackendKind::Cpu),
+            other => Err(format!("unknown backend `{other}` (expected wgpu or cpu)")),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Cpu => "cpu",
+        })
+    }
+}
+
+/// What the user and the loader need to know about a device.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceInfo {
+    pub backend: String,
+    pub adapter: String,
+    pub driver: String,
+    pub graphics_api: String,
+    pub device_type: String,
+    /// Largest storage-buffer binding the adapter allows (None on CPU backends).
+    pub max_storage_buffer_binding_size: Option<u64>,
+    pub max_buffer_size: Option<u64>,
+    pub shader_f16: bool,
+}
+
+static WGPU: OnceLock<std::result::Result<(Device, DeviceInfo), String>> = OnceLock::new();
+
+fn init_wgpu() -> std::result::Result<(Device, DeviceInfo), String> {
+    let result = std::panic::catch_unwind(|| Device::wgpu_options().init_with_setup());
+    let (device, setup) = match result {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return Err(format!("{e}")),
+        Err(_) => return Err("the wgpu runtime panicked while acquiring an adapter".into()),
+    };
+    let info = setup.adapter.get_info();
+    let limits = setup.device.limits();
+    let features = setup.device.features();
+    Ok((
+        device,
+        DeviceInfo {
+            backend: "wgpu".into(),
+            adapter: info.name.clone(),
+            driver: format!("{} {}", info.driver, info.driver_info)
+                .trim()
+                .to_string(),
+            graphics_api: format!("{:?}", info.backend),
+            device_type: format!("{:?}", info.device_type),
+            max_storage_buffer_binding_size: Some(limits.max_storage_buffer_binding_size as u64),
+            max_buffer_size: Some(limits.max_buffer_size),
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+        },
+    ))
+}
+
+/// The device for `kind`, created once per process and then cloned.
+pub fn device(kind: BackendKind) -> Result<(Device, DeviceInfo)> {
+    match kind {
+        // ndarray is deprecated in burn 0.22 in favour of `flex`, but it is the backend this
+        // project pins as its CPU fallback and oracle.
+        #[allow(deprecated)]
+        BackendKind::Cpu => Ok((
+            Device::ndarray(),
+            DeviceInfo {
+                backend: "cpu".into(),
+                adapter: format!("burn ndarray on {} CPU threads", std::thread::available_parallelism().map_or(1, |n| n.get())),
+                driver: String::new(),
+                graphics_api: "none".into(),
+                device_type: "Cpu".into(),
+                max_storage_buffer_binding_size: None,
+                max_buffer_size: None,
+                shader_f16: false,
+            },
+        )),
+        BackendKind::Wgpu => WGPU.get_or_init(init_wgpu).clone().map_err(|e| {
+            ModelError::Input(format!(
+                "no wgpu adapter could be used ({e}). On a machine without a GPU install a CPU Vulkan \
+                 driver (Debian/Ubuntu: `apt-get install mesa-vulkan-drivers`), or run with --backend cpu"
+            ))
+        }),
+    }
+}

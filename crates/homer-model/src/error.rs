@@ -1,0 +1,90 @@
+//! Errors of the model crate. Every message names the file, tensor or value at fault and, where
+//! there is one, what the user can do about it.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: not a GGUF file (magic bytes {found:?}, expected \"GGUF\")")]
+    BadMagic { path: PathBuf, found: [u8; 4] },
+
+    #[error("{path}: unsupported GGUF version {version} (supported: 2 and 3)")]
+    BadVersion { path: PathBuf, version: u32 },
+
+    #[error("{path}: file is truncated or corrupt: {what} (at byte {offset}, file is {len} bytes)")]
+    Truncated {
+        path: PathBuf,
+        what: String,
+        offset: u64,
+        len: u64,
+    },
+
+    #[error("{path}: malformed: {what}")]
+    Malformed { path: PathBuf, what: String },
+
+    #[error(
+        "{path}: tensor `{tensor}` has dtype {dtype}, which homer cannot load (supported: {supported})"
+    )]
+    UnsupportedDtype {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+        supported: &'static str,
+    },
+
+    #[error("{path}: tensor `{tensor}` is missing (needed by the Llama architecture)")]
+    MissingTensor { path: PathBuf, tensor: String },
+
+    #[error(
+        "{path}: tensor `{tensor}` has shape {found:?}, expected {expected:?} from the model config"
+    )]
+    ShapeMismatch {
+        path: PathBuf,
+        tensor: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+
+    #[error("{path}: config: {what}")]
+    Config { path: PathBuf, what: String },
+
+    #[error("{path}: metadata key `{key}`: {what}")]
+    Metadata {
+        path: PathBuf,
+        key: String,
+        what: String,
+    },
+
+    #[error("{path}: not a model file or directory homer can load: {what}")]
+    UnknownFormat { path: PathBuf, what: String },
+
+    #[error(
+        "{what} needs {needed} bytes in one GPU buffer but the adapter allows {limit}; use --backend cpu or a smaller model"
+    )]
+    DeviceLimit {
+        what: String,
+        needed: u64,
+        limit: u64,
+    },
+
+    #[error("invalid input: {0}")]
+    Input(String),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+impl ModelError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ModelError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

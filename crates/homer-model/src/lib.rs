@@ -1,0 +1,24 @@
+//! homer-model: a Llama-family transformer (MHA and GQA) written against burn's backend-generic
+//! `Tensor`/`Device`, with loaders for Hugging Face directories and GGUF files.
+//!
+//! The decoder layer is split in two halves ([`layer::DecoderLayer::attend`] and
+//! [`layer::DecoderLayer::feed_forward`]) and attention accepts arbitrary position ids, which is
+//! what HOMER (Song et al., ICLR 2024) needs to prune tokens between them.
+
+pub mod attention;
+pub mod backend;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod layer;
+pub mod load;
+pub mod model;
+pub mod rope;
+
+pub use backend::{BackendKind, DeviceInfo};
+pub use cache::{KvCache, LayerKv};
+pub use config::{LlamaConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use model::{Llama, Logits, read_f32};
+
+pub use burn::tensor::{Device, Tensor};
