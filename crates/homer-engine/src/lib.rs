@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use homer_model::load;
 use homer_model::load::gguf::GgufModel;
-use homer_model::load::{self, WeightSource};
 use homer_model::model::PREFILL_BLOCK;
 use homer_model::{BackendKind, DeviceInfo, KvCache, Llama, Logits, read_f32};
 use serde::Serialize;

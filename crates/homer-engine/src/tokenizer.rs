@@ -136,7 +136,12 @@ impl Tokenizer {
                     })
                     .collect::<Result<_>>()?;
                 let bpe = BPE::builder()
-                    .vocab_and_merges(vocab.into_iter().collect(), merges)
+                    .vocab_and_merges(
+                        vocab
+                            .into_iter()
+                            .collect::<tokenizers::models::bpe::Vocab>(),
+                        merges,
+                    )
                     .build()
                     .map_err(|e| tok_err(path, e))?;
                 let mut t = tokenizers::Tokenizer::new(bpe);
@@ -157,7 +162,12 @@ impl Tokenizer {
                 let merges = merges_from_scores(&tokens, &scores, &vocab);
                 let unk = id("tokenizer.ggml.unknown_token_id").map(|u| tokens[u as usize].clone());
                 let mut b = BPE::builder()
-                    .vocab_and_merges(vocab.into_iter().collect(), merges)
+                    .vocab_and_merges(
+                        vocab
+                            .into_iter()
+                            .collect::<tokenizers::models::bpe::Vocab>(),
+                        merges,
+                    )
                     .byte_fallback(true);
                 if let Some(u) = unk {
                     b = b.unk_token(u);
