@@ -109,11 +109,14 @@ fn tokenizer_ids_and_chat_template_match_reference() {
     );
 }
 
-fn parity(kind: BackendKind, prompts: usize) {
+/// Top-20 logits for every reference prompt; greedy continuations for the first `greedy` of them
+/// (decoding on lavapipe costs seconds per token, so the wgpu run checks two: a plain prompt and
+/// a ChatML one).
+fn parity(kind: BackendKind, greedy: &[usize]) {
     let engine = Engine::load(Some(&model_path()), kind, &mut |_| {}).unwrap();
     let r: Reference = read("reference.json");
     let cancel = AtomicBool::new(false);
-    for p in r.prompts.iter().take(prompts) {
+    for (i, p) in r.prompts.iter().enumerate() {
         let ids = engine.tokenizer.encode(&p.prompt, true).unwrap();
         assert_eq!(ids, p.ids, "ids of {:?}", p.prompt);
         let logits = engine.next_logits(&ids).unwrap();
@@ -131,6 +134,9 @@ fn parity(kind: BackendKind, prompts: usize) {
             .map(|x| x.0)
             .collect();
         assert_eq!(ours[0], p.top20[0].0, "{kind} {:?}: top-1", p.prompt);
+        if !greedy.contains(&i) {
+            continue;
+        }
         let params = GenerateParams {
             max_tokens: 16,
             stop_at_eos: false,
@@ -158,12 +164,12 @@ fn parity(kind: BackendKind, prompts: usize) {
 
 #[test]
 fn default_model_matches_transformers_cpu() {
-    parity(BackendKind::Cpu, usize::MAX);
+    parity(BackendKind::Cpu, &[0, 1, 2, 3, 4, 5]);
 }
 
 #[test]
 fn default_model_matches_transformers_wgpu() {
-    parity(BackendKind::Wgpu, usize::MAX);
+    parity(BackendKind::Wgpu, &[0, 4]);
 }
 
 #[test]

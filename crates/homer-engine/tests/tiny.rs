@@ -126,3 +126,63 @@ fn generation_is_reproducible_and_respects_limits() {
         .to_string();
     assert!(err.contains("5000") && err.contains("vocabulary"), "{err}");
 }
+
+/// SentencePiece-style vocabulary (tokenizer.ggml.model = llama): merges ranked by score, `▁` for
+/// spaces with a prefix space, byte fallback for unknown characters.
+#[test]
+fn sentencepiece_gguf_tokenizer_merges_by_score_and_falls_back_to_bytes() {
+    use homer_model::load::gguf::Value;
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    let base = tokens.len() as u32;
+    for t in ["▁", "a", "b", "▁a", "ab", "▁ab"] {
+        tokens.push(t.into());
+    }
+    let mut scores = vec![0f32; tokens.len()];
+    let mut types = vec![1i32; tokens.len()];
+    types[0] = 2;
+    types[1] = 3;
+    types[2] = 3;
+    for t in types.iter_mut().take(259).skip(3) {
+        *t = 6;
+    }
+    for (i, s) in [-3.0, -3.0, -3.0, -1.0, -2.0, -0.5].iter().enumerate() {
+        scores[base as usize + i] = *s;
+    }
+    let meta = vec![
+        ("tokenizer.ggml.model", Value::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores",
+            Value::Array(scores.iter().map(|&s| Value::F32(s)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("spm.gguf");
+    std::fs::write(&p, homer_model::load::gguf_writer::encode(&meta, &[])).unwrap();
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&p).unwrap()).unwrap();
+    let (sp_ab, a, b) = (base + 5, base + 1, base + 2);
+    // "▁ab▁ab": (▁,a) then (▁a,b) by score order.
+    assert_eq!(
+        tok.encode("ab ab", true).unwrap(),
+        vec![1, sp_ab, sp_ab],
+        "BOS is added for llama vocabularies"
+    );
+    assert_eq!(tok.decode(&[sp_ab, sp_ab], true).unwrap(), "ab ab");
+    // "é" is not in the vocabulary: its UTF-8 bytes C3 A9 via byte fallback.
+    let ids = tok.encode("bé", false).unwrap();
+    assert_eq!(ids, vec![base, b, 3 + 0xC3, 3 + 0xA9]);
+    assert_eq!(tok.decode(&ids, true).unwrap(), "bé");
+    assert_eq!(tok.encode("a", false).unwrap(), vec![base + 3]);
+    let _ = a;
+}

@@ -276,70 +276,32 @@ fn truncated_gguf_names_file_and_tensor() {
     assert!(e.contains("cut.gguf") && e.contains("GGUF"), "{e}");
 }
 
-/// Minimal GGUF writer for malformed-file tests.
-fn write_gguf(
-    path: &Path,
-    meta: &[(&str, u32, Vec<u8>)],
-    tensors: &[(&str, Vec<u64>, u32, Vec<u8>)],
-) {
-    let mut b = b"GGUF".to_vec();
-    b.extend(3u32.to_le_bytes());
-    b.extend((tensors.len() as u64).to_le_bytes());
-    b.extend((meta.len() as u64).to_le_bytes());
-    let s = |b: &mut Vec<u8>, x: &str| {
-        b.extend((x.len() as u64).to_le_bytes());
-        b.extend(x.as_bytes());
-    };
-    for (k, ty, v) in meta {
-        s(&mut b, k);
-        b.extend(ty.to_le_bytes());
-        b.extend(v);
-    }
-    let mut off = 0u64;
-    for (name, dims, ty, data) in tensors {
-        s(&mut b, name);
-        b.extend((dims.len() as u32).to_le_bytes());
-        for d in dims {
-            b.extend(d.to_le_bytes());
-        }
-        b.extend(ty.to_le_bytes());
-        b.extend(off.to_le_bytes());
-        off += (data.len() as u64).div_ceil(32) * 32;
-    }
-    while b.len() % 32 != 0 {
-        b.push(0);
-    }
-    for (_, _, _, data) in tensors {
-        b.extend(data);
-        while b.len() % 32 != 0 {
-            b.push(0);
-        }
-    }
-    std::fs::write(path, b).unwrap();
+use homer_model::load::gguf::Value;
+use homer_model::load::gguf_writer::{RawTensor, encode};
+
+fn write_gguf(path: &Path, meta: &[(&str, Value)], tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) {
+    let tensors: Vec<RawTensor> = tensors
+        .iter()
+        .map(|(n, d, t, b)| RawTensor {
+            name: n.to_string(),
+            dims: d.clone(),
+            type_id: *t,
+            data: b.clone(),
+        })
+        .collect();
+    std::fs::write(path, encode(meta, &tensors)).unwrap();
 }
 
-fn u32v(x: u32) -> Vec<u8> {
-    x.to_le_bytes().to_vec()
-}
-fn f32v(x: f32) -> Vec<u8> {
-    x.to_le_bytes().to_vec()
-}
-fn strv(x: &str) -> Vec<u8> {
-    let mut v = (x.len() as u64).to_le_bytes().to_vec();
-    v.extend(x.as_bytes());
-    v
-}
-
-fn llama_meta(kv_heads: u32) -> Vec<(&'static str, u32, Vec<u8>)> {
+fn llama_meta(kv_heads: u32) -> Vec<(&'static str, Value)> {
     vec![
-        ("general.architecture", 8, strv("llama")),
-        ("llama.context_length", 4, u32v(64)),
-        ("llama.embedding_length", 4, u32v(32)),
-        ("llama.block_count", 4, u32v(1)),
-        ("llama.feed_forward_length", 4, u32v(64)),
-        ("llama.attention.head_count", 4, u32v(4)),
-        ("llama.attention.head_count_kv", 4, u32v(kv_heads)),
-        ("llama.attention.layer_norm_rms_epsilon", 6, f32v(1e-5)),
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.context_length", Value::U32(64)),
+        ("llama.embedding_length", Value::U32(32)),
+        ("llama.block_count", Value::U32(1)),
+        ("llama.feed_forward_length", Value::U32(64)),
+        ("llama.attention.head_count", Value::U32(4)),
+        ("llama.attention.head_count_kv", Value::U32(kv_heads)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
     ]
 }
 
@@ -394,7 +356,7 @@ fn gguf_unknown_dtype_missing_tensor_shape_and_config_errors() {
     );
     // Not a llama.
     let mut meta = llama_meta(2);
-    meta[0] = ("general.architecture", 8, strv("falcon"));
+    meta[0] = ("general.architecture", Value::String("falcon".into()));
     write_gguf(&p, &meta, &[]);
     let e = err_of(&p).to_string();
     assert!(

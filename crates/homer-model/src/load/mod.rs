@@ -2,6 +2,7 @@
 //! model builder as one [`WeightSource`] speaking Hugging Face tensor names, row-major f32.
 
 pub mod gguf;
+pub mod gguf_writer;
 pub mod quant;
 pub mod safetensors;
 
