@@ -364,14 +364,20 @@ fn run(cli: Cli) -> Result<(), String> {
             reps,
             json,
         } => {
+            let reps = reps.max(1);
             let engine = load(&model)?;
+            // Deterministic pseudo-text ids, above the special tokens at the bottom of the vocab.
             let vocab = engine.model.config.vocab_size as u32;
+            let (lo, span) = if vocab > 200 {
+                (100, vocab - 100)
+            } else {
+                (0, vocab)
+            };
+            let pseudo =
+                |n: usize| -> Vec<u32> { (0..n as u32).map(|i| lo + (i * 7919) % span).collect() };
             let mut rows = Vec::new();
             for &n in &lengths {
-                // Deterministic pseudo-text ids (avoid special tokens at the bottom of the vocab).
-                let ids: Vec<u32> = (0..n as u32)
-                    .map(|i| 100 + (i * 7919) % (vocab - 100))
-                    .collect();
+                let ids = pseudo(n);
                 let mut times = Vec::new();
                 for r in 0..=reps {
                     let t = Instant::now();
@@ -392,9 +398,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 }
             }
             // Decode: greedy tokens after a 128-token prompt, EOS ignored.
-            let prompt: Vec<u32> = (0..128u32)
-                .map(|i| 100 + (i * 7919) % (vocab - 100))
-                .collect();
+            let prompt = pseudo(128);
             let params = GenerateParams {
                 max_tokens: decode + 1,
                 stop_at_eos: false,

@@ -118,12 +118,12 @@ impl Engine {
         };
         let (device, info) = homer_model::backend::device(backend)?;
         let src = load::open(&path)?;
-        let tokenizer = if path.is_dir() {
-            let cfg = src.config();
-            Tokenizer::from_hf_dir(&path, cfg.bos_token_id, cfg.eos_token_ids.clone())?
-        } else {
-            let g = GgufModel::open(&path)?;
-            Tokenizer::from_gguf(&g.file)?
+        let tokenizer = match src.as_any().downcast_ref::<GgufModel>() {
+            Some(g) => Tokenizer::from_gguf(&g.file)?,
+            None => {
+                let cfg = src.config();
+                Tokenizer::from_hf_dir(&path, cfg.bos_token_id, cfg.eos_token_ids.clone())?
+            }
         };
         let model = Llama::load(
             src.as_ref(),

@@ -351,26 +351,12 @@ impl<'a> TokenStream<'a> {
         let before = self.tok.decode(&self.ids[self.prev..self.current], true)?;
         self.ids.push(id);
         let after = self.tok.decode(&self.ids[self.prev..], true)?;
-        if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.starts_with(&before)
-        {
-            let piece = after[before.len()..].to_string();
-            self.prev = self.current;
-            self.current = self.ids.len();
-            Ok(Some(piece))
-        } else if !after.starts_with(&before) && !after.ends_with('\u{FFFD}') {
-            // Decoder changed earlier text (rare, e.g. cleanup rules): emit the difference by chars.
-            let common = before
-                .chars()
-                .zip(after.chars())
-                .take_while(|(a, b)| a == b)
-                .count();
-            let piece: String = after.chars().skip(common).collect();
-            self.prev = self.current;
-            self.current = self.ids.len();
-            Ok(Some(piece))
-        } else {
-            Ok(None)
+        if after.ends_with('\u{FFFD}') || after.len() <= before.len() {
+            return Ok(None);
         }
+        self.prev = self.current;
+        self.current = self.ids.len();
+        Ok(Some(text_after(&before, &after)))
     }
 
     /// Whatever is still held back at the end (an incomplete UTF-8 sequence decodes lossily).
@@ -379,13 +365,26 @@ impl<'a> TokenStream<'a> {
         let after = self.tok.decode(&self.ids[self.prev..], true)?;
         self.prev = self.ids.len();
         self.current = self.ids.len();
-        Ok(
-            (after.len() > before.len())
-                .then(|| after[before.len().min(after.len())..].to_string()),
-        )
+        Ok((after.len() > before.len()).then(|| text_after(&before, &after)))
     }
 
     pub fn ids(&self) -> &[u32] {
         &self.ids
+    }
+}
+
+/// The part of `after` that follows `before`. Decoders normally only append; if one rewrote the
+/// earlier text (cleanup rules), the new text starts after the longest common prefix of chars.
+fn text_after(before: &str, after: &str) -> String {
+    match after.strip_prefix(before) {
+        Some(rest) => rest.to_string(),
+        None => {
+            let common = before
+                .chars()
+                .zip(after.chars())
+                .take_while(|(a, b)| a == b)
+                .count();
+            after.chars().skip(common).collect()
+        }
     }
 }

@@ -41,6 +41,8 @@ pub struct Attended {
     pub hidden: Tensor<2>,
     /// This layer's keys (post-RoPE) and values for the new rows, each [kv_heads, n, head_dim].
     pub kv: LayerKv,
+    /// `past` ++ `kv`: the layer's whole cache after this step (built once, for the attention).
+    pub kv_all: LayerKv,
     /// Post-RoPE query of the last new row, [heads, head_dim] (HOMER's significance, spec §4.2).
     pub q_last: Tensor<2>,
 }
@@ -87,6 +89,7 @@ impl DecoderLayer {
         Attended {
             hidden,
             kv: LayerKv { k, v },
+            kv_all: LayerKv { k: k_all, v: v_all },
             q_last,
         }
     }

@@ -234,7 +234,7 @@ impl Llama {
             let (cos, sin) = self.rope_tables(&positions[start..end]);
             for (l, layer) in self.layers.iter().enumerate() {
                 let a = layer.attend(x, &cos, &sin, cache.layers[l].as_ref());
-                cache.push(l, a.kv);
+                cache.layers[l] = Some(a.kv_all);
                 x = layer.feed_forward(a.hidden);
             }
             match which {

@@ -434,6 +434,9 @@ impl GgufModel {
 }
 
 impl WeightSource for GgufModel {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
     fn path(&self) -> &Path {
         &self.file.path
     }

@@ -21,7 +21,9 @@ pub struct HostTensor {
 /// Something that hands out a model's config and its tensors by Hugging Face name
 /// (`model.layers.3.self_attn.q_proj.weight`, ...), one at a time so that loading never holds
 /// two f32 copies of the whole model.
-pub trait WeightSource: Send + Sync {
+pub trait WeightSource: Send + Sync + std::any::Any {
+    /// For callers that need the concrete source (e.g. the GGUF tokenizer metadata).
+    fn as_any(&self) -> &dyn std::any::Any;
     /// The file or directory the weights come from (used in error messages).
     fn path(&self) -> &Path;
     fn config(&self) -> &LlamaConfig;

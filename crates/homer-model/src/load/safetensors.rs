@@ -95,6 +95,9 @@ impl HfDir {
 }
 
 impl WeightSource for HfDir {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
     fn path(&self) -> &Path {
         &self.dir
     }
