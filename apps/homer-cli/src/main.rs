@@ -134,9 +134,15 @@ enum Cmd {
         /// Tokens to decode
         #[arg(long, default_value_t = 32)]
         decode: usize,
-        /// Timed repetitions (the median is reported; one untimed warm-up run comes first)
+        /// Timed repetitions (the median is reported)
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Untimed runs first (the first call of each GPU kernel compiles it)
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Skip the decode measurement
+        #[arg(long)]
+        no_decode: bool,
         #[arg(long)]
         json: bool,
     },
@@ -362,6 +368,8 @@ fn run(cli: Cli) -> Result<(), String> {
             lengths,
             decode,
             reps,
+            warmup,
+            no_decode,
             json,
         } => {
             let reps = reps.max(1);
@@ -379,23 +387,30 @@ fn run(cli: Cli) -> Result<(), String> {
             for &n in &lengths {
                 let ids = pseudo(n);
                 let mut times = Vec::new();
-                for r in 0..=reps {
+                for r in 0..warmup + reps {
                     let t = Instant::now();
                     engine.next_logits(&ids).map_err(|e| e.to_string())?;
-                    if r > 0 {
+                    if r >= warmup {
                         times.push(t.elapsed().as_secs_f64());
                     }
                 }
                 times.sort_by(f64::total_cmp);
                 let med = times[times.len() / 2];
-                rows.push(serde_json::json!({"kind": "prefill", "tokens": n, "seconds": med, "tokens_per_sec": n as f64 / med}));
+                let peak = peak_rss_bytes();
+                rows.push(serde_json::json!({"kind": "prefill", "tokens": n, "seconds": med, "tokens_per_sec": n as f64 / med, "peak_rss_bytes": peak}));
                 if !json {
                     eprintln!(
-                        "prefill {n:>6} tokens: {:.3}s  {:.1} tok/s",
+                        "prefill {n:>6} tokens: {:.3}s  {:.1} tok/s  (process peak RSS so far {} MiB)",
                         med,
-                        n as f64 / med
+                        n as f64 / med,
+                        peak.map_or("?".to_string(), |b| (b >> 20).to_string())
                     );
                 }
+            }
+            if no_decode {
+                let out = serde_json::json!({"backend": engine.device.backend, "adapter": engine.device.adapter, "model": engine.model_path, "results": rows});
+                println!("{}", serde_json::to_string_pretty(&out).unwrap());
+                return Ok(());
             }
             // Decode: greedy tokens after a 128-token prompt, EOS ignored.
             let prompt = pseudo(128);
@@ -405,11 +420,11 @@ fn run(cli: Cli) -> Result<(), String> {
                 ..Default::default()
             };
             let mut tps = Vec::new();
-            for r in 0..=reps {
+            for r in 0..warmup + reps {
                 let g = engine
                     .generate(&prompt, &params, &cancel, &mut |_| {}, &mut |_| {})
                     .map_err(|e| e.to_string())?;
-                if r > 0 {
+                if r >= warmup {
                     tps.push(g.decode_tokens_per_sec());
                 }
             }
@@ -436,6 +451,14 @@ fn run(cli: Cli) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), for memory curves.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn main() -> ExitCode {
