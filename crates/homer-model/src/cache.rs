@@ -17,11 +17,6 @@ impl LayerKv {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Append rows (along the sequence axis).
-    pub fn append(&mut self, new: LayerKv) {
-        self.k = Tensor::cat(vec![self.k.clone(), new.k], 1);
-        self.v = Tensor::cat(vec![self.v.clone(), new.v], 1);
-    }
 }
 
 /// The model's cache: one optional [`LayerKv`] per layer, plus the position id the next token
@@ -48,11 +43,5 @@ impl KvCache {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-    pub fn push(&mut self, layer: usize, new: LayerKv) {
-        match &mut self.layers[layer] {
-            Some(kv) => kv.append(new),
-            slot @ None => *slot = Some(new),
-        }
     }
 }
