@@ -154,6 +154,61 @@ impl Llama {
         })
     }
 
+    /// A model with uniform random weights, reproducible from `seed` (tests and shape
+    /// benchmarks; no file needed). Projections have variance 1/fan_in, norms are 1.
+    pub fn random(config: LlamaConfig, seed: u64, device: &Device) -> Llama {
+        let mut state = seed ^ 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            // xorshift64*
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
+            (r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let mut mat = |rows: usize, cols: usize, fan_in: usize| -> Tensor<2> {
+            let a = (3.0 / fan_in as f32).sqrt();
+            let data: Vec<f32> = (0..rows * cols).map(|_| next() * a).collect();
+            Tensor::from_data(TensorData::new(data, [rows, cols]), device)
+        };
+        let c = &config;
+        let d = c.hidden_size;
+        let ones = || Tensor::<1>::ones([d], device);
+        let embed = mat(c.vocab_size, d, 1);
+        let lm_head = if c.tie_word_embeddings {
+            embed.clone().transpose()
+        } else {
+            mat(d, c.vocab_size, d)
+        };
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| DecoderLayer {
+                attn_norm: ones(),
+                wq: mat(d, c.q_dim(), d),
+                wk: mat(d, c.kv_dim(), d),
+                wv: mat(d, c.kv_dim(), d),
+                wo: mat(c.q_dim(), d, c.q_dim()),
+                ffn_norm: ones(),
+                w_gate: mat(d, c.intermediate_size, d),
+                w_up: mat(d, c.intermediate_size, d),
+                w_down: mat(c.intermediate_size, d, c.intermediate_size),
+                n_heads: c.num_attention_heads,
+                n_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                eps: c.rms_norm_eps,
+            })
+            .collect();
+        let rope = Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling);
+        Llama {
+            norm: ones(),
+            embed,
+            layers,
+            lm_head,
+            rope,
+            device: device.clone(),
+            config,
+        }
+    }
+
     pub fn n_layers(&self) -> usize {
         self.layers.len()
     }

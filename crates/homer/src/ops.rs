@@ -1,0 +1,228 @@
+//! The backend operations HOMER needs beyond the model's own layers, behind a trait so a backend
+//! can bring its own kernels (`homer-wgpu`'s WGSL) without touching the algorithm. [`TensorOps`]
+//! implements them with burn tensor ops on any backend and is the oracle the kernels are tested
+//! against.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use homer_model::attention::last_query_logits;
+use homer_model::{LayerKv, read_f32};
+
+use crate::error::{HomerError, Result};
+
+/// Everything the significance of one node's rows depends on (spec §4.2).
+pub struct SignificanceInput<'a> {
+    /// Post-RoPE query of the node's last row at the pruning layer, [H, head_dim].
+    pub q_last: &'a Tensor<2>,
+    /// The layer's post-RoPE keys of all the node's rows, [KV, n, head_dim].
+    pub keys: &'a Tensor<3>,
+    /// Position id of every row (length n).
+    pub positions: &'a [usize],
+    /// False for affix rows, which score +∞ and are never dropped (length n).
+    pub prunable: &'a [bool],
+    /// The layer's calibration row, indexed by distance `last_position − position`; None = zeros.
+    pub bias: Option<&'a [f32]>,
+    /// Position id of the node's last row.
+    pub last_position: usize,
+}
+
+/// A node's tensors: its residual rows and the K/V of every layer it has cached, row-aligned.
+#[derive(Debug, Clone)]
+pub struct ChunkTensors {
+    /// [n, d_model]
+    pub hidden: Tensor<2>,
+    /// Layers 0..cache.len(), each K and V [KV, n, head_dim].
+    pub cache: Vec<LayerKv>,
+}
+
+impl ChunkTensors {
+    pub fn rows(&self) -> usize {
+        self.hidden.dims()[0]
+    }
+}
+
+/// HOMER's backend operations. Implementations must agree with [`TensorOps`] (the oracle).
+pub trait HomerOps: Send + Sync {
+    /// A short name for logs and traces ("tensor", "wgsl").
+    fn name(&self) -> &str;
+
+    /// sig[j] = max over query heads h of (q_last[h] · k[group(h), j]) / √head_dim
+    ///          − bias[last_position − position[j]],  and +∞ where the row is not prunable.
+    /// Query head h reads KV head h / (H / KV). Returns n scores on the host.
+    fn significance(&self, input: &SignificanceInput<'_>) -> Result<Vec<f32>>;
+
+    /// Keep rows `keep` (ascending, distinct) of the hidden rows and of every cached layer's K
+    /// and V, in that order.
+    fn gather(&self, chunk: ChunkTensors, keep: &[usize]) -> Result<ChunkTensors>;
+
+    /// Merge two adjacent nodes (spec §5): [avg(prefixes), left context, right context,
+    /// avg(suffixes)] along the rows of the hidden state and of every cached layer's K and V.
+    /// Both children cache the same layers.
+    fn merge(
+        &self,
+        left: ChunkTensors,
+        right: ChunkTensors,
+        prefix_len: usize,
+        suffix_len: usize,
+    ) -> Result<ChunkTensors>;
+}
+
+/// The oracle: burn tensor ops, any backend.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TensorOps;
+
+/// Host half of the significance: subtract the bias by distance and protect the affixes.
+pub fn calibrate_scores(raw: &mut [f32], input: &SignificanceInput<'_>) -> Result<()> {
+    for (j, s) in raw.iter_mut().enumerate() {
+        if !input.prunable[j] {
+            *s = f32::INFINITY;
+            continue;
+        }
+        if let Some(bias) = input.bias {
+            let d = input
+                .last_position
+                .checked_sub(input.positions[j])
+                .ok_or_else(|| {
+                    HomerError::Input(format!(
+                        "row {j} has position {} after the last row's {}",
+                        input.positions[j], input.last_position
+                    ))
+                })?;
+            let b = bias.get(d).ok_or_else(|| {
+                HomerError::BiasMismatch(format!(
+                    "distance {d} is beyond the table's {} distances",
+                    bias.len()
+                ))
+            })?;
+            *s -= b;
+        }
+    }
+    Ok(())
+}
+
+fn check_input(input: &SignificanceInput<'_>) -> Result<usize> {
+    let [kvh, n, hd] = input.keys.dims();
+    let [h, qd] = input.q_last.dims();
+    if qd != hd || kvh == 0 || h % kvh != 0 {
+        return Err(HomerError::Input(format!(
+            "significance shapes: q_last [{h}, {qd}], keys [{kvh}, {n}, {hd}]"
+        )));
+    }
+    if input.positions.len() != n || input.prunable.len() != n {
+        return Err(HomerError::Input(format!(
+            "significance: {n} keys but {} positions and {} mask entries",
+            input.positions.len(),
+            input.prunable.len()
+        )));
+    }
+    Ok(n)
+}
+
+fn index_tensor(keep: &[usize], device: &burn::tensor::Device) -> Tensor<1, Int> {
+    let idx: Vec<i64> = keep.iter().map(|&i| i as i64).collect();
+    Tensor::<1, Int>::from_data(TensorData::new(idx, [keep.len()]), device)
+}
+
+/// Rows `a..b` of `t` along `dim`, for 2-D or 3-D tensors (None when empty).
+fn rows2(t: &Tensor<2>, r: std::ops::Range<usize>) -> Option<Tensor<2>> {
+    let d = t.dims()[1];
+    (!r.is_empty()).then(|| t.clone().slice([r, 0..d]))
+}
+fn rows3(t: &Tensor<3>, r: std::ops::Range<usize>) -> Option<Tensor<3>> {
+    let [a, _, c] = t.dims();
+    (!r.is_empty()).then(|| t.clone().slice([0..a, r, 0..c]))
+}
+
+fn avg2(a: Option<Tensor<2>>, b: Option<Tensor<2>>) -> Option<Tensor<2>> {
+    Some((a? + b?).mul_scalar(0.5))
+}
+fn avg3(a: Option<Tensor<3>>, b: Option<Tensor<3>>) -> Option<Tensor<3>> {
+    Some((a? + b?).mul_scalar(0.5))
+}
+
+impl HomerOps for TensorOps {
+    fn name(&self) -> &str {
+        "tensor"
+    }
+
+    fn significance(&self, input: &SignificanceInput<'_>) -> Result<Vec<f32>> {
+        let n = check_input(input)?;
+        let logits = last_query_logits(input.q_last.clone(), input.keys); // [H, n]
+        let raw = logits.max_dim(0).reshape([n]);
+        let mut s = read_f32(raw)?;
+        calibrate_scores(&mut s, input)?;
+        Ok(s)
+    }
+
+    fn gather(&self, chunk: ChunkTensors, keep: &[usize]) -> Result<ChunkTensors> {
+        let n = chunk.rows();
+        if let Some(&bad) = keep.iter().find(|&&i| i >= n) {
+            return Err(HomerError::Input(format!(
+                "gather: row {bad} of a {n}-row chunk"
+            )));
+        }
+        let device = chunk.hidden.device();
+        let idx = index_tensor(keep, &device);
+        let hidden = chunk.hidden.select(0, idx.clone());
+        let cache = chunk
+            .cache
+            .into_iter()
+            .map(|kv| LayerKv {
+                k: kv.k.select(1, idx.clone()),
+                v: kv.v.select(1, idx.clone()),
+            })
+            .collect();
+        Ok(ChunkTensors { hidden, cache })
+    }
+
+    fn merge(
+        &self,
+        left: ChunkTensors,
+        right: ChunkTensors,
+        p: usize,
+        s: usize,
+    ) -> Result<ChunkTensors> {
+        let (nl, nr) = (left.rows(), right.rows());
+        if left.cache.len() != right.cache.len() || nl < p + s || nr < p + s {
+            return Err(HomerError::Input(format!(
+                "merge: children with {nl} and {nr} rows, {} and {} cached layers, affixes {p}+{s}",
+                left.cache.len(),
+                right.cache.len()
+            )));
+        }
+        let parts2 = |l: &Tensor<2>, r: &Tensor<2>| -> Tensor<2> {
+            let parts: Vec<Tensor<2>> = [
+                avg2(rows2(l, 0..p), rows2(r, 0..p)),
+                rows2(l, p..nl - s),
+                rows2(r, p..nr - s),
+                avg2(rows2(l, nl - s..nl), rows2(r, nr - s..nr)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            Tensor::cat(parts, 0)
+        };
+        let parts3 = |l: &Tensor<3>, r: &Tensor<3>| -> Tensor<3> {
+            let parts: Vec<Tensor<3>> = [
+                avg3(rows3(l, 0..p), rows3(r, 0..p)),
+                rows3(l, p..nl - s),
+                rows3(r, p..nr - s),
+                avg3(rows3(l, nl - s..nl), rows3(r, nr - s..nr)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            Tensor::cat(parts, 1)
+        };
+        let hidden = parts2(&left.hidden, &right.hidden);
+        let cache = left
+            .cache
+            .iter()
+            .zip(&right.cache)
+            .map(|(a, b)| LayerKv {
+                k: parts3(&a.k, &b.k),
+                v: parts3(&a.v, &b.v),
+            })
+            .collect();
+        Ok(ChunkTensors { hidden, cache })
+    }
+}

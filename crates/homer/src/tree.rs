@@ -1,0 +1,580 @@
+//! The depth-first driver (spec §7): post-order over the merge tree, each node running its layer
+//! block, scoring and pruning at its last layer (spec §4), propagating the keep-mask to every
+//! cached layer (§6.1), merging children with affix averaging (§5), and dropping each child as
+//! soon as it is merged. Live state is the node being computed plus one finished left sibling per
+//! level of the current path, so it grows with the tree height, not the chunk count.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::tensor::Tensor;
+use homer_model::{KvCache, Llama, read_f32};
+use serde::Serialize;
+
+use crate::bias::BiasTable;
+use crate::error::{HomerError, Result};
+use crate::ops::{ChunkTensors, HomerOps, SignificanceInput};
+use crate::plan::{NodePlan, Plan, PlanParams};
+use crate::prune::keep_after_dropping;
+use crate::trace::{MergeTrace, NodeTrace};
+
+/// Host-side metadata of a node's rows, aligned with its tensors row for row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RowMeta {
+    /// RoPE position id of each row (never renumbered, spec §2.3).
+    pub positions: Vec<usize>,
+    /// Index into the context token list for context rows; None for affix rows (not prunable).
+    pub context_index: Vec<Option<usize>>,
+}
+
+impl RowMeta {
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+    pub fn prunable(&self) -> Vec<bool> {
+        self.context_index.iter().map(Option::is_some).collect()
+    }
+    fn gather(&self, keep: &[usize]) -> RowMeta {
+        RowMeta {
+            positions: keep.iter().map(|&i| self.positions[i]).collect(),
+            context_index: keep.iter().map(|&i| self.context_index[i]).collect(),
+        }
+    }
+    /// [left prefix, left context, right context, right suffix]: positions are never
+    /// renumbered and both copies of an affix share theirs.
+    fn merge(left: &RowMeta, right: &RowMeta, p: usize, s: usize) -> RowMeta {
+        let (nl, nr) = (left.len(), right.len());
+        let pick = |v: &RowMeta, r: std::ops::Range<usize>| {
+            (v.positions[r.clone()].to_vec(), v.context_index[r].to_vec())
+        };
+        let mut out = RowMeta {
+            positions: vec![],
+            context_index: vec![],
+        };
+        for (pos, ctx) in [
+            pick(left, 0..p),
+            pick(left, p..nl - s),
+            pick(right, p..nr - s),
+            pick(right, nr - s..nr),
+        ] {
+            out.positions.extend(pos);
+            out.context_index.extend(ctx);
+        }
+        out
+    }
+}
+
+/// A user-supplied score for the rows of a node (tests and ablations); affix rows are forced
+/// to +∞ afterwards.
+pub type ScoreFn = Arc<dyn Fn(&RowMeta) -> Vec<f32> + Send + Sync>;
+
+/// How a node ranks its context rows.
+#[derive(Clone, Default)]
+pub enum Scoring {
+    /// The paper's significance: max over heads of the last row's raw logits, minus the bias
+    /// table (`HomerConfig::bias`; none = zeros = uncalibrated).
+    #[default]
+    Attention,
+    /// Uniform random scores (the "random pruning" ablation), reproducible from the seed.
+    Random {
+        seed: u64,
+    },
+    Custom(ScoreFn),
+}
+
+impl std::fmt::Debug for Scoring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scoring::Attention => write!(f, "Attention"),
+            Scoring::Random { seed } => write!(f, "Random {{ seed: {seed} }}"),
+            Scoring::Custom(_) => write!(f, "Custom"),
+        }
+    }
+}
+
+/// Where decoding continues after the compact cache (spec §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum NextPosition {
+    /// `last_position_id + 1`, as the reference's teacher-forced forward does.
+    #[default]
+    AfterLast,
+    /// `last_position_id` again, reproducing the reference `generate` path's off-by-one.
+    ReferenceGenerate,
+}
+
+#[derive(Debug, Clone)]
+pub struct HomerConfig {
+    /// C: the longest leaf, affixes included (default: half the model's window).
+    pub chunk_len: usize,
+    /// The root's budget; None = `chunk_len` (the reference's default).
+    pub target_len: Option<usize>,
+    /// W: layers every leaf runs alone before merging begins.
+    pub warmup_layers: usize,
+    pub max_initial_chunk_len: Option<usize>,
+    /// Calibration table for [`Scoring::Attention`]; None = uncalibrated (zeros).
+    pub bias: Option<Arc<BiasTable>>,
+    pub scoring: Scoring,
+    pub next_position: NextPosition,
+}
+
+impl HomerConfig {
+    /// Defaults for a model: C = half its window, W = 12 of 32 layers scaled to its depth.
+    pub fn for_model(config: &homer_model::LlamaConfig) -> Self {
+        HomerConfig {
+            chunk_len: config.max_position_embeddings / 2,
+            target_len: None,
+            warmup_layers: default_warmup_layers(config.num_hidden_layers),
+            max_initial_chunk_len: None,
+            bias: None,
+            scoring: Scoring::Attention,
+            next_position: NextPosition::AfterLast,
+        }
+    }
+}
+
+/// The paper's 12 warm-up layers of Llama-2-7B's 32, scaled to `n_layers` and rounded to the
+/// nearest layer (30 layers → 11, 32 → 12, 40 → 15, 22 → 8).
+pub fn default_warmup_layers(n_layers: usize) -> usize {
+    (n_layers * 12 + 16) / 32
+}
+
+/// The three token lists of a HOMER prompt (spec §1): each chunk gets its own copy of the
+/// prefix and the suffix.
+#[derive(Debug, Clone, Copy)]
+pub struct HomerInput<'a> {
+    pub prefix: &'a [u32],
+    pub context: &'a [u32],
+    pub suffix: &'a [u32],
+}
+
+/// Reported after every layer of every node.
+#[derive(Debug, Clone, Serialize)]
+pub struct HomerProgress {
+    pub node: usize,
+    pub nodes: usize,
+    pub height: usize,
+    pub tree_height: usize,
+    pub layer: usize,
+    pub rows_in: usize,
+    pub rows_out: usize,
+    /// Work units (rows × layers) done and in all.
+    pub done: u64,
+    pub total: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HomerStats {
+    /// Largest number of rows (hidden + cached K/V rows, summed over layers) held at once.
+    pub peak_live_rows: usize,
+    /// Largest number of chunks held at once.
+    pub peak_live_chunks: usize,
+    pub seconds: f64,
+}
+
+pub struct HomerOutput {
+    /// The compact cache: the same rows at every layer, `next_position` set per
+    /// [`HomerConfig::next_position`].
+    pub cache: KvCache,
+    /// Logits of the root's last row (the first answer token), [vocab].
+    pub logits: Vec<f32>,
+    pub last_position_id: usize,
+    /// Position id of every row of the final cache.
+    pub positions: Vec<usize>,
+    pub plan: Plan,
+    pub trace: MergeTrace,
+    pub stats: HomerStats,
+}
+
+struct Chunk {
+    t: ChunkTensors,
+    meta: RowMeta,
+}
+
+impl Chunk {
+    fn live_rows(&self) -> usize {
+        self.meta.len() * (self.t.cache.len() + 1)
+    }
+}
+
+#[derive(Default)]
+struct Tracker {
+    held_rows: usize,
+    held_chunks: usize,
+    stats: HomerStats,
+}
+
+impl Tracker {
+    fn observe(&mut self, rows: usize, chunks: usize) {
+        let s = &mut self.stats;
+        s.peak_live_rows = s.peak_live_rows.max(self.held_rows + rows);
+        s.peak_live_chunks = s.peak_live_chunks.max(self.held_chunks + chunks);
+    }
+}
+
+struct Run<'a> {
+    model: &'a Llama,
+    input: HomerInput<'a>,
+    plan: &'a Plan,
+    config: &'a HomerConfig,
+    ops: &'a dyn HomerOps,
+    cancel: &'a AtomicBool,
+    progress: &'a mut dyn FnMut(&HomerProgress),
+    tracker: Tracker,
+    traces: Vec<Option<NodeTrace>>,
+    done: u64,
+    total: u64,
+}
+
+/// Build HOMER's compact cache for `input` (spec §1–§7).
+pub fn homer_prefill(
+    model: &Llama,
+    input: HomerInput<'_>,
+    config: &HomerConfig,
+    ops: &dyn HomerOps,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&HomerProgress),
+) -> Result<HomerOutput> {
+    let t0 = Instant::now();
+    let n_layers = model.n_layers();
+    let plan = Plan::new(PlanParams {
+        prefix_len: input.prefix.len(),
+        suffix_len: input.suffix.len(),
+        context_len: input.context.len(),
+        max_chunk_len: config.chunk_len,
+        target_len: config.target_len.unwrap_or(config.chunk_len),
+        n_layers,
+        warmup_layers: config.warmup_layers,
+        max_initial_chunk_len: config.max_initial_chunk_len,
+    })?;
+    let window = model.config.max_position_embeddings;
+    if plan.last_position_id >= window {
+        return Err(HomerError::Plan(format!(
+            "chunk length {} puts positions up to {} beyond the model's window of {window}; use a \
+             chunk length of at most {window}",
+            config.chunk_len, plan.last_position_id
+        )));
+    }
+    if let (Scoring::Attention, Some(b)) = (&config.scoring, &config.bias) {
+        b.check_fits(n_layers, plan.last_position_id)?;
+    }
+    let total = plan
+        .nodes
+        .iter()
+        .map(|n| (n.len_in * n.layers.len()) as u64)
+        .sum();
+    let mut run = Run {
+        model,
+        input,
+        plan: &plan,
+        config,
+        ops,
+        cancel,
+        progress,
+        tracker: Tracker::default(),
+        traces: vec![None; plan.nodes.len()],
+        done: 0,
+        total,
+    };
+    let root = run.process(plan.nodes.len() - 1)?;
+    let mut stats = std::mem::take(&mut run.tracker.stats);
+    let traces: Vec<NodeTrace> = run
+        .traces
+        .into_iter()
+        .map(|t| t.expect("every node ran"))
+        .collect();
+
+    let n = root.meta.len();
+    let d = model.config.hidden_size;
+    let logits = read_f32(model.logits(root.t.hidden.slice([n - 1..n, 0..d])))?;
+    if root.t.cache.len() != n_layers {
+        return Err(HomerError::Input(format!(
+            "internal: root cached {} of {n_layers} layers",
+            root.t.cache.len()
+        )));
+    }
+    let kept: Vec<usize> = root.meta.context_index.iter().flatten().copied().collect();
+    let next_position = match config.next_position {
+        NextPosition::AfterLast => plan.last_position_id + 1,
+        NextPosition::ReferenceGenerate => plan.last_position_id,
+    };
+    let cache = KvCache {
+        layers: root.t.cache.into_iter().map(Some).collect(),
+        next_position,
+    };
+    let scoring = match (&config.scoring, &config.bias) {
+        (Scoring::Attention, Some(b)) if !b.is_zero() => "calibrated",
+        (Scoring::Attention, _) => "uncalibrated",
+        (Scoring::Random { .. }, _) => "random",
+        (Scoring::Custom(_), _) => "custom",
+    };
+    let p = &plan.params;
+    let trace = MergeTrace {
+        prefix_len: p.prefix_len,
+        context_len: p.context_len,
+        suffix_len: p.suffix_len,
+        chunk_len: p.max_chunk_len,
+        warmup_layers: p.warmup_layers,
+        n_layers,
+        n_chunks: plan.n_chunks,
+        height: plan.height,
+        last_position_id: plan.last_position_id,
+        final_len: n,
+        scoring: scoring.into(),
+        ops: ops.name().into(),
+        nodes: traces,
+        kept,
+    };
+    stats.seconds = t0.elapsed().as_secs_f64();
+    Ok(HomerOutput {
+        cache,
+        logits,
+        last_position_id: plan.last_position_id,
+        positions: root.meta.positions,
+        plan,
+        trace,
+        stats,
+    })
+}
+
+/// splitmix64: a small, well-mixed hash for reproducible random scores.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Run<'_> {
+    fn process(&mut self, id: usize) -> Result<Chunk> {
+        let node = self.plan.nodes[id].clone();
+        let chunk = match node.children {
+            None => self.leaf(node.leaves.start)?,
+            Some([l, r]) => {
+                let left = self.process(l)?;
+                let held = left.live_rows();
+                self.tracker.held_rows += held;
+                self.tracker.held_chunks += 1;
+                let right = self.process(r)?;
+                self.tracker.held_rows -= held;
+                self.tracker.held_chunks -= 1;
+                self.tracker
+                    .observe(left.live_rows() + right.live_rows(), 2);
+                let (p, s) = (self.plan.params.prefix_len, self.plan.params.suffix_len);
+                let meta = RowMeta::merge(&left.meta, &right.meta, p, s);
+                let t = self.ops.merge(left.t, right.t, p, s)?;
+                Chunk { t, meta }
+            }
+        };
+        self.run_block(chunk, &node)
+    }
+
+    fn leaf(&mut self, i: usize) -> Result<Chunk> {
+        let slice = self.plan.chunks[i].clone();
+        let HomerInput {
+            prefix,
+            context,
+            suffix,
+        } = self.input;
+        let ids: Vec<u32> = prefix
+            .iter()
+            .chain(&context[slice.clone()])
+            .chain(suffix)
+            .copied()
+            .collect();
+        let hidden = self.model.embed(&ids)?;
+        let context_index = std::iter::repeat_n(None, prefix.len())
+            .chain(slice.map(Some))
+            .chain(std::iter::repeat_n(None, suffix.len()))
+            .collect();
+        Ok(Chunk {
+            t: ChunkTensors {
+                hidden,
+                cache: Vec::new(),
+            },
+            meta: RowMeta {
+                positions: self.plan.leaf_positions(i),
+                context_index,
+            },
+        })
+    }
+
+    fn score(
+        &self,
+        q_last: &Tensor<2>,
+        keys: &Tensor<3>,
+        meta: &RowMeta,
+        node: &NodePlan,
+        layer: usize,
+    ) -> Result<Vec<f32>> {
+        let prunable = meta.prunable();
+        let mut scores = match &self.config.scoring {
+            Scoring::Attention => {
+                let bias = self.config.bias.as_ref().map(|b| b.row(layer));
+                self.ops.significance(&SignificanceInput {
+                    q_last,
+                    keys,
+                    positions: &meta.positions,
+                    prunable: &prunable,
+                    bias,
+                    last_position: *meta.positions.last().expect("a node has rows"),
+                })?
+            }
+            Scoring::Random { seed } => meta
+                .context_index
+                .iter()
+                .map(|c| {
+                    let h = mix(seed ^ mix(node.id as u64 ^ mix(c.unwrap_or(0) as u64)));
+                    (h >> 40) as f32 / (1u64 << 24) as f32
+                })
+                .collect(),
+            Scoring::Custom(f) => f(meta),
+        };
+        if scores.len() != meta.len() {
+            return Err(HomerError::Input(format!(
+                "scoring returned {} scores for {} rows",
+                scores.len(),
+                meta.len()
+            )));
+        }
+        for (s, p) in scores.iter_mut().zip(&prunable) {
+            if !p {
+                *s = f32::INFINITY;
+            }
+        }
+        Ok(scores)
+    }
+
+    fn run_block(&mut self, chunk: Chunk, node: &NodePlan) -> Result<Chunk> {
+        let Chunk { t, mut meta } = chunk;
+        let ChunkTensors {
+            hidden: mut x,
+            mut cache,
+        } = t;
+        if meta.len() != node.len_in || cache.len() != node.layers.start {
+            return Err(HomerError::Input(format!(
+                "internal: node {} has {} rows and {} cached layers, planned {} and {}",
+                node.id,
+                meta.len(),
+                cache.len(),
+                node.len_in,
+                node.layers.start
+            )));
+        }
+        let (cos, sin) = self.model.rope_tables(&meta.positions);
+        let last = node.layers.end - 1;
+        let k_drop = node.drop_count();
+        let mut trace = NodeTrace {
+            id: node.id,
+            height: node.height,
+            leaves: node.leaves.clone(),
+            context: node.context.clone(),
+            layers: node.layers.clone(),
+            rows_in: node.len_in,
+            rows_out: node.len_out,
+            children: node.children,
+            prune_layer: None,
+            kept: meta.context_index.iter().flatten().copied().collect(),
+            kept_scores: vec![],
+            dropped: vec![],
+            dropped_scores: vec![],
+        };
+        for l in node.layers.clone() {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(HomerError::Cancelled);
+            }
+            let layer = &self.model.layers[l];
+            let a = layer.attend(x, &cos, &sin, None);
+            cache.push(a.kv);
+            x = a.hidden;
+            if l == last && k_drop > 0 {
+                let scores = self.score(&a.q_last, &cache[l].k, &meta, node, l)?;
+                let keep = keep_after_dropping(&scores, k_drop);
+                let mut kept_mask = vec![false; meta.len()];
+                for &i in &keep {
+                    kept_mask[i] = true;
+                }
+                trace.prune_layer = Some(l);
+                trace.kept.clear();
+                for (j, c) in meta.context_index.iter().enumerate() {
+                    if let Some(c) = *c {
+                        if kept_mask[j] {
+                            trace.kept.push(c);
+                            trace.kept_scores.push(scores[j]);
+                        } else {
+                            trace.dropped.push(c);
+                            trace.dropped_scores.push(scores[j]);
+                        }
+                    }
+                }
+                if keep.len() != node.len_out {
+                    return Err(HomerError::Input(format!(
+                        "internal: node {} kept {} rows, planned {}",
+                        node.id,
+                        keep.len(),
+                        node.len_out
+                    )));
+                }
+                let g = self.ops.gather(ChunkTensors { hidden: x, cache }, &keep)?;
+                x = g.hidden;
+                cache = g.cache;
+                meta = meta.gather(&keep);
+            }
+            x = layer.feed_forward(x);
+            self.done += (node.len_in) as u64;
+            self.tracker.observe(meta.len() * (cache.len() + 1), 1);
+            (self.progress)(&HomerProgress {
+                node: node.id,
+                nodes: self.plan.nodes.len(),
+                height: node.height,
+                tree_height: self.plan.height,
+                layer: l,
+                rows_in: node.len_in,
+                rows_out: meta.len(),
+                done: self.done,
+                total: self.total,
+            });
+        }
+        self.traces[node.id] = Some(trace);
+        Ok(Chunk {
+            t: ChunkTensors { hidden: x, cache },
+            meta,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_defaults() {
+        assert_eq!(default_warmup_layers(32), 12);
+        assert_eq!(default_warmup_layers(30), 11);
+        assert_eq!(default_warmup_layers(40), 15);
+        assert_eq!(default_warmup_layers(22), 8);
+        assert_eq!(default_warmup_layers(8), 3);
+    }
+
+    #[test]
+    fn row_meta_merge_keeps_positions() {
+        let l = RowMeta {
+            positions: vec![0, 1, 5, 7, 9],
+            context_index: vec![None, Some(3), Some(5), None, None],
+        };
+        let r = RowMeta {
+            positions: vec![0, 2, 3, 7, 9],
+            context_index: vec![None, Some(12), Some(13), None, None],
+        };
+        let m = RowMeta::merge(&l, &r, 1, 2);
+        assert_eq!(m.positions, vec![0, 1, 5, 2, 3, 7, 9]);
+        assert_eq!(
+            m.context_index,
+            vec![None, Some(3), Some(5), Some(12), Some(13), None, None]
+        );
+        assert_eq!(m.gather(&[0, 2, 6]).positions, vec![0, 5, 9]);
+    }
+}
