@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
+mod homer_cmds;
+
 use clap::{Args, Parser, Subcommand};
 use homer_engine::{Engine, GenerateParams, Message, Progress, SamplingParams, top_k};
 use homer_model::BackendKind;
@@ -28,8 +30,8 @@ struct ModelArgs {
     /// GGUF file or Hugging Face model directory (default: SmolLM2-135M-Instruct, fetched on first use)
     #[arg(long, global = true)]
     model: Option<PathBuf>,
-    /// Compute backend
-    #[arg(long, global = true, default_value = "wgpu")]
+    /// Compute backend: auto (a real GPU through wgpu, else the CPU), wgpu, or cpu
+    #[arg(long, global = true, default_value = "auto")]
     backend: BackendKind,
     /// No progress bars
     #[arg(long, global = true)]
@@ -83,6 +85,69 @@ impl SampleArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Ask a question about documents; HOMER merges them when they exceed the model's window
+    Ask {
+        question: String,
+        /// A .txt or .md document (repeatable)
+        #[arg(long = "doc", required = true)]
+        docs: Vec<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        homer: homer_cmds::HomerArgs,
+        #[command(flatten)]
+        sample: SampleArgs,
+        /// System message (default: the template's)
+        #[arg(long)]
+        system: Option<String>,
+        /// Write the merge trace (kept tokens per node, scores) as JSON here
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// Print sizes and timing to stderr even with --quiet
+        #[arg(long)]
+        stats: bool,
+    },
+    /// HOMER prefill of raw prefix/context/suffix files (no chat template), for parity checks
+    Prefill {
+        #[arg(long)]
+        prefix_file: PathBuf,
+        #[arg(long)]
+        context_file: PathBuf,
+        #[arg(long)]
+        suffix_file: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        homer: homer_cmds::HomerArgs,
+        /// Root budget (default: the chunk length)
+        #[arg(long)]
+        target_len: Option<usize>,
+        /// Append a greedy continuation of this many tokens
+        #[arg(long, default_value_t = 0)]
+        generate: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a HOMER calibration table bias[layer][distance] from a text (spec §4.5)
+    Calibrate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Calibration text (UTF-8)
+        #[arg(long)]
+        text: PathBuf,
+        /// Chunk length C the table serves (default: half the model's window)
+        #[arg(long)]
+        chunk_len: Option<usize>,
+        /// Windows of C tokens averaged, spread evenly over the text
+        #[arg(long, default_value_t = 12)]
+        samples: usize,
+        /// Output .safetensors file
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Evaluations
+    #[command(subcommand)]
+    Eval(homer_cmds::EvalCmd),
     /// Continue a plain-text prompt
     Generate {
         prompt: String,
@@ -143,6 +208,12 @@ enum Cmd {
         /// Skip the decode measurement
         #[arg(long)]
         no_decode: bool,
+        /// Prefill with HOMER instead (32-token prefix, 16-token suffix, the rest context)
+        #[arg(long)]
+        homer: bool,
+        /// HOMER chunk length (default: half the window)
+        #[arg(long)]
+        chunk_len: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -171,6 +242,7 @@ fn progress_handler(quiet: bool) -> impl FnMut(Progress) {
                 *done as u64,
                 Some(*total as u64),
             ),
+            Progress::Homer(h) => ("HOMER prefill".to_string(), h.done, Some(h.total)),
         };
         if state.1 != label || state.0.is_none() {
             if let Some(b) = state.0.take() {
@@ -190,6 +262,12 @@ fn progress_handler(quiet: bool) -> impl FnMut(Progress) {
             state = (Some(b), label);
         }
         if let Some(b) = &state.0 {
+            if let Progress::Homer(h) = &p {
+                b.set_message(match h.leaf {
+                    Some(i) => format!("HOMER leaf {}/{}", i + 1, h.n_chunks),
+                    None => format!("HOMER merge {}/{}", h.height, h.tree_height),
+                });
+            }
             b.set_position(done);
             if total.is_some_and(|t| done >= t) {
                 b.finish_and_clear();
@@ -207,6 +285,43 @@ fn load(m: &ModelArgs) -> Result<Engine, String> {
 fn run(cli: Cli) -> Result<(), String> {
     let cancel = AtomicBool::new(false);
     match cli.command {
+        Cmd::Ask {
+            question,
+            docs,
+            model,
+            homer,
+            sample,
+            system,
+            trace,
+            stats,
+        } => homer_cmds::ask(question, docs, model, homer, sample, system, trace, stats)?,
+        Cmd::Prefill {
+            prefix_file,
+            context_file,
+            suffix_file,
+            model,
+            homer,
+            target_len,
+            generate,
+            json,
+        } => homer_cmds::prefill(
+            prefix_file,
+            context_file,
+            suffix_file,
+            model,
+            homer,
+            target_len,
+            generate,
+            json,
+        )?,
+        Cmd::Calibrate {
+            model,
+            text,
+            chunk_len,
+            samples,
+            out,
+        } => homer_cmds::calibrate(model, text, chunk_len, samples, out)?,
+        Cmd::Eval(cmd) => homer_cmds::eval(cmd)?,
         Cmd::Generate {
             prompt,
             model,
@@ -370,6 +485,8 @@ fn run(cli: Cli) -> Result<(), String> {
             reps,
             warmup,
             no_decode,
+            homer,
+            chunk_len,
             json,
         } => {
             let reps = reps.max(1);
@@ -385,11 +502,41 @@ fn run(cli: Cli) -> Result<(), String> {
                 |n: usize| -> Vec<u32> { (0..n as u32).map(|i| lo + (i * 7919) % span).collect() };
             let mut rows = Vec::new();
             for &n in &lengths {
+                if homer && n < 64 {
+                    return Err(format!(
+                        "--homer needs lengths of at least 64 tokens, got {n}"
+                    ));
+                }
                 let ids = pseudo(n);
                 let mut times = Vec::new();
                 for r in 0..warmup + reps {
                     let t = Instant::now();
-                    engine.next_logits(&ids).map_err(|e| e.to_string())?;
+                    if homer {
+                        let prompt = homer_engine::DocPrompt {
+                            prefix: ids[..32].to_vec(),
+                            context: ids[32..n - 16].to_vec(),
+                            suffix: ids[n - 16..].to_vec(),
+                            docs: vec![],
+                        };
+                        let cfg = engine
+                            .homer_config(chunk_len, None, &homer_engine::BiasChoice::Default)
+                            .map_err(|e| e.to_string())?;
+                        let out = engine
+                            .homer_prefill(&prompt, &cfg, &cancel, &mut |_| {})
+                            .map_err(|e| e.to_string())?;
+                        if !json && r == 0 {
+                            eprintln!(
+                                "HOMER {n}: {} chunks, height {}, cache {} rows, peak live rows {} in {} chunks",
+                                out.plan.n_chunks,
+                                out.plan.height,
+                                out.cache.len(),
+                                out.stats.peak_live_rows,
+                                out.stats.peak_live_chunks
+                            );
+                        }
+                    } else {
+                        engine.next_logits(&ids).map_err(|e| e.to_string())?;
+                    }
                     if r >= warmup {
                         times.push(t.elapsed().as_secs_f64());
                     }
@@ -397,10 +544,11 @@ fn run(cli: Cli) -> Result<(), String> {
                 times.sort_by(f64::total_cmp);
                 let med = times[times.len() / 2];
                 let peak = peak_rss_bytes();
-                rows.push(serde_json::json!({"kind": "prefill", "tokens": n, "seconds": med, "tokens_per_sec": n as f64 / med, "peak_rss_bytes": peak}));
+                rows.push(serde_json::json!({"kind": if homer { "homer_prefill" } else { "prefill" }, "tokens": n, "seconds": med, "tokens_per_sec": n as f64 / med, "peak_rss_bytes": peak}));
                 if !json {
                     eprintln!(
-                        "prefill {n:>6} tokens: {:.3}s  {:.1} tok/s  (process peak RSS so far {} MiB)",
+                        "{}prefill {n:>6} tokens: {:.3}s  {:.1} tok/s  (process peak RSS so far {} MiB)",
+                        if homer { "HOMER " } else { "" },
                         med,
                         n as f64 / med,
                         peak.map_or("?".to_string(), |b| (b >> 20).to_string())

@@ -7,6 +7,9 @@ pub enum EngineError {
     #[error(transparent)]
     Model(#[from] homer_model::ModelError),
 
+    #[error(transparent)]
+    Homer(homer::HomerError),
+
     #[error("{path}: tokenizer: {what}")]
     Tokenizer { path: PathBuf, what: String },
 
@@ -24,6 +27,16 @@ pub enum EngineError {
 
     #[error("cancelled")]
     Cancelled,
+}
+
+impl From<homer::HomerError> for EngineError {
+    fn from(e: homer::HomerError) -> Self {
+        match e {
+            homer::HomerError::Cancelled => EngineError::Cancelled,
+            homer::HomerError::Model(m) => EngineError::Model(m),
+            other => EngineError::Homer(other),
+        }
+    }
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

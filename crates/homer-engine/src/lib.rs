@@ -2,9 +2,12 @@
 //! knows tensors. Load a model (the default one is fetched on first use), tokenise, render chat
 //! prompts, and generate with streaming, stop conditions and cancellation.
 
+pub mod ask;
 pub mod chat;
+pub mod document;
 pub mod error;
 pub mod fetch;
+pub mod passkey;
 pub mod sampling;
 pub mod tokenizer;
 
@@ -18,7 +21,9 @@ use homer_model::model::PREFILL_BLOCK;
 use homer_model::{BackendKind, DeviceInfo, KvCache, Llama, Logits, read_f32};
 use serde::Serialize;
 
+pub use ask::{Answer, AskParams, BiasChoice, DocPrompt, HomerMode};
 pub use chat::{ChatTemplate, Message};
+pub use document::{Document, load_document};
 pub use error::{EngineError, Result};
 pub use sampling::{SamplingParams, top_k};
 pub use tokenizer::{TokenStream, Tokenizer};
@@ -39,6 +44,8 @@ pub enum Progress {
         done: usize,
         total: usize,
     },
+    /// A HOMER prefill advanced by one layer of one node.
+    Homer(homer::HomerProgress),
 }
 
 pub struct Engine {
@@ -204,11 +211,30 @@ impl Engine {
     ) -> Result<Generation> {
         params.sampling.validate().map_err(EngineError::Setting)?;
         let t0 = Instant::now();
-        let (mut logits, mut cache) = self.prefill(prompt, cancel, progress)?;
+        let (logits, cache) = self.prefill(prompt, cancel, progress)?;
         let prefill_secs = t0.elapsed().as_secs_f64();
+        let mut g = self.decode(logits, cache, prompt, params, cancel, on_text)?;
+        g.prefill_secs = prefill_secs;
+        Ok(g)
+    }
+
+    /// Continue from a prefilled `cache` whose next-token logits are `logits`: sample, stream,
+    /// stop at EOS / stop strings / `max_tokens` / cancellation. `history` (the prompt) feeds the
+    /// repetition penalty. `prefill_secs` of the result is 0; callers fill it in.
+    pub fn decode(
+        &self,
+        mut logits: Vec<f32>,
+        mut cache: KvCache,
+        history: &[u32],
+        params: &GenerateParams,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        params.sampling.validate().map_err(EngineError::Setting)?;
         let t1 = Instant::now();
         let mut sampler = sampling::Sampler::new(params.sampling.clone());
-        let mut history = prompt.to_vec();
+        let mut history = history.to_vec();
+        let prompt_tokens = history.len();
         let mut stream = TokenStream::new(&self.tokenizer);
         let mut text = String::new();
         let mut out = Vec::new();
@@ -268,11 +294,11 @@ impl Engine {
             on_text(&text[emitted..]);
         }
         Ok(Generation {
-            prompt_tokens: prompt.len(),
+            prompt_tokens,
             ids: out,
             text,
             stop,
-            prefill_secs,
+            prefill_secs: 0.0,
             decode_secs: t1.elapsed().as_secs_f64(),
         })
     }

@@ -11,6 +11,9 @@ use crate::error::{ModelError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendKind {
+    /// wgpu when the adapter is a real GPU; burn's CPU backend when there is none or the only
+    /// adapter is a CPU emulation (lavapipe/llvmpipe, ~20× slower than ndarray on the same cores).
+    Auto,
     /// burn-wgpu: Vulkan, Metal, DX12 (Mesa lavapipe on machines without a GPU).
     Wgpu,
     /// burn's ndarray backend on the CPU.
@@ -21,9 +24,12 @@ impl std::str::FromStr for BackendKind {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(BackendKind::Auto),
             "wgpu" | "gpu" => Ok(BackendKind::Wgpu),
             "cpu" | "ndarray" => Ok(BackendKind::Cpu),
-            other => Err(format!("unknown backend `{other}` (expected wgpu or cpu)")),
+            other => Err(format!(
+                "unknown backend `{other}` (expected auto, wgpu or cpu)"
+            )),
         }
     }
 }
@@ -31,6 +37,7 @@ impl std::str::FromStr for BackendKind {
 impl std::fmt::Display for BackendKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            BackendKind::Auto => "auto",
             BackendKind::Wgpu => "wgpu",
             BackendKind::Cpu => "cpu",
         })
@@ -83,6 +90,20 @@ fn init_wgpu() -> std::result::Result<(Device, DeviceInfo), String> {
 /// The device for `kind`, created once per process and then cloned.
 pub fn device(kind: BackendKind) -> Result<(Device, DeviceInfo)> {
     match kind {
+        BackendKind::Auto => match WGPU.get_or_init(init_wgpu) {
+            Ok((d, info)) if info.device_type != "Cpu" => Ok((d.clone(), info.clone())),
+            Ok((_, info)) => {
+                tracing::info!(
+                    "the only wgpu adapter is a CPU emulation ({}); using the CPU backend (pass --backend wgpu to force it)",
+                    info.adapter
+                );
+                device(BackendKind::Cpu)
+            }
+            Err(e) => {
+                tracing::info!("no wgpu adapter ({e}); using the CPU backend");
+                device(BackendKind::Cpu)
+            }
+        },
         // ndarray is deprecated in burn 0.22 in favour of `flex`, but it is the backend this
         // project pins as its CPU fallback and oracle.
         #[allow(deprecated)]

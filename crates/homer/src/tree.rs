@@ -156,6 +156,9 @@ pub struct HomerInput<'a> {
 pub struct HomerProgress {
     pub node: usize,
     pub nodes: usize,
+    /// The chunk index when the node is a leaf.
+    pub leaf: Option<usize>,
+    pub n_chunks: usize,
     pub height: usize,
     pub tree_height: usize,
     pub layer: usize,
@@ -529,6 +532,8 @@ impl Run<'_> {
             (self.progress)(&HomerProgress {
                 node: node.id,
                 nodes: self.plan.nodes.len(),
+                leaf: node.is_leaf().then_some(node.leaves.start),
+                n_chunks: self.plan.n_chunks,
                 height: node.height,
                 tree_height: self.plan.height,
                 layer: l,

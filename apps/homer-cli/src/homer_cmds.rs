@@ -1,0 +1,484 @@
+//! The HOMER subcommands: `ask`, `prefill`, `calibrate`, `eval passkey`. Printing and argument
+//! plumbing only; the work is in homer-engine.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use homer_engine::passkey::first_number;
+use homer_engine::{
+    AskParams, BiasChoice, DocPrompt, GenerateParams, HomerMode, SamplingParams, top_k,
+};
+
+use crate::{ModelArgs, SampleArgs, load, peak_rss_bytes, progress_handler};
+
+#[derive(Args, Clone)]
+pub struct HomerArgs {
+    /// When to merge: auto = only when the prompt and answer exceed the model's window
+    #[arg(long = "homer", default_value = "auto")]
+    pub mode: HomerMode,
+    /// HOMER chunk length C, affixes included (default: half the model's window)
+    #[arg(long)]
+    pub chunk_len: Option<usize>,
+    /// Layers every chunk runs alone before merging (default: 12 of 32 scaled to the model)
+    #[arg(long)]
+    pub warmup_layers: Option<usize>,
+    /// Calibration table: default (shipped for the default model), zeros, or a .safetensors path
+    #[arg(long, default_value = "default")]
+    pub bias: BiasChoice,
+}
+
+#[derive(Subcommand)]
+pub enum EvalCmd {
+    /// Passkey retrieval: find a 5-digit key hidden at a depth of a long filler text
+    Passkey {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt lengths in tokens
+        #[arg(long, value_delimiter = ',', default_value = "4096,16384")]
+        lengths: Vec<usize>,
+        /// Needle depths in [0, 1]
+        #[arg(long, value_delimiter = ',', default_value = "0.1,0.5,0.9")]
+        depths: Vec<f64>,
+        /// Trials per (length, depth) cell; each has its own key
+        #[arg(long, default_value_t = 4)]
+        trials: usize,
+        /// Methods: plain (one prefill, even past the window) and/or homer
+        #[arg(long, value_delimiter = ',', default_value = "plain,homer")]
+        method: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[command(flatten)]
+        homer: HomerArgs,
+        /// Write every trial as JSON here
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn read_text(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), String> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
+    std::fs::write(path, s).map_err(|e| format!("{}: cannot write: {e}", path.display()))
+}
+
+/// Per document: how many kept tokens fall in each tenth of it, and the lines holding the most
+/// kept tokens.
+fn kept_summary(
+    prompt: &DocPrompt,
+    docs: &[homer_engine::Document],
+    kept: &[usize],
+) -> serde_json::Value {
+    let mut out = vec![];
+    for (k, span) in prompt.docs.iter().enumerate() {
+        let doc = &docs[k];
+        let n = span.tokens.len().max(1);
+        let mut deciles = [0usize; 10];
+        let mut lines: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut count = 0;
+        for &i in kept.iter().filter(|&&i| span.tokens.contains(&i)) {
+            let local = i - span.tokens.start;
+            deciles[(local * 10 / n).min(9)] += 1;
+            *lines.entry(doc.line_of(span.offsets[local])).or_default() += 1;
+            count += 1;
+        }
+        let per_line: Vec<[usize; 2]> = lines.iter().map(|(&l, &k)| [l, k]).collect();
+        let mut top: Vec<(usize, usize)> = lines.into_iter().collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let text_lines: Vec<&str> = doc.text.lines().collect();
+        let top: Vec<_> = top
+            .iter()
+            .take(8)
+            .map(|&(line, kept)| {
+                let t = text_lines.get(line - 1).copied().unwrap_or("");
+                let snippet: String = t.chars().take(100).collect();
+                serde_json::json!({"line": line, "kept_tokens": kept, "text": snippet})
+            })
+            .collect();
+        out.push(serde_json::json!({
+            "document": span.name, "tokens": span.tokens.len(), "kept_tokens": count,
+            "kept_per_tenth": deciles, "top_lines": top, "kept_per_line": per_line,
+        }));
+    }
+    serde_json::Value::Array(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn ask(
+    question: String,
+    doc_paths: Vec<PathBuf>,
+    model: ModelArgs,
+    homer: HomerArgs,
+    sample: SampleArgs,
+    system: Option<String>,
+    trace: Option<PathBuf>,
+    stats: bool,
+) -> Result<(), String> {
+    let docs = doc_paths
+        .iter()
+        .map(|p| homer_engine::load_document(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let engine = load(&model)?;
+    let params = AskParams {
+        mode: homer.mode,
+        chunk_len: homer.chunk_len,
+        warmup_layers: homer.warmup_layers,
+        bias: homer.bias,
+        system,
+        generate: sample.params(),
+    };
+    let cancel = AtomicBool::new(false);
+    let mut prog = progress_handler(model.quiet);
+    let mut stdout = std::io::stdout();
+    let a = engine
+        .ask(&docs, &question, &params, &cancel, &mut prog, &mut |t| {
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+        })
+        .map_err(|e| e.to_string())?;
+    println!();
+    let g = &a.generation;
+    let summary = a
+        .trace
+        .as_ref()
+        .map(|t| kept_summary(&a.prompt, &docs, &t.kept));
+    if stats || !model.quiet {
+        let window = engine.model.config.max_position_embeddings;
+        eprintln!(
+            "prompt {} tokens (prefix {}, documents {}, suffix {}; window {window}); {}",
+            a.prompt.total_len(),
+            a.prompt.prefix.len(),
+            a.prompt.context.len(),
+            a.prompt.suffix.len(),
+            if a.used_homer {
+                "HOMER"
+            } else {
+                "plain prefill"
+            }
+        );
+        if let (Some(t), Some(s)) = (&a.trace, &a.homer_stats) {
+            eprintln!(
+                "HOMER: {} chunks, tree height {}, C {}, W {}, {} scoring; kept {} of {} document tokens; cache {} rows; last position {}",
+                t.n_chunks,
+                t.height,
+                t.chunk_len,
+                t.warmup_layers,
+                t.scoring,
+                t.kept.len(),
+                t.context_len,
+                a.cache_len,
+                t.last_position_id
+            );
+            eprintln!(
+                "       peak live rows {} in {} chunks (depth-first)",
+                s.peak_live_rows, s.peak_live_chunks
+            );
+        }
+        if let Some(sum) = &summary {
+            for d in sum.as_array().unwrap() {
+                eprintln!(
+                    "kept in {} per tenth: {}",
+                    d["document"].as_str().unwrap_or(""),
+                    d["kept_per_tenth"]
+                );
+                for l in d["top_lines"].as_array().unwrap().iter().take(3) {
+                    eprintln!(
+                        "  line {:>6}: {:>3} kept  {}",
+                        l["line"],
+                        l["kept_tokens"],
+                        l["text"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        eprintln!(
+            "prefill {:.1}s; answer {} tokens at {:.2} tok/s; stop: {:?}; peak RSS {} MiB",
+            g.prefill_secs,
+            g.ids.len(),
+            g.decode_tokens_per_sec(),
+            g.stop,
+            peak_rss_bytes().map_or("?".into(), |b| (b >> 20).to_string())
+        );
+    }
+    if let Some(path) = trace {
+        let v = serde_json::json!({
+            "question": question,
+            "answer": g.text,
+            "used_homer": a.used_homer,
+            "documents": a.prompt.docs.iter().map(|d| serde_json::json!({"name": d.name, "path": d.path, "tokens": d.tokens})).collect::<Vec<_>>(),
+            "kept_summary": summary,
+            "trace": a.trace,
+        });
+        write_json(&path, &v)?;
+        eprintln!("trace written to {}", path.display());
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn prefill(
+    prefix_file: PathBuf,
+    context_file: PathBuf,
+    suffix_file: PathBuf,
+    model: ModelArgs,
+    homer: HomerArgs,
+    target_len: Option<usize>,
+    generate: usize,
+    json: bool,
+) -> Result<(), String> {
+    let (p, c, s) = (
+        read_text(&prefix_file)?,
+        read_text(&context_file)?,
+        read_text(&suffix_file)?,
+    );
+    let engine = load(&model)?;
+    let tok = &engine.tokenizer;
+    let prompt = DocPrompt {
+        prefix: tok.encode(&p, true).map_err(|e| e.to_string())?,
+        context: tok.encode(&c, false).map_err(|e| e.to_string())?,
+        suffix: tok.encode(&s, false).map_err(|e| e.to_string())?,
+        docs: vec![],
+    };
+    let mut cfg = engine
+        .homer_config(homer.chunk_len, homer.warmup_layers, &homer.bias)
+        .map_err(|e| e.to_string())?;
+    cfg.target_len = target_len;
+    let cancel = AtomicBool::new(false);
+    let mut prog = progress_handler(model.quiet || json);
+    let t0 = Instant::now();
+    let out = engine
+        .homer_prefill(&prompt, &cfg, &cancel, &mut prog)
+        .map_err(|e| e.to_string())?;
+    let secs = t0.elapsed().as_secs_f64();
+    let top: Vec<_> = top_k(&out.logits, 20)
+        .into_iter()
+        .map(|(id, l)| serde_json::json!({"id": id, "token": tok.decode(&[id], false).unwrap_or_default(), "logit": l}))
+        .collect();
+    let cache_len = out.cache.len();
+    let mut v = serde_json::json!({
+        "prefix_tokens": prompt.prefix.len(), "context_tokens": prompt.context.len(), "suffix_tokens": prompt.suffix.len(),
+        "chunk_len": cfg.chunk_len, "warmup_layers": cfg.warmup_layers, "scoring": out.trace.scoring,
+        "chunks": out.plan.n_chunks, "tree_height": out.plan.height, "last_position_id": out.last_position_id,
+        "cache_len": cache_len, "kept": out.trace.kept, "positions": out.positions, "top": top,
+        "seconds": secs, "peak_live_rows": out.stats.peak_live_rows,
+    });
+    if generate > 0 {
+        let params = GenerateParams {
+            max_tokens: generate,
+            sampling: SamplingParams::default(),
+            stop_strings: vec![],
+            stop_at_eos: false,
+        };
+        let g = engine
+            .decode(
+                out.logits,
+                out.cache,
+                &prompt.concatenated(),
+                &params,
+                &cancel,
+                &mut |_| {},
+            )
+            .map_err(|e| e.to_string())?;
+        v["generated_ids"] = serde_json::json!(g.ids);
+        v["generated_text"] = serde_json::json!(g.text);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap());
+    } else {
+        println!(
+            "{} chunks, tree height {}, last position {}, cache {} rows, {} of {} context tokens kept, {:.2}s",
+            v["chunks"],
+            v["tree_height"],
+            v["last_position_id"],
+            cache_len,
+            out.trace.kept.len(),
+            prompt.context.len(),
+            secs
+        );
+        for t in v["top"].as_array().unwrap().iter().take(5) {
+            println!(
+                "{:>7} {:>10.4} {:?}",
+                t["id"],
+                t["logit"].as_f64().unwrap_or(0.0),
+                t["token"].as_str().unwrap_or("")
+            );
+        }
+        if let Some(text) = v.get("generated_text") {
+            println!("continuation: {}", text.as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
+
+pub fn calibrate(
+    model: ModelArgs,
+    text: PathBuf,
+    chunk_len: Option<usize>,
+    samples: usize,
+    out: PathBuf,
+) -> Result<(), String> {
+    let body = read_text(&text)?;
+    let engine = load(&model)?;
+    let c = chunk_len.unwrap_or(engine.model.config.max_position_embeddings / 2);
+    let cancel = AtomicBool::new(false);
+    let t0 = Instant::now();
+    let quiet = model.quiet;
+    let source = text
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let table = engine
+        .calibrate(&body, &source, c, samples, &cancel, &mut |d, t| {
+            if !quiet {
+                eprintln!(
+                    "calibration text {d}/{t} ({:.0}s)",
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    table.save(&out).map_err(|e| e.to_string())?;
+    let row = |l: usize| {
+        let r = table.row(l);
+        format!(
+            "layer {l:>2}: d=0 {:+.2}  d=1 {:+.2}  d=16 {:+.2}  d={} {:+.2}",
+            r[0],
+            r[1],
+            r[16.min(c - 1)],
+            c - 1,
+            r[c - 1]
+        )
+    };
+    for l in [0, table.n_layers / 2, table.n_layers - 1] {
+        println!("{}", row(l));
+    }
+    println!(
+        "wrote {} ({} layers × {} distances, {} samples) in {:.0}s",
+        out.display(),
+        table.n_layers,
+        table.distances,
+        samples,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+pub fn eval(cmd: EvalCmd) -> Result<(), String> {
+    match cmd {
+        EvalCmd::Passkey {
+            model,
+            lengths,
+            depths,
+            trials,
+            method,
+            seed,
+            homer,
+            out,
+        } => {
+            for m in &method {
+                if m != "plain" && m != "homer" {
+                    return Err(format!("--method {m}: expected plain or homer"));
+                }
+            }
+            let engine = load(&model)?;
+            let cancel = AtomicBool::new(false);
+            let mut rows = vec![];
+            let mut table: BTreeMap<(String, usize), Vec<(usize, usize)>> = BTreeMap::new();
+            for &len in &lengths {
+                for (di, &depth) in depths.iter().enumerate() {
+                    for t in 0..trials {
+                        let s = seed
+                            .wrapping_mul(1_000_003)
+                            .wrapping_add((len as u64) * 1009 + di as u64 * 101 + t as u64);
+                        let sample = engine
+                            .passkey_sample(len, depth, s)
+                            .map_err(|e| e.to_string())?;
+                        for m in &method {
+                            let params = AskParams {
+                                mode: if m == "homer" {
+                                    HomerMode::Always
+                                } else {
+                                    HomerMode::Never
+                                },
+                                chunk_len: homer.chunk_len,
+                                warmup_layers: homer.warmup_layers,
+                                bias: homer.bias.clone(),
+                                system: None,
+                                generate: GenerateParams {
+                                    max_tokens: 8,
+                                    ..Default::default()
+                                },
+                            };
+                            let a = engine
+                                .answer(
+                                    sample.prompt.clone(),
+                                    &params,
+                                    &cancel,
+                                    &mut |_| {},
+                                    &mut |_| {},
+                                )
+                                .map_err(|e| e.to_string())?;
+                            let got = first_number(&a.generation.text).unwrap_or("").to_string();
+                            let ok = got == sample.passkey;
+                            let needle_kept = a.trace.as_ref().map(|tr| {
+                                tr.kept
+                                    .iter()
+                                    .filter(|&&i| {
+                                        i >= sample.needle_token && i < sample.needle_token + 12
+                                    })
+                                    .count()
+                            });
+                            eprintln!(
+                                "{m:>5} len {len:>6} depth {depth:.2} trial {t}: key {} answer {:?} {} ({:.1}s{})",
+                                sample.passkey,
+                                a.generation.text,
+                                if ok { "OK" } else { "wrong" },
+                                a.generation.prefill_secs,
+                                needle_kept.map_or(String::new(), |k| format!(
+                                    ", needle tokens kept {k}/12"
+                                ))
+                            );
+                            let cell = table
+                                .entry((m.clone(), len))
+                                .or_insert(vec![(0, 0); depths.len()]);
+                            cell[di].0 += ok as usize;
+                            cell[di].1 += 1;
+                            rows.push(serde_json::json!({
+                                "method": m, "length": len, "prompt_tokens": sample.prompt.total_len(), "depth": depth, "trial": t,
+                                "passkey": sample.passkey, "answer": a.generation.text, "correct": ok,
+                                "prefill_secs": a.generation.prefill_secs, "needle_tokens_kept": needle_kept,
+                                "peak_rss_bytes": peak_rss_bytes(),
+                            }));
+                        }
+                    }
+                }
+            }
+            let header: Vec<String> = depths.iter().map(|d| format!("depth {d}")).collect();
+            println!("| method | length | {} | all |", header.join(" | "));
+            println!("|---|---|{}---|", "---|".repeat(depths.len()));
+            for ((m, len), cells) in &table {
+                let (ok, n) = cells.iter().fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
+                let cols: Vec<String> = cells.iter().map(|(o, n)| format!("{o}/{n}")).collect();
+                println!(
+                    "| {m} | {len} | {} | {ok}/{n} ({:.0}%) |",
+                    cols.join(" | "),
+                    100.0 * ok as f64 / n.max(1) as f64
+                );
+            }
+            if let Some(path) = out {
+                write_json(
+                    &path,
+                    &serde_json::json!({"model": engine.model_path, "backend": engine.device.backend, "adapter": engine.device.adapter, "trials": rows}),
+                )?;
+            }
+            Ok(())
+        }
+    }
+}

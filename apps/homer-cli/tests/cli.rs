@@ -1,0 +1,148 @@
+//! The `homer` binary end to end on the tiny fixture model (CPU backend): `prefill --json` and
+//! `ask --trace`, plus the error a user sees for a missing document.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn homer(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_homer"))
+        .args(args)
+        .env(
+            "HOMER_HOME",
+            std::env::temp_dir().join("homer-cli-test-home"),
+        )
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn prefill_json_reports_the_plan_and_kept_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let context: String = (0..15).map(|i| format!("item {i} is blue. ")).collect();
+    let (p, c, s) = (
+        w("p.txt", "Read this."),
+        w("c.txt", &context),
+        w("s.txt", " What is item 7?"),
+    );
+    let model = fixtures().join("tiny-llama").display().to_string();
+    let (ok, stdout, stderr) = homer(&[
+        "prefill",
+        "--model",
+        &model,
+        "--backend",
+        "cpu",
+        "--prefix-file",
+        &p,
+        "--context-file",
+        &c,
+        "--suffix-file",
+        &s,
+        "--chunk-len",
+        "96",
+        "--warmup-layers",
+        "0",
+        "--bias",
+        "zeros",
+        "--generate",
+        "3",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let ctx = v["context_tokens"].as_u64().unwrap() as usize;
+    let (pl, sl) = (
+        v["prefix_tokens"].as_u64().unwrap() as usize,
+        v["suffix_tokens"].as_u64().unwrap() as usize,
+    );
+    let chunks = v["chunks"].as_u64().unwrap() as usize;
+    assert!(chunks >= 2, "{v}");
+    assert_eq!(1usize << v["tree_height"].as_u64().unwrap(), chunks);
+    let kept = v["kept"].as_array().unwrap();
+    assert_eq!(
+        v["cache_len"].as_u64().unwrap() as usize,
+        pl + kept.len() + sl
+    );
+    assert!(v["cache_len"].as_u64().unwrap() <= 96);
+    assert!(kept.iter().all(|k| (k.as_u64().unwrap() as usize) < ctx));
+    // Positions never reach the chunk length (spec §2.3).
+    assert!(v["last_position_id"].as_u64().unwrap() < 96);
+    assert_eq!(v["top"].as_array().unwrap().len(), 20);
+    assert_eq!(v["generated_ids"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn ask_writes_a_trace_and_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("notes.txt");
+    let text: String = (1..=14)
+        .map(|i| format!("Note {i}: the code word is w{i}.\n"))
+        .collect();
+    std::fs::write(&doc, text).unwrap();
+    let trace = dir.path().join("trace.json");
+    let model = fixtures().join("tiny-llama").display().to_string();
+    let (ok, _stdout, stderr) = homer(&[
+        "ask",
+        "What is the code word of note 3?",
+        "--doc",
+        &doc.display().to_string(),
+        "--model",
+        &model,
+        "--backend",
+        "cpu",
+        "--homer",
+        "always",
+        "--chunk-len",
+        "256",
+        "--warmup-layers",
+        "0",
+        "--max-tokens",
+        "4",
+        "--trace",
+        &trace.display().to_string(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("HOMER:"), "{stderr}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    assert_eq!(v["used_homer"], true);
+    let t = &v["trace"];
+    assert!(t["n_chunks"].as_u64().unwrap() >= 2);
+    let nodes = t["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len() as u64, 2 * t["n_chunks"].as_u64().unwrap() - 1);
+    assert!(
+        v["kept_summary"][0]["top_lines"][0]["line"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+
+    let (ok, _, stderr) = homer(&[
+        "ask",
+        "q?",
+        "--doc",
+        "/nonexistent/doc.txt",
+        "--model",
+        &model,
+        "--backend",
+        "cpu",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("/nonexistent/doc.txt") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
+}

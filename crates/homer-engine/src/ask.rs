@@ -1,0 +1,416 @@
+//! Questions about documents: the prompt layout HOMER needs (spec §1, §9.3) — prefix = the chat
+//! template up to the document, context = the documents, suffix = the question and the assistant
+//! header, each tokenised on its own — and `Engine::ask`, which runs HOMER when the prompt does not
+//! fit the model's window (or always / never, as asked) and then streams the answer.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use homer::{BiasTable, HomerConfig, HomerInput, HomerStats, MergeTrace, Plan, TensorOps};
+use serde::Serialize;
+
+use crate::chat::Message;
+use crate::document::Document;
+use crate::error::{EngineError, Result};
+use crate::{Engine, GenerateParams, Generation, Progress};
+
+/// Stands for the documents while the chat template renders; must survive rendering verbatim.
+const DOC_MARKER: &str = "\u{27e6}HOMER-DOCUMENT\u{27e7}";
+
+/// The instruction in front of the documents.
+pub const DOC_INSTRUCTION: &str =
+    "Read the document below, then answer the question that follows it.";
+
+/// One document's place in the context token list.
+#[derive(Debug, Clone, Serialize)]
+pub struct DocSpan {
+    pub name: String,
+    pub path: PathBuf,
+    /// Context token indices of this document (its header line included).
+    pub tokens: Range<usize>,
+    /// Byte offset in the document text of each of its tokens (header tokens map to 0).
+    pub offsets: Vec<usize>,
+}
+
+/// A document prompt split the way HOMER consumes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DocPrompt {
+    pub prefix: Vec<u32>,
+    pub context: Vec<u32>,
+    pub suffix: Vec<u32>,
+    pub docs: Vec<DocSpan>,
+}
+
+impl DocPrompt {
+    pub fn total_len(&self) -> usize {
+        self.prefix.len() + self.context.len() + self.suffix.len()
+    }
+    pub fn concatenated(&self) -> Vec<u32> {
+        [&self.prefix[..], &self.context, &self.suffix].concat()
+    }
+    /// (document index, byte offset in it) of context token `i`.
+    pub fn locate(&self, i: usize) -> Option<(usize, usize)> {
+        self.docs
+            .iter()
+            .position(|d| d.tokens.contains(&i))
+            .map(|k| (k, self.docs[k].offsets[i - self.docs[k].tokens.start]))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HomerMode {
+    /// HOMER when the prompt plus the answer budget exceeds the model's window.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl std::str::FromStr for HomerMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(HomerMode::Auto),
+            "always" => Ok(HomerMode::Always),
+            "never" => Ok(HomerMode::Never),
+            _ => Err(format!("`{s}`: expected auto, always or never")),
+        }
+    }
+}
+
+/// Which calibration table HOMER subtracts (spec §4.5).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum BiasChoice {
+    /// The table shipped for the default model when that model is loaded, else zeros.
+    #[default]
+    Default,
+    /// Uncalibrated.
+    Zeros,
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for BiasChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "default" => BiasChoice::Default,
+            "zeros" | "none" => BiasChoice::Zeros,
+            p => BiasChoice::Path(PathBuf::from(p)),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AskParams {
+    pub mode: HomerMode,
+    /// C; None = half the model's window.
+    pub chunk_len: Option<usize>,
+    /// W; None = 12 of 32 layers scaled to the model's depth.
+    pub warmup_layers: Option<usize>,
+    pub bias: BiasChoice,
+    /// System message; None = the template's default.
+    pub system: Option<String>,
+    pub generate: GenerateParams,
+}
+
+/// What `Engine::ask` returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    pub generation: Generation,
+    pub prompt: DocPrompt,
+    pub used_homer: bool,
+    /// Present when HOMER ran.
+    pub trace: Option<MergeTrace>,
+    pub plan: Option<Plan>,
+    pub homer_stats: Option<HomerStats>,
+    /// Rows in the cache decoding started from.
+    pub cache_len: usize,
+}
+
+/// The table shipped in `assets/bias/` for the default model, calibrated at C = 4096 on the King
+/// James Bible (see `assets/bias/README.md` for the command that made it).
+pub const DEFAULT_BIAS_FILE: &str = "smollm2-135m-instruct-q4_1.c4096.safetensors";
+static DEFAULT_BIAS: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../assets/bias/smollm2-135m-instruct-q4_1.c4096.safetensors"
+));
+
+/// The shipped calibration table of the default model.
+pub fn default_bias() -> Result<BiasTable> {
+    Ok(BiasTable::from_bytes(
+        DEFAULT_BIAS,
+        std::path::Path::new(DEFAULT_BIAS_FILE),
+    )?)
+}
+
+impl Engine {
+    /// Split a question about `docs` into HOMER's prefix, context and suffix.
+    pub fn document_prompt(
+        &self,
+        docs: &[Document],
+        question: &str,
+        system: Option<&str>,
+    ) -> Result<DocPrompt> {
+        if docs.is_empty() {
+            return Err(EngineError::Setting("no document given".into()));
+        }
+        if question.trim().is_empty() {
+            return Err(EngineError::Setting("the question is empty".into()));
+        }
+        let mut messages = vec![];
+        if let Some(s) = system {
+            messages.push(Message::new("system", s));
+        }
+        messages.push(Message::new(
+            "user",
+            format!(
+                "{DOC_INSTRUCTION}\n\n{DOC_MARKER}\n\nQuestion: {}",
+                question.trim()
+            ),
+        ));
+        let rendered = self.template.render(&messages, true)?;
+        let mut parts = rendered.split(DOC_MARKER);
+        let (Some(before), Some(after), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(EngineError::Template(
+                "the chat template did not keep the document marker exactly once".into(),
+            ));
+        };
+        let prefix = self.tokenizer.encode(before, true)?;
+        let suffix = self.tokenizer.encode(after, false)?;
+        let mut context = vec![];
+        let mut spans = vec![];
+        for (k, d) in docs.iter().enumerate() {
+            let start = context.len();
+            let header = if docs.len() > 1 {
+                format!("Document {}: {}\n", k + 1, d.name)
+            } else {
+                String::new()
+            };
+            let mut offsets = vec![];
+            if !header.is_empty() {
+                let h = self.tokenizer.encode(&header, false)?;
+                offsets.extend(std::iter::repeat_n(0, h.len()));
+                context.extend(h);
+            }
+            let body = if k + 1 < docs.len() {
+                format!("{}\n\n", d.text.trim_end())
+            } else {
+                d.text.trim_end().to_string()
+            };
+            let (ids, offs) = self.tokenizer.encode_with_offsets(&body)?;
+            offsets.extend(offs.iter().map(|o| o.0.min(d.text.len())));
+            context.extend(ids);
+            spans.push(DocSpan {
+                name: d.name.clone(),
+                path: d.path.clone(),
+                tokens: start..context.len(),
+                offsets,
+            });
+        }
+        Ok(DocPrompt {
+            prefix,
+            context,
+            suffix,
+            docs: spans,
+        })
+    }
+
+    /// The HOMER settings for this model: C (default half the window), W, the bias table.
+    pub fn homer_config(
+        &self,
+        chunk_len: Option<usize>,
+        warmup_layers: Option<usize>,
+        bias: &BiasChoice,
+    ) -> Result<HomerConfig> {
+        let mut cfg = HomerConfig::for_model(&self.model.config);
+        if let Some(c) = chunk_len {
+            cfg.chunk_len = c;
+        }
+        if let Some(w) = warmup_layers {
+            cfg.warmup_layers = w;
+        }
+        cfg.bias = match bias {
+            BiasChoice::Zeros => None,
+            BiasChoice::Path(p) => Some(Arc::new(BiasTable::load(p)?)),
+            BiasChoice::Default => {
+                if self.is_default_model() {
+                    let t = default_bias()?;
+                    if t.distances >= cfg.chunk_len {
+                        Some(Arc::new(t))
+                    } else {
+                        tracing::warn!(
+                            "the shipped bias table covers chunk lengths up to {}; running uncalibrated at {}",
+                            t.distances,
+                            cfg.chunk_len
+                        );
+                        None
+                    }
+                } else {
+                    tracing::warn!(
+                        "no calibration table ships for {}; HOMER runs uncalibrated (make one with `homer calibrate`)",
+                        self.model_path.display()
+                    );
+                    None
+                }
+            }
+        };
+        Ok(cfg)
+    }
+
+    /// Whether the loaded model is the default model (whose bias table ships with homer).
+    pub fn is_default_model(&self) -> bool {
+        self.model_path.file_name().and_then(|n| n.to_str())
+            == Some(crate::fetch::DEFAULT_MODEL_FILE)
+    }
+
+    /// HOMER prefill of a split prompt.
+    pub fn homer_prefill(
+        &self,
+        prompt: &DocPrompt,
+        config: &HomerConfig,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<homer::HomerOutput> {
+        Ok(homer::homer_prefill(
+            &self.model,
+            HomerInput {
+                prefix: &prompt.prefix,
+                context: &prompt.context,
+                suffix: &prompt.suffix,
+            },
+            config,
+            &TensorOps,
+            cancel,
+            &mut |p| progress(Progress::Homer(p.clone())),
+        )?)
+    }
+
+    /// Answer `question` about `docs`, streaming the answer to `on_text`.
+    pub fn ask(
+        &self,
+        docs: &[Document],
+        question: &str,
+        params: &AskParams,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(Progress),
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answer> {
+        let prompt = self.document_prompt(docs, question, params.system.as_deref())?;
+        self.answer(prompt, params, cancel, progress, on_text)
+    }
+
+    /// Run a split prompt with HOMER or plainly (per `params.mode`) and decode.
+    pub fn answer(
+        &self,
+        prompt: DocPrompt,
+        params: &AskParams,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(Progress),
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answer> {
+        params
+            .generate
+            .sampling
+            .validate()
+            .map_err(EngineError::Setting)?;
+        let window = self.model.config.max_position_embeddings;
+        let use_homer = match params.mode {
+            HomerMode::Always => true,
+            HomerMode::Never => false,
+            HomerMode::Auto => prompt.total_len() + params.generate.max_tokens > window,
+        };
+        let t0 = Instant::now();
+        let all = prompt.concatenated();
+        let (logits, cache, trace, plan, stats) = if use_homer {
+            let cfg = self.homer_config(params.chunk_len, params.warmup_layers, &params.bias)?;
+            let out = self.homer_prefill(&prompt, &cfg, cancel, progress)?;
+            (
+                out.logits,
+                out.cache,
+                Some(out.trace),
+                Some(out.plan),
+                Some(out.stats),
+            )
+        } else {
+            let (l, c) = self.prefill(&all, cancel, progress)?;
+            (l, c, None, None, None)
+        };
+        let prefill_secs = t0.elapsed().as_secs_f64();
+        let cache_len = cache.len();
+        let mut generation = self.decode(logits, cache, &all, &params.generate, cancel, on_text)?;
+        generation.prefill_secs = prefill_secs;
+        generation.prompt_tokens = all.len();
+        Ok(Answer {
+            generation,
+            prompt,
+            used_homer: use_homer,
+            trace,
+            plan,
+            homer_stats: stats,
+            cache_len,
+        })
+    }
+
+    /// Calibrate HOMER's significance for this model (spec §4.5) on `samples` windows of
+    /// `chunk_len` tokens spread evenly over `text`.
+    pub fn calibrate(
+        &self,
+        text: &str,
+        source: &str,
+        chunk_len: usize,
+        samples: usize,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<BiasTable> {
+        if samples == 0 || chunk_len < 2 {
+            return Err(EngineError::Setting(
+                "calibration needs at least one sample of at least 2 tokens".into(),
+            ));
+        }
+        if chunk_len > self.model.config.max_position_embeddings {
+            return Err(EngineError::Setting(format!(
+                "chunk length {chunk_len} exceeds the model's window of {}",
+                self.model.config.max_position_embeddings
+            )));
+        }
+        let ids = self.tokenizer.encode(text, false)?;
+        if ids.len() < chunk_len {
+            return Err(EngineError::Setting(format!(
+                "{source}: {} tokens, fewer than the chunk length {chunk_len}; give a longer text",
+                ids.len()
+            )));
+        }
+        let span = ids.len() - chunk_len;
+        let texts: Vec<Vec<u32>> = (0..samples)
+            .map(|i| {
+                let start = if samples == 1 {
+                    0
+                } else {
+                    span * i / (samples - 1)
+                };
+                ids[start..start + chunk_len].to_vec()
+            })
+            .collect();
+        let mut table =
+            homer::calibrate::calibrate(&self.model, &texts, &TensorOps, cancel, progress)?;
+        let model = self
+            .model_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        table.metadata.insert("model".into(), model);
+        table.metadata.insert("source".into(), source.into());
+        table
+            .metadata
+            .insert("source_tokens".into(), ids.len().to_string());
+        table.metadata.insert(
+            "rope_scaling".into(),
+            format!("{:?}", self.model.config.rope_scaling),
+        );
+        Ok(table)
+    }
+}

@@ -1,0 +1,109 @@
+//! The passkey retrieval task (Mohtashami & Jaggi; spec §9.3), adapted to the model's chat
+//! template: an instruction, a long run of filler sentences with one "The pass key is NNNNN"
+//! line at a chosen depth, and the question. The answer is right when the first run of digits in
+//! it equals the key.
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde::Serialize;
+
+use crate::Engine;
+use crate::ask::DocPrompt;
+use crate::chat::Message;
+use crate::error::{EngineError, Result};
+
+pub const INSTRUCTION: &str = "There is an important info hidden inside a lot of irrelevant text. \
+Find it and memorize it. I will quiz you about the important information there.";
+pub const FILLER: &str =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+pub const QUESTION: &str = "What is the pass key?";
+/// Put in the assistant's mouth so that the answer comes in form.
+pub const ANSWER_START: &str = "The pass key is";
+const MARKER: &str = "\u{27e6}PASSKEY-CONTEXT\u{27e7}";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PasskeySample {
+    pub prompt: DocPrompt,
+    pub passkey: String,
+    /// Requested depth (0 = start of the context, 1 = end).
+    pub depth: f64,
+    /// Context token index where the needle line starts.
+    pub needle_token: usize,
+}
+
+/// The first run of ASCII digits in `text`.
+pub fn first_number(text: &str) -> Option<&str> {
+    let start = text.find(|c: char| c.is_ascii_digit())?;
+    let rest = &text[start..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+impl Engine {
+    /// A passkey prompt of about `length` tokens in all (prefix + context + suffix) with the
+    /// needle at `depth`, reproducible from `seed`.
+    pub fn passkey_sample(&self, length: usize, depth: f64, seed: u64) -> Result<PasskeySample> {
+        if !(0.0..=1.0).contains(&depth) {
+            return Err(EngineError::Setting(format!(
+                "passkey depth {depth} must lie in [0, 1]"
+            )));
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
+        let passkey = rng.random_range(10000u32..100000).to_string();
+        let rendered = self.template.render(
+            &[Message::new(
+                "user",
+                format!("{INSTRUCTION}\n\n{MARKER}\n\n{QUESTION}"),
+            )],
+            true,
+        )?;
+        let (before, after) = rendered.split_once(MARKER).ok_or_else(|| {
+            EngineError::Template("the chat template dropped the passkey marker".into())
+        })?;
+        let prefix = self.tokenizer.encode(before, true)?;
+        let suffix = self
+            .tokenizer
+            .encode(&format!("{after}{ANSWER_START}"), false)?;
+        let needle = format!("The pass key is {passkey}. Remember it. {passkey} is the pass key. ");
+        let unit = self.tokenizer.encode(FILLER, false)?.len().max(1);
+        let budget = length.saturating_sub(prefix.len() + suffix.len());
+        let needle_len = self.tokenizer.encode(&needle, false)?.len();
+        let mut repeats = budget.saturating_sub(needle_len) / unit;
+        // Tokenise the real text and trim repeats until it fits the budget.
+        loop {
+            let before_n = ((repeats as f64) * depth).round() as usize;
+            let head = FILLER.repeat(before_n);
+            let text = format!("{head}{needle}{}", FILLER.repeat(repeats - before_n));
+            let (context, offsets) = self.tokenizer.encode_with_offsets(text.trim_end())?;
+            if context.len() <= budget || repeats == 0 {
+                // The first token that reaches into the needle.
+                let needle_token = offsets.iter().position(|o| o.1 > head.len()).unwrap_or(0);
+                return Ok(PasskeySample {
+                    prompt: DocPrompt {
+                        prefix,
+                        context,
+                        suffix,
+                        docs: vec![],
+                    },
+                    passkey,
+                    depth,
+                    needle_token,
+                });
+            }
+            repeats -= 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_number;
+
+    #[test]
+    fn first_number_is_the_first_digit_run() {
+        assert_eq!(first_number(" 12345. Remember 999"), Some("12345"));
+        assert_eq!(first_number("no digits"), None);
+        assert_eq!(first_number("x7"), Some("7"));
+    }
+}

@@ -1,0 +1,270 @@
+//! `Engine::ask` on the tiny fixture model (window 256, 3 layers): the prompt split, HOMER vs
+//! plain selection, the trace's mapping back to the document, passkey prompts, and the errors a
+//! user can cause.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use homer_engine::{AskParams, BiasChoice, Document, Engine, GenerateParams, HomerMode, Progress};
+use homer_model::BackendKind;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn engine() -> Engine {
+    Engine::load(
+        Some(&fixtures().join("tiny-llama")),
+        BackendKind::Cpu,
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+fn doc(lines: usize) -> Document {
+    let text: String = (1..=lines)
+        .map(|i| format!("Line {i}: the number {} is written here.\n", i * 37 % 1000))
+        .collect();
+    Document::from_text("numbers.txt", &text)
+}
+
+fn params(mode: HomerMode) -> AskParams {
+    AskParams {
+        mode,
+        chunk_len: Some(256),
+        warmup_layers: Some(0),
+        bias: BiasChoice::Zeros,
+        system: None,
+        generate: GenerateParams {
+            max_tokens: 5,
+            stop_at_eos: false,
+            ..Default::default()
+        },
+    }
+}
+
+#[test]
+fn prompt_split_round_trips_and_locates_tokens() {
+    let e = engine();
+    let d = doc(12);
+    let p = e
+        .document_prompt(&[d.clone()], "Which number is on line 3?", None)
+        .unwrap();
+    assert!(!p.prefix.is_empty() && !p.suffix.is_empty());
+    let whole = e.tokenizer.decode(&p.concatenated(), false).unwrap();
+    let rendered = e
+        .template
+        .render(
+            &[homer_engine::Message::new(
+                "user",
+                format!(
+                    "{}\n\n{}\n\nQuestion: Which number is on line 3?",
+                    homer_engine::ask::DOC_INSTRUCTION,
+                    d.text.trim_end()
+                ),
+            )],
+            true,
+        )
+        .unwrap();
+    // Tokenising the three parts separately must not lose or add text.
+    let strip = |s: &str| s.replace("<s>", "").replace(' ', "");
+    assert_eq!(strip(&whole), strip(&rendered));
+    // Every context token maps to the document byte where its text starts.
+    let span = &p.docs[0];
+    assert_eq!(span.tokens, 0..p.context.len());
+    let line3 = d.text.find("Line 3:").unwrap();
+    let i = (0..p.context.len())
+        .find(|&i| p.locate(i).unwrap().1 >= line3)
+        .unwrap();
+    assert_eq!(d.line_of(p.locate(i).unwrap().1), 3);
+    // Two documents get headers and disjoint spans.
+    let p2 = e
+        .document_prompt(
+            &[d.clone(), Document::from_text("b.md", "# B\nbee")],
+            "q?",
+            None,
+        )
+        .unwrap();
+    assert_eq!(p2.docs.len(), 2);
+    assert_eq!(p2.docs[0].tokens.end, p2.docs[1].tokens.start);
+    assert_eq!(p2.docs[1].tokens.end, p2.context.len());
+}
+
+#[test]
+fn auto_runs_homer_only_past_the_window() {
+    let e = engine();
+    let cancel = AtomicBool::new(false);
+    let short = e
+        .ask(
+            &[doc(3)],
+            "Which number?",
+            &params(HomerMode::Auto),
+            &cancel,
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(!short.used_homer && short.trace.is_none());
+    assert_eq!(short.cache_len, short.prompt.total_len());
+
+    let long = doc(12);
+    let mut homer_events = 0;
+    let mut streamed = String::new();
+    let a = e
+        .ask(
+            &[long.clone()],
+            "Which number is on line 7?",
+            &params(HomerMode::Auto),
+            &cancel,
+            &mut |p| {
+                if let Progress::Homer(h) = p {
+                    assert!(h.done <= h.total);
+                    homer_events += 1;
+                }
+            },
+            &mut |t| streamed.push_str(t),
+        )
+        .unwrap();
+    assert!(
+        a.prompt.total_len() > 256,
+        "the long document must exceed the window"
+    );
+    assert!(a.used_homer);
+    let t = a.trace.as_ref().unwrap();
+    assert_eq!(t.context_len, a.prompt.context.len());
+    assert!(t.n_chunks >= 2);
+    assert_eq!(a.cache_len, t.final_len);
+    assert!(a.cache_len <= 256);
+    assert!(homer_events > 0);
+    assert_eq!(a.generation.ids.len(), 5);
+    assert_eq!(streamed, a.generation.text);
+    // The kept tokens are a sorted-per-chunk subset of the context and map into the document.
+    assert!(t.kept.iter().all(|&i| i < t.context_len));
+    let mask = t.kept_mask();
+    assert_eq!(mask.iter().filter(|&&k| k).count(), t.kept.len());
+    assert!(t.kept.iter().all(|&i| a.prompt.locate(i).is_some()));
+
+    // Never = plain prefill even past the window; Always = HOMER even when it fits.
+    let never = e
+        .ask(
+            &[long],
+            "q?",
+            &params(HomerMode::Never),
+            &cancel,
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(!never.used_homer);
+    let always = e
+        .ask(
+            &[doc(3)],
+            "q?",
+            &params(HomerMode::Always),
+            &cancel,
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(always.used_homer);
+    assert_eq!(always.trace.unwrap().n_chunks, 1);
+}
+
+#[test]
+fn user_errors_are_messages() {
+    let e = engine();
+    let cancel = AtomicBool::new(false);
+    let ask = |docs: &[Document], q: &str, p: &AskParams| {
+        e.ask(docs, q, p, &cancel, &mut |_| {}, &mut |_| {})
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    assert!(ask(&[], "q?", &params(HomerMode::Auto)).contains("no document"));
+    assert!(ask(&[doc(3)], "  ", &params(HomerMode::Auto)).contains("question is empty"));
+    let mut p = params(HomerMode::Always);
+    p.chunk_len = Some(10);
+    assert!(
+        ask(&[doc(3)], "q?", &p).contains("no room for context"),
+        "{}",
+        ask(&[doc(3)], "q?", &p)
+    );
+    let mut p = params(HomerMode::Always);
+    p.bias = BiasChoice::Path(PathBuf::from("/nonexistent/bias.safetensors"));
+    let m = ask(&[doc(3)], "q?", &p);
+    assert!(
+        m.contains("/nonexistent/bias.safetensors") && m.contains("cannot read"),
+        "{m}"
+    );
+    let mut p = params(HomerMode::Always);
+    p.chunk_len = Some(1000);
+    let m = ask(&[doc(60)], "q?", &p);
+    assert!(m.contains("window"), "{m}");
+    // The shipped table is for the default model only: the tiny model runs uncalibrated.
+    let cfg = e.homer_config(None, None, &BiasChoice::Default).unwrap();
+    assert!(cfg.bias.is_none());
+    assert_eq!((cfg.chunk_len, cfg.warmup_layers), (128, 1));
+    // Cancelling before the start ends the HOMER run with Cancelled.
+    let stop = AtomicBool::new(true);
+    let r = e.ask(
+        &[doc(12)],
+        "q?",
+        &params(HomerMode::Always),
+        &stop,
+        &mut |_| {},
+        &mut |_| {},
+    );
+    assert!(matches!(r, Err(homer_engine::EngineError::Cancelled)));
+}
+
+#[test]
+fn passkey_prompt_has_the_needle_at_its_depth() {
+    let e = engine();
+    for depth in [0.0, 0.5, 1.0] {
+        let s = e.passkey_sample(2000, depth, 3).unwrap();
+        let p = &s.prompt;
+        assert!(
+            p.total_len() <= 2000 && p.total_len() > 1800,
+            "{}",
+            p.total_len()
+        );
+        assert_eq!(s.passkey.len(), 5);
+        let text = e.tokenizer.decode(&p.context, false).unwrap();
+        assert_eq!(text.matches(&s.passkey).count(), 2);
+        let after = e
+            .tokenizer
+            .decode(&p.context[s.needle_token..], false)
+            .unwrap();
+        assert!(
+            after.trim_start().starts_with("The pass key is"),
+            "{after:.40}"
+        );
+        let frac = s.needle_token as f64 / p.context.len() as f64;
+        assert!(
+            (frac - depth).abs() < 0.1,
+            "depth {depth}: needle at {frac}"
+        );
+        let suffix = e.tokenizer.decode(&p.suffix, false).unwrap();
+        assert!(suffix.ends_with("The pass key is"), "{suffix}");
+    }
+    assert_eq!(
+        e.passkey_sample(2000, 0.5, 3).unwrap().passkey,
+        e.passkey_sample(2000, 0.5, 3).unwrap().passkey
+    );
+    assert!(e.passkey_sample(2000, 1.5, 3).is_err());
+}
+
+#[test]
+fn default_bias_table_ships_and_fits_the_default_model() {
+    let t = homer_engine::ask::default_bias().unwrap();
+    assert_eq!((t.n_layers, t.distances), (30, 4096));
+    assert_eq!(t.meta("model"), Some("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert_eq!(t.meta("chunk_len"), Some("4096"));
+    assert!(!t.is_zero());
+    // Position bias: at the last layer the last token attends more to itself and its
+    // neighbours than to tokens far back.
+    let last = t.row(29);
+    let near: f32 = last[1..9].iter().sum::<f32>() / 8.0;
+    let far: f32 = last[2048..4096].iter().sum::<f32>() / 2048.0;
+    assert!(near > far, "near {near} far {far}");
+}
