@@ -412,7 +412,8 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
                                 bias: homer.bias.clone(),
                                 system: None,
                                 generate: GenerateParams {
-                                    max_tokens: 8,
+                                    // "The pass key is " and 5 digits, one token each.
+                                    max_tokens: 16,
                                     ..Default::default()
                                 },
                             };

@@ -16,8 +16,6 @@ Find it and memorize it. I will quiz you about the important information there."
 pub const FILLER: &str =
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 pub const QUESTION: &str = "What is the pass key?";
-/// Put in the assistant's mouth so that the answer comes in form.
-pub const ANSWER_START: &str = "The pass key is";
 const MARKER: &str = "\u{27e6}PASSKEY-CONTEXT\u{27e7}";
 
 #[derive(Debug, Clone, Serialize)]
@@ -62,9 +60,9 @@ impl Engine {
             EngineError::Template("the chat template dropped the passkey marker".into())
         })?;
         let prefix = self.tokenizer.encode(before, true)?;
-        let suffix = self
-            .tokenizer
-            .encode(&format!("{after}{ANSWER_START}"), false)?;
+        // The suffix ends with the assistant header: priming the answer with "The pass key is"
+        // made SmolLM2 define the word instead (1/2 right at 2K tokens, against 2/3 without).
+        let suffix = self.tokenizer.encode(after, false)?;
         let needle = format!("The pass key is {passkey}. Remember it. {passkey} is the pass key. ");
         let unit = self.tokenizer.encode(FILLER, false)?.len().max(1);
         let budget = length.saturating_sub(prefix.len() + suffix.len());
