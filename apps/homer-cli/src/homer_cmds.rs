@@ -51,6 +51,9 @@ pub enum EvalCmd {
         method: Vec<String>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// raw: plain text ending "The pass key is" (default); chat: one turn of the chat template
+        #[arg(long, default_value = "raw")]
+        format: homer_engine::passkey::PasskeyFormat,
         #[command(flatten)]
         homer: HomerArgs,
         /// Write every trial as JSON here
@@ -379,6 +382,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
             trials,
             method,
             seed,
+            format,
             homer,
             out,
         } => {
@@ -398,7 +402,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
                             .wrapping_mul(1_000_003)
                             .wrapping_add((len as u64) * 1009 + di as u64 * 101 + t as u64);
                         let sample = engine
-                            .passkey_sample(len, depth, s)
+                            .passkey_sample(len, depth, s, format)
                             .map_err(|e| e.to_string())?;
                         for m in &method {
                             let params = AskParams {

@@ -18,6 +18,31 @@ pub const FILLER: &str =
 pub const QUESTION: &str = "What is the pass key?";
 const MARKER: &str = "\u{27e6}PASSKEY-CONTEXT\u{27e7}";
 
+/// How the task is put to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PasskeyFormat {
+    /// Plain text, the classic form: instruction, text, "What is the pass key? The pass key is"
+    /// — the model completes the number. SmolLM2-135M-Instruct retrieves a key from 4.6K tokens
+    /// this way and not through its chat template.
+    #[default]
+    Raw,
+    /// One user turn in the model's chat template (spec §9.3 with Llama-2-chat); the assistant
+    /// answers freely.
+    Chat,
+}
+
+impl std::str::FromStr for PasskeyFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "raw" => Ok(PasskeyFormat::Raw),
+            "chat" => Ok(PasskeyFormat::Chat),
+            _ => Err(format!("`{s}`: expected raw or chat")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PasskeySample {
     pub prompt: DocPrompt,
@@ -41,7 +66,13 @@ pub fn first_number(text: &str) -> Option<&str> {
 impl Engine {
     /// A passkey prompt of about `length` tokens in all (prefix + context + suffix) with the
     /// needle at `depth`, reproducible from `seed`.
-    pub fn passkey_sample(&self, length: usize, depth: f64, seed: u64) -> Result<PasskeySample> {
+    pub fn passkey_sample(
+        &self,
+        length: usize,
+        depth: f64,
+        seed: u64,
+        format: PasskeyFormat,
+    ) -> Result<PasskeySample> {
         if !(0.0..=1.0).contains(&depth) {
             return Err(EngineError::Setting(format!(
                 "passkey depth {depth} must lie in [0, 1]"
@@ -49,20 +80,31 @@ impl Engine {
         }
         let mut rng = StdRng::seed_from_u64(seed);
         let passkey = rng.random_range(10000u32..100000).to_string();
-        let rendered = self.template.render(
-            &[Message::new(
-                "user",
-                format!("{INSTRUCTION}\n\n{MARKER}\n\n{QUESTION}"),
-            )],
-            true,
-        )?;
-        let (before, after) = rendered.split_once(MARKER).ok_or_else(|| {
-            EngineError::Template("the chat template dropped the passkey marker".into())
-        })?;
-        let prefix = self.tokenizer.encode(before, true)?;
-        // The suffix ends with the assistant header: priming the answer with "The pass key is"
-        // made SmolLM2 define the word instead (1/2 right at 2K tokens, against 2/3 without).
-        let suffix = self.tokenizer.encode(after, false)?;
+        let (prefix, suffix) = match format {
+            PasskeyFormat::Raw => (
+                self.tokenizer.encode(&format!("{INSTRUCTION}\n\n"), true)?,
+                self.tokenizer
+                    .encode(&format!("\n\n{QUESTION} The pass key is"), false)?,
+            ),
+            PasskeyFormat::Chat => {
+                let rendered = self.template.render(
+                    &[Message::new(
+                        "user",
+                        format!("{INSTRUCTION}\n\n{MARKER}\n\n{QUESTION}"),
+                    )],
+                    true,
+                )?;
+                let (before, after) = rendered.split_once(MARKER).ok_or_else(|| {
+                    EngineError::Template("the chat template dropped the passkey marker".into())
+                })?;
+                // The suffix ends with the assistant header: priming the answer with "The pass
+                // key is" made SmolLM2 define the word instead (1/2 right at 2K tokens).
+                (
+                    self.tokenizer.encode(before, true)?,
+                    self.tokenizer.encode(after, false)?,
+                )
+            }
+        };
         let needle = format!("The pass key is {passkey}. Remember it. {passkey} is the pass key. ");
         let unit = self.tokenizer.encode(FILLER, false)?.len().max(1);
         let budget = length.saturating_sub(prefix.len() + suffix.len());
