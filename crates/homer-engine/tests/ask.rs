@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use homer_engine::{AskParams, BiasChoice, Document, Engine, GenerateParams, HomerMode, Progress};
 use homer_engine::passkey::PasskeyFormat;
+use homer_engine::{AskParams, BiasChoice, Document, Engine, GenerateParams, HomerMode, Progress};
 use homer_model::BackendKind;
 
 fn fixtures() -> PathBuf {
@@ -222,7 +222,9 @@ fn user_errors_are_messages() {
 fn passkey_prompt_has_the_needle_at_its_depth() {
     let e = engine();
     for depth in [0.0, 0.5, 1.0] {
-        let s = e.passkey_sample(2000, depth, 3, PasskeyFormat::Chat).unwrap();
+        let s = e
+            .passkey_sample(2000, depth, 3, PasskeyFormat::Chat)
+            .unwrap();
         let p = &s.prompt;
         assert!(
             p.total_len() <= 2000 && p.total_len() > 1800,
@@ -249,12 +251,19 @@ fn passkey_prompt_has_the_needle_at_its_depth() {
         assert!(suffix.contains("What is the pass key?"), "{suffix}");
     }
     assert_eq!(
-        e.passkey_sample(2000, 0.5, 3, PasskeyFormat::Raw).unwrap().passkey,
-        e.passkey_sample(2000, 0.5, 3, PasskeyFormat::Raw).unwrap().passkey
+        e.passkey_sample(2000, 0.5, 3, PasskeyFormat::Raw)
+            .unwrap()
+            .passkey,
+        e.passkey_sample(2000, 0.5, 3, PasskeyFormat::Raw)
+            .unwrap()
+            .passkey
     );
     let raw = e.passkey_sample(2000, 0.3, 4, PasskeyFormat::Raw).unwrap();
     let tail = e.tokenizer.decode(&raw.prompt.suffix, false).unwrap();
-    assert!(tail.ends_with("What is the pass key? The pass key is"), "{tail}");
+    assert!(
+        tail.ends_with("What is the pass key? The pass key is"),
+        "{tail}"
+    );
     assert!(raw.prompt.total_len() <= 2000 && raw.prompt.total_len() > 1800);
     assert!(e.passkey_sample(2000, 1.5, 3, PasskeyFormat::Raw).is_err());
 }
