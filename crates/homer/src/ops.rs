@@ -122,21 +122,30 @@ fn index_tensor(keep: &[usize], device: &burn::tensor::Device) -> Tensor<1, Int>
     Tensor::<1, Int>::from_data(TensorData::new(idx, [keep.len()]), device)
 }
 
-/// Rows `a..b` of `t` along `dim`, for 2-D or 3-D tensors (None when empty).
-fn rows2(t: &Tensor<2>, r: std::ops::Range<usize>) -> Option<Tensor<2>> {
-    let d = t.dims()[1];
-    (!r.is_empty()).then(|| t.clone().slice([r, 0..d]))
-}
-fn rows3(t: &Tensor<3>, r: std::ops::Range<usize>) -> Option<Tensor<3>> {
-    let [a, _, c] = t.dims();
-    (!r.is_empty()).then(|| t.clone().slice([0..a, r, 0..c]))
-}
-
-fn avg2(a: Option<Tensor<2>>, b: Option<Tensor<2>>) -> Option<Tensor<2>> {
-    Some((a? + b?).mul_scalar(0.5))
-}
-fn avg3(a: Option<Tensor<3>>, b: Option<Tensor<3>>) -> Option<Tensor<3>> {
-    Some((a? + b?).mul_scalar(0.5))
+/// The merge of one tensor pair along its row axis `dim` (spec §5): [mean of the two prefixes,
+/// left context, right context, mean of the two suffixes]; empty parts are left out.
+fn merge_rows<const D: usize>(
+    l: &Tensor<D>,
+    r: &Tensor<D>,
+    dim: usize,
+    p: usize,
+    s: usize,
+) -> Tensor<D> {
+    let (nl, nr) = (l.dims()[dim], r.dims()[dim]);
+    let rows = |t: &Tensor<D>, start: usize, len: usize| {
+        (len > 0).then(|| t.clone().narrow(dim, start, len))
+    };
+    let avg = |a: Option<Tensor<D>>, b: Option<Tensor<D>>| Some((a? + b?).mul_scalar(0.5));
+    let parts: Vec<Tensor<D>> = [
+        avg(rows(l, 0, p), rows(r, 0, p)),
+        rows(l, p, nl - p - s),
+        rows(r, p, nr - p - s),
+        avg(rows(l, nl - s, s), rows(r, nr - s, s)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    Tensor::cat(parts, dim)
 }
 
 impl HomerOps for TensorOps {
@@ -189,38 +198,14 @@ impl HomerOps for TensorOps {
                 right.cache.len()
             )));
         }
-        let parts2 = |l: &Tensor<2>, r: &Tensor<2>| -> Tensor<2> {
-            let parts: Vec<Tensor<2>> = [
-                avg2(rows2(l, 0..p), rows2(r, 0..p)),
-                rows2(l, p..nl - s),
-                rows2(r, p..nr - s),
-                avg2(rows2(l, nl - s..nl), rows2(r, nr - s..nr)),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            Tensor::cat(parts, 0)
-        };
-        let parts3 = |l: &Tensor<3>, r: &Tensor<3>| -> Tensor<3> {
-            let parts: Vec<Tensor<3>> = [
-                avg3(rows3(l, 0..p), rows3(r, 0..p)),
-                rows3(l, p..nl - s),
-                rows3(r, p..nr - s),
-                avg3(rows3(l, nl - s..nl), rows3(r, nr - s..nr)),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            Tensor::cat(parts, 1)
-        };
-        let hidden = parts2(&left.hidden, &right.hidden);
+        let hidden = merge_rows(&left.hidden, &right.hidden, 0, p, s);
         let cache = left
             .cache
             .iter()
             .zip(&right.cache)
             .map(|(a, b)| LayerKv {
-                k: parts3(&a.k, &b.k),
-                v: parts3(&a.v, &b.v),
+                k: merge_rows(&a.k, &b.k, 1, p, s),
+                v: merge_rows(&a.v, &b.v, 1, p, s),
             })
             .collect();
         Ok(ChunkTensors { hidden, cache })
