@@ -1,0 +1,473 @@
+//! The three WGSL kernels of `shaders/` as a burn backend extension: the CubeCL backend (wgpu
+//! runtime) implements them by launching the WGSL source, and `#[backend_extension]` derives the
+//! lazy `Fusion` wrapper and the `Dispatch` routing, so callers stay on `Tensor<D>`.
+//!
+//! Every gathered or merged tensor is 3-D `[outer, rows, inner]` and contiguous after `into_contiguous`; the
+//! host-side arguments (positions, masks, indices, bias) travel in the `*Job` structs and are
+//! uploaded next to the launch. All validation happens in [`crate::WgslOps`] before these are
+//! called: the kernels themselves only clamp to stay inside their buffers.
+
+use std::sync::Arc;
+
+use burn::backend::fusion::custom::TensorSpec;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::wgpu::{
+    CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
+};
+use burn::backend::{Backend, backend_extension};
+use burn::tensor::{DType, Shape};
+use cubecl::prelude::KernelId;
+use cubecl::server::KernelArguments;
+use cubecl::{CubeCount, CubeDim};
+
+const SIGNIFICANCE: &str = include_str!("../../../shaders/significance.wgsl");
+const GATHER: &str = include_str!("../../../shaders/gather.wgsl");
+const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
+
+/// Launch settings shared by every kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LaunchCfg {
+    /// Invocations per workgroup (the shaders' `{{ workgroup_size }}`).
+    pub workgroup_size: u32,
+    /// Most workgroups per dispatch (grid-stride loops cover the rest).
+    pub max_workgroups: u32,
+    /// Fill outputs with NaN before the launch (tests check every element gets written).
+    pub poison: bool,
+}
+
+impl Default for LaunchCfg {
+    fn default() -> Self {
+        Self {
+            workgroup_size: 128,
+            max_workgroups: 4096,
+            poison: false,
+        }
+    }
+}
+
+/// Host inputs of the significance kernel.
+#[derive(Debug, Clone)]
+pub struct SignificanceJob {
+    /// positions[0..n] then prunable flags (1/0) [n..2n].
+    pub rows: Arc<Vec<u32>>,
+    /// The layer's bias row; empty = uncalibrated.
+    pub bias: Arc<Vec<f32>>,
+    pub last_position: u32,
+    pub scale: f32,
+    pub heads: u32,
+    pub cfg: LaunchCfg,
+}
+
+/// Host inputs of the gather kernel.
+#[derive(Debug, Clone)]
+pub struct GatherJob {
+    pub keep: Arc<Vec<u32>>,
+    pub cfg: LaunchCfg,
+}
+
+/// Host inputs of the merge kernel.
+#[derive(Debug, Clone)]
+pub struct MergeJob {
+    pub prefix_len: u32,
+    pub suffix_len: u32,
+    pub cfg: LaunchCfg,
+}
+
+fn with_rows(shape: &Shape, rows: usize) -> Shape {
+    Shape::new([shape[0], rows, shape[2]])
+}
+
+fn merged_rows(x: &Shape, y: &Shape, job: &MergeJob) -> usize {
+    x[1] + y[1] - job.prefix_len as usize - job.suffix_len as usize
+}
+
+/// HOMER's kernels as a backend extension. Implemented for the CubeCL backend; the macro adds
+/// the `Fusion` wrapper (lazy, output shapes below) and the `Dispatch` routing.
+#[backend_extension(Cube, Fusion)]
+pub trait HomerKernels: Backend {
+    /// `q` [H, D], `keys` [KV, N, D] → scores [N] (f32).
+    #[fusion(meta = |_q, keys, _job| TensorSpec::new(Shape::new([keys.shape[1]]), DType::F32))]
+    fn homer_significance(
+        q: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        job: SignificanceJob,
+    ) -> FloatTensor<Self>;
+
+    /// Rows `job.keep` of two tensors with the same row count.
+    #[fusion(meta = |a, b, job| (
+        TensorSpec::new(with_rows(&a.shape, job.keep.len()), a.dtype),
+        TensorSpec::new(with_rows(&b.shape, job.keep.len()), b.dtype),
+    ))]
+    fn homer_gather_pair(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        job: GatherJob,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Rows `job.keep` of one tensor.
+    #[fusion(meta = |a, job| TensorSpec::new(with_rows(&a.shape, job.keep.len()), a.dtype))]
+    fn homer_gather_one(a: FloatTensor<Self>, job: GatherJob) -> FloatTensor<Self>;
+
+    /// The §5 merge of two tensor pairs (x = left child, y = right child).
+    #[fusion(meta = |xa, ya, xb, yb, job| (
+        TensorSpec::new(with_rows(&xa.shape, merged_rows(&xa.shape, &ya.shape, job)), xa.dtype),
+        TensorSpec::new(with_rows(&xb.shape, merged_rows(&xb.shape, &yb.shape, job)), xb.dtype),
+    ))]
+    fn homer_merge_pair(
+        xa: FloatTensor<Self>,
+        ya: FloatTensor<Self>,
+        xb: FloatTensor<Self>,
+        yb: FloatTensor<Self>,
+        job: MergeJob,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The §5 merge of one tensor pair.
+    #[fusion(meta = |xa, ya, job| TensorSpec::new(
+        with_rows(&xa.shape, merged_rows(&xa.shape, &ya.shape, job)),
+        xa.dtype,
+    ))]
+    fn homer_merge_one(
+        xa: FloatTensor<Self>,
+        ya: FloatTensor<Self>,
+        job: MergeJob,
+    ) -> FloatTensor<Self>;
+}
+
+/// Which shader, with its template values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Shader {
+    Significance,
+    Gather,
+    Merge,
+}
+
+#[derive(Debug)]
+struct WgslKernel {
+    shader: Shader,
+    workgroup_size: u32,
+    f16: bool,
+}
+
+impl KernelSource for WgslKernel {
+    fn source(&self) -> SourceTemplate {
+        let text = match self.shader {
+            Shader::Significance => SIGNIFICANCE,
+            Shader::Gather => GATHER,
+            Shader::Merge => MERGE,
+        };
+        SourceTemplate::new(text)
+            .register("workgroup_size", self.workgroup_size.to_string())
+            .register("elem", if self.f16 { "f16" } else { "f32" })
+            .register("enable", if self.f16 { "enable f16;" } else { "" })
+    }
+
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info((self.shader, self.workgroup_size, self.f16))
+    }
+
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
+fn element_f16(dtype: DType) -> bool {
+    match dtype {
+        DType::F32 => false,
+        DType::F16 => true,
+        other => {
+            panic!("homer-wgpu kernels take f32 or f16 tensors, got {other:?} (checked by WgslOps)")
+        }
+    }
+}
+
+/// An output tensor of `shape`, uninitialised or NaN-filled.
+fn output(like: &CubeTensor, shape: Shape, dtype: DType, poison: bool) -> CubeTensor {
+    let n = shape.num_elements();
+    let bytes = n * dtype.size();
+    let handle = if poison {
+        match dtype {
+            DType::F16 => {
+                let nan = vec![0x7e00u16; n.max(1)];
+                like.client.create_from_slice(bytemuck::cast_slice(&nan))
+            }
+            _ => {
+                let nan = vec![f32::NAN; n.max(1)];
+                like.client.create_from_slice(bytemuck::cast_slice(&nan))
+            }
+        }
+    } else {
+        like.client.empty(bytes.max(4))
+    };
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        shape,
+        handle,
+        dtype,
+    )
+}
+
+fn upload_u32(like: &CubeTensor, data: &[u32]) -> cubecl::server::Handle {
+    if data.is_empty() {
+        like.client.create_from_slice(bytemuck::cast_slice(&[0u32]))
+    } else {
+        like.client.create_from_slice(bytemuck::cast_slice(data))
+    }
+}
+
+/// Most grid-stride trips one invocation makes; the grid grows beyond `max_workgroups` rather
+/// than exceed it (lavapipe was seen to stop a loop after 65,535 trips).
+const MAX_TRIPS: usize = 1024;
+
+/// The workgroup grid for `elements` items: at least enough workgroups that no invocation loops
+/// more than [`MAX_TRIPS`] times, else at most `max_workgroups`; x ≤ 65,535, the rest in y.
+pub(crate) fn grid(elements: usize, cfg: LaunchCfg) -> (u32, u32) {
+    let wg = cfg.workgroup_size.max(1) as usize;
+    let needed = elements.div_ceil(wg).max(1);
+    let floor = elements.div_ceil(wg * MAX_TRIPS).max(1);
+    let groups = needed.min(cfg.max_workgroups.max(1) as usize).max(floor);
+    let x = groups.min(65_535);
+    let y = groups.div_ceil(x);
+    (x as u32, y as u32)
+}
+
+fn launch(
+    like: &CubeTensor,
+    shader: Shader,
+    f16: bool,
+    cfg: LaunchCfg,
+    elements: usize,
+    buffers: Vec<cubecl::server::BufferBinding>,
+) {
+    let wg = cfg.workgroup_size.max(1);
+    let (x, y) = grid(elements, cfg);
+    let kernel = WgslKernel {
+        shader,
+        workgroup_size: wg,
+        f16,
+    };
+    like.client.launch(
+        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg))),
+        CubeCount::Static(x, y, 1),
+        KernelArguments::new().with_buffers(buffers),
+    );
+}
+
+/// A zero-row stand-in for the missing partner of an odd tensor out.
+fn dummy(like: &CubeTensor) -> CubeTensor {
+    let handle = like.client.create_from_slice(bytemuck::cast_slice(&[0u32]));
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::new([0, 0, 1]),
+        handle,
+        like.dtype,
+    )
+}
+
+fn gather(a: CubeTensor, b: Option<CubeTensor>, job: &GatherJob) -> (CubeTensor, CubeTensor) {
+    let a = into_contiguous(a);
+    let b = b.map(into_contiguous);
+    let f16 = element_f16(a.dtype);
+    let m = job.keep.len();
+    let sa = a.meta.shape().clone();
+    let a_out = output(&a, with_rows(&sa, m), a.dtype, job.cfg.poison);
+    let (b_in, b_out, sb) = match b {
+        Some(b) => {
+            let sb = b.meta.shape().clone();
+            let out = output(&b, with_rows(&sb, m), b.dtype, job.cfg.poison);
+            (b, out, [sb[0], sb[2]])
+        }
+        None => (dummy(&a), dummy(&a), [0, 1]),
+    };
+    let info = [
+        sa[1] as u32,
+        m as u32,
+        sa[0] as u32,
+        sa[2] as u32,
+        sb[0] as u32,
+        sb[1] as u32,
+    ];
+    let index = upload_u32(&a, &job.keep);
+    let info = upload_u32(&a, &info);
+    let elements = sa[0] * m * sa[2] + sb[0] * m * sb[1];
+    launch(
+        &a,
+        Shader::Gather,
+        f16,
+        job.cfg,
+        elements,
+        vec![
+            a.handle.clone().binding(),
+            b_in.handle.clone().binding(),
+            a_out.handle.clone().binding(),
+            b_out.handle.clone().binding(),
+            index.binding(),
+            info.binding(),
+        ],
+    );
+    (a_out, b_out)
+}
+
+fn merge(
+    xa: CubeTensor,
+    ya: CubeTensor,
+    b: Option<(CubeTensor, CubeTensor)>,
+    job: &MergeJob,
+) -> (CubeTensor, CubeTensor) {
+    let (xa, ya) = (into_contiguous(xa), into_contiguous(ya));
+    let f16 = element_f16(xa.dtype);
+    let (p, s) = (job.prefix_len as usize, job.suffix_len as usize);
+    let (sx, sy) = (xa.meta.shape().clone(), ya.meta.shape().clone());
+    let (nl, nr) = (sx[1], sy[1]);
+    let m = nl + nr - p - s;
+    let a_out = output(&xa, with_rows(&sx, m), xa.dtype, job.cfg.poison);
+    let (xb, yb, b_out, sb) = match b {
+        Some((xb, yb)) => {
+            let (xb, yb) = (into_contiguous(xb), into_contiguous(yb));
+            let sb = xb.meta.shape().clone();
+            let out = output(&xb, with_rows(&sb, m), xb.dtype, job.cfg.poison);
+            (xb, yb, out, [sb[0], sb[2]])
+        }
+        None => (dummy(&xa), dummy(&xa), dummy(&xa), [0, 1]),
+    };
+    let info = [
+        nl as u32,
+        nr as u32,
+        p as u32,
+        s as u32,
+        sx[0] as u32,
+        sx[2] as u32,
+        sb[0] as u32,
+        sb[1] as u32,
+    ];
+    let info = upload_u32(&xa, &info);
+    let elements = sx[0] * m * sx[2] + sb[0] * m * sb[1];
+    launch(
+        &xa,
+        Shader::Merge,
+        f16,
+        job.cfg,
+        elements,
+        vec![
+            xa.handle.clone().binding(),
+            ya.handle.clone().binding(),
+            xb.handle.clone().binding(),
+            yb.handle.clone().binding(),
+            a_out.handle.clone().binding(),
+            b_out.handle.clone().binding(),
+            info.binding(),
+        ],
+    );
+    (a_out, b_out)
+}
+
+impl HomerKernels for CubeBackend {
+    fn homer_significance(q: CubeTensor, keys: CubeTensor, job: SignificanceJob) -> CubeTensor {
+        let q = into_contiguous(q);
+        let keys = into_contiguous(keys);
+        let f16 = element_f16(keys.dtype);
+        let shape = keys.meta.shape().clone();
+        let (kv, n, d) = (shape[0], shape[1], shape[2]);
+        let out = output(&keys, Shape::new([n]), DType::F32, job.cfg.poison);
+        let rows = upload_u32(&keys, &job.rows);
+        let bias = if job.bias.is_empty() {
+            keys.client.create_from_slice(bytemuck::cast_slice(&[0f32]))
+        } else {
+            keys.client
+                .create_from_slice(bytemuck::cast_slice(&job.bias))
+        };
+        let info = [
+            n as u32,
+            job.heads,
+            kv as u32,
+            d as u32,
+            job.last_position,
+            job.bias.len() as u32,
+            job.scale.to_bits(),
+        ];
+        let info = upload_u32(&keys, &info);
+        launch(
+            &keys,
+            Shader::Significance,
+            f16,
+            job.cfg,
+            n,
+            vec![
+                q.handle.clone().binding(),
+                keys.handle.clone().binding(),
+                rows.binding(),
+                bias.binding(),
+                out.handle.clone().binding(),
+                info.binding(),
+            ],
+        );
+        out
+    }
+
+    fn homer_gather_pair(a: CubeTensor, b: CubeTensor, job: GatherJob) -> (CubeTensor, CubeTensor) {
+        gather(a, Some(b), &job)
+    }
+
+    fn homer_gather_one(a: CubeTensor, job: GatherJob) -> CubeTensor {
+        gather(a, None, &job).0
+    }
+
+    fn homer_merge_pair(
+        xa: CubeTensor,
+        ya: CubeTensor,
+        xb: CubeTensor,
+        yb: CubeTensor,
+        job: MergeJob,
+    ) -> (CubeTensor, CubeTensor) {
+        merge(xa, ya, Some((xb, yb)), &job)
+    }
+
+    fn homer_merge_one(xa: CubeTensor, ya: CubeTensor, job: MergeJob) -> CubeTensor {
+        merge(xa, ya, None, &job).0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_covers_every_element_within_the_trip_and_x_limits() {
+        let cfg = LaunchCfg {
+            workgroup_size: 64,
+            max_workgroups: 3,
+            poison: false,
+        };
+        for elements in [
+            0usize,
+            1,
+            63,
+            64,
+            65,
+            192,
+            193,
+            1 << 20,
+            8_484_840,
+            3_000_000_000,
+        ] {
+            let (x, y) = grid(elements, cfg);
+            let threads = x as usize * y as usize * 64;
+            assert!(x >= 1 && y >= 1 && x <= 65_535, "{elements}: grid {x}×{y}");
+            assert!(
+                elements.div_ceil(threads) <= MAX_TRIPS,
+                "{elements}: {x}×{y} loops too often"
+            );
+            if elements <= 3 * 64 * MAX_TRIPS {
+                assert!(
+                    x * y <= 3,
+                    "{elements}: grid {x}×{y} exceeds the cap it did not need to"
+                );
+            }
+        }
+        // The cap limits small and medium launches; one thread-per-element when below it.
+        let cfg = LaunchCfg::default();
+        assert_eq!(grid(1000, cfg), (8, 1));
+        assert_eq!(grid(10_000_000, cfg), (4096, 1));
+    }
+}

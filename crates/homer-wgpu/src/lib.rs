@@ -1,0 +1,307 @@
+//! homer-wgpu: HOMER's hot operations as WGSL compute shaders (`shaders/*.wgsl`) on burn-wgpu,
+//! plugged into `homer` through its [`HomerOps`] trait. The algorithm crate never sees a wgpu type;
+//! [`homer::TensorOps`] (burn tensor ops) is the oracle these kernels are tested against.
+//!
+//! - significance: one pass over a node's keys, max over query heads of the scaled dot product,
+//!   minus the calibration bias, +∞ for affixes; no [heads × n] intermediate.
+//! - gather: the kept rows of the hidden state and every cached layer's K/V, two tensors a dispatch.
+//! - merge: §5's averaged affixes + concatenated contexts, two tensors a dispatch.
+//!
+//! Selection of the rows to drop runs on the host (`homer::prune`) after the n scores are read
+//! back: the kept indices are needed on the host anyway (trace, positions), and `homer bench
+//! kernels` measures that step next to the kernels.
+
+mod kernels;
+
+use std::sync::Arc;
+
+use burn::backend::Dispatch;
+use burn::tensor::{DType, Tensor};
+use homer::{ChunkTensors, HomerError, HomerOps, Result, SignificanceInput};
+use homer_model::{DeviceInfo, LayerKv, read_f32};
+
+pub use kernels::{GatherJob, HomerKernels, LaunchCfg, MergeJob, SignificanceJob};
+
+/// HOMER's ops as WGSL kernels. Build it for a wgpu device with [`WgslOps::for_device`].
+#[derive(Debug, Clone)]
+pub struct WgslOps {
+    /// Largest storage-buffer binding the adapter allows, in bytes.
+    adapter_max_binding: u64,
+    /// The limit the ops enforce: the adapter's, or lower for tests.
+    max_binding: u64,
+    /// The adapter has `shader-f16` (f16 tensors are refused without it).
+    shader_f16: bool,
+    cfg: LaunchCfg,
+}
+
+impl WgslOps {
+    /// The kernels for a wgpu device described by `info` (from `homer_model::device`).
+    pub fn for_device(info: &DeviceInfo) -> Result<Self> {
+        if info.backend != "wgpu" {
+            return Err(HomerError::Input(format!(
+                "the WGSL kernels need a wgpu device, this one is `{}` ({}); use the tensor ops",
+                info.backend, info.adapter
+            )));
+        }
+        let max_binding = info
+            .max_storage_buffer_binding_size
+            .unwrap_or(u64::MAX)
+            .min(info.max_buffer_size.unwrap_or(u64::MAX));
+        Ok(Self {
+            adapter_max_binding: max_binding,
+            max_binding,
+            shader_f16: info.shader_f16,
+            cfg: LaunchCfg::default(),
+        })
+    }
+
+    /// Enforce a binding limit of `bytes` (capped at the adapter's), to test the limit checks.
+    pub fn with_max_binding(mut self, bytes: u64) -> Self {
+        self.max_binding = self.adapter_max_binding.min(bytes);
+        self
+    }
+
+    /// Workgroup size and grid cap of every dispatch; `poison` NaN-fills outputs first.
+    pub fn with_launch(mut self, cfg: LaunchCfg) -> Self {
+        self.cfg = cfg;
+        self
+    }
+
+    pub fn launch_cfg(&self) -> LaunchCfg {
+        self.cfg
+    }
+
+    pub fn max_binding(&self) -> u64 {
+        self.max_binding
+    }
+
+    /// Refuse a tensor the adapter cannot bind, or an element type the kernels do not take.
+    fn check<const D: usize>(&self, what: &str, t: &Tensor<D>) -> Result<()> {
+        let dtype = t.dtype();
+        let size = match dtype {
+            DType::F32 => 4u64,
+            DType::F16 if self.shader_f16 => 2,
+            DType::F16 => {
+                return Err(HomerError::Input(format!(
+                    "{what} is f16 but this adapter lacks `shader-f16`; load the model as f32"
+                )));
+            }
+            other => {
+                return Err(HomerError::Input(format!(
+                    "{what} has element type {other:?}; the WGSL kernels take f32 (or f16 with shader-f16)"
+                )));
+            }
+        };
+        let bytes = t.shape().num_elements() as u64 * size;
+        if bytes > self.max_binding {
+            return Err(HomerError::Input(format!(
+                "{what} {:?} is {bytes} bytes, above this adapter's max_storage_buffer_binding_size \
+                 of {} bytes; use a smaller --chunk-len (fewer rows per node) or --homer-ops tensor",
+                t.dims(),
+                self.max_binding
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_chunk(&self, c: &ChunkTensors) -> Result<()> {
+        self.check("hidden rows", &c.hidden)?;
+        for (l, kv) in c.cache.iter().enumerate() {
+            self.check(&format!("layer {l} keys"), &kv.k)?;
+            self.check(&format!("layer {l} values"), &kv.v)?;
+        }
+        Ok(())
+    }
+}
+
+/// The node's tensors as a flat list of 3-D [outer, rows, inner] views: hidden, k0, v0, k1, …
+fn flatten(c: ChunkTensors) -> (usize, Vec<Tensor<3>>) {
+    let [n, d] = c.hidden.dims();
+    let mut list = Vec::with_capacity(1 + 2 * c.cache.len());
+    list.push(c.hidden.reshape([1, n, d]));
+    for kv in c.cache {
+        list.push(kv.k);
+        list.push(kv.v);
+    }
+    (d, list)
+}
+
+fn unflatten(d: usize, list: Vec<Tensor<3>>) -> ChunkTensors {
+    let mut it = list.into_iter();
+    let hidden = it.next().expect("hidden rows first");
+    let rows = hidden.dims()[1];
+    let hidden = hidden.reshape([rows, d]);
+    let mut cache = Vec::new();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        cache.push(LayerKv { k, v });
+    }
+    ChunkTensors { hidden, cache }
+}
+
+fn to_u32(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v)
+        .map_err(|_| HomerError::Input(format!("{what} {v} does not fit the kernels' u32")))
+}
+
+impl HomerOps for WgslOps {
+    fn name(&self) -> &str {
+        "wgsl"
+    }
+
+    fn significance(&self, input: &SignificanceInput<'_>) -> Result<Vec<f32>> {
+        let [kvh, n, hd] = input.keys.dims();
+        let [h, qd] = input.q_last.dims();
+        if qd != hd || kvh == 0 || h % kvh != 0 {
+            return Err(HomerError::Input(format!(
+                "significance shapes: q_last [{h}, {qd}], keys [{kvh}, {n}, {hd}]"
+            )));
+        }
+        if input.positions.len() != n || input.prunable.len() != n {
+            return Err(HomerError::Input(format!(
+                "significance: {n} keys but {} positions and {} mask entries",
+                input.positions.len(),
+                input.prunable.len()
+            )));
+        }
+        self.check("query row", input.q_last)?;
+        self.check("keys", input.keys)?;
+        let mut rows = Vec::with_capacity(2 * n);
+        for (j, &p) in input.positions.iter().enumerate() {
+            if input.prunable[j] {
+                let d = input.last_position.checked_sub(p).ok_or_else(|| {
+                    HomerError::Input(format!(
+                        "row {j} has position {p} after the last row's {}",
+                        input.last_position
+                    ))
+                })?;
+                if let Some(bias) = input.bias
+                    && d >= bias.len()
+                {
+                    return Err(HomerError::BiasMismatch(format!(
+                        "distance {d} is beyond the table's {} distances",
+                        bias.len()
+                    )));
+                }
+            }
+            rows.push(to_u32("position", p)?);
+        }
+        rows.extend(input.prunable.iter().map(|&p| p as u32));
+        let job = SignificanceJob {
+            rows: Arc::new(rows),
+            bias: Arc::new(input.bias.map(<[f32]>::to_vec).unwrap_or_default()),
+            last_position: to_u32("last position", input.last_position)?,
+            scale: 1.0 / (hd as f32).sqrt(),
+            heads: h as u32,
+            cfg: self.cfg,
+        };
+        let out = Dispatch::homer_significance(
+            input.q_last.clone().into_dispatch(),
+            input.keys.clone().into_dispatch(),
+            job,
+        );
+        Ok(read_f32(Tensor::<1>::from_dispatch(out))?)
+    }
+
+    fn gather(&self, chunk: ChunkTensors, keep: &[usize]) -> Result<ChunkTensors> {
+        let n = chunk.rows();
+        if let Some(&bad) = keep.iter().find(|&&i| i >= n) {
+            return Err(HomerError::Input(format!(
+                "gather: row {bad} of a {n}-row chunk"
+            )));
+        }
+        self.check_chunk(&chunk)?;
+        let keep: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
+        let job = GatherJob {
+            keep: Arc::new(keep),
+            cfg: self.cfg,
+        };
+        let (d, list) = flatten(chunk);
+        let mut out = Vec::with_capacity(list.len());
+        let mut it = list.into_iter();
+        while let Some(a) = it.next() {
+            match it.next() {
+                Some(b) => {
+                    let (x, y) = Dispatch::homer_gather_pair(
+                        a.into_dispatch(),
+                        b.into_dispatch(),
+                        job.clone(),
+                    );
+                    out.push(Tensor::from_dispatch(x));
+                    out.push(Tensor::from_dispatch(y));
+                }
+                None => out.push(Tensor::from_dispatch(Dispatch::homer_gather_one(
+                    a.into_dispatch(),
+                    job.clone(),
+                ))),
+            }
+        }
+        Ok(unflatten(d, out))
+    }
+
+    fn merge(
+        &self,
+        left: ChunkTensors,
+        right: ChunkTensors,
+        p: usize,
+        s: usize,
+    ) -> Result<ChunkTensors> {
+        let (nl, nr) = (left.rows(), right.rows());
+        if left.cache.len() != right.cache.len() || nl < p + s || nr < p + s {
+            return Err(HomerError::Input(format!(
+                "merge: children with {nl} and {nr} rows, {} and {} cached layers, affixes {p}+{s}",
+                left.cache.len(),
+                right.cache.len()
+            )));
+        }
+        self.check_chunk(&left)?;
+        self.check_chunk(&right)?;
+        // The merged node is the biggest binding of the call.
+        let m = nl + nr - p - s;
+        let mut merged = vec![("hidden rows", left.hidden.dims()[1])];
+        if let Some(kv) = left.cache.first() {
+            let [kvh, _, hd] = kv.k.dims();
+            merged.push(("keys and values", kvh * hd));
+        }
+        for (what, per_row) in merged {
+            let bytes = (per_row * m) as u64 * 4;
+            if bytes > self.max_binding {
+                return Err(HomerError::Input(format!(
+                    "the merged node's {what} would be {bytes} bytes, above this adapter's \
+                     max_storage_buffer_binding_size of {} bytes; use a smaller --chunk-len \
+                     or --homer-ops tensor",
+                    self.max_binding
+                )));
+            }
+        }
+        let job = MergeJob {
+            prefix_len: to_u32("prefix length", p)?,
+            suffix_len: to_u32("suffix length", s)?,
+            cfg: self.cfg,
+        };
+        let (d, xs) = flatten(left);
+        let (_, ys) = flatten(right);
+        let mut out = Vec::with_capacity(xs.len());
+        let mut pairs = xs.into_iter().zip(ys);
+        while let Some((xa, ya)) = pairs.next() {
+            match pairs.next() {
+                Some((xb, yb)) => {
+                    let (a, b) = Dispatch::homer_merge_pair(
+                        xa.into_dispatch(),
+                        ya.into_dispatch(),
+                        xb.into_dispatch(),
+                        yb.into_dispatch(),
+                        job.clone(),
+                    );
+                    out.push(Tensor::from_dispatch(a));
+                    out.push(Tensor::from_dispatch(b));
+                }
+                None => out.push(Tensor::from_dispatch(Dispatch::homer_merge_one(
+                    xa.into_dispatch(),
+                    ya.into_dispatch(),
+                    job.clone(),
+                ))),
+            }
+        }
+        Ok(unflatten(d, out))
+    }
+}
