@@ -267,6 +267,7 @@ pub fn prefill(
     let cache_len = out.cache.len();
     let mut v = serde_json::json!({
         "prefix_tokens": prompt.prefix.len(), "context_tokens": prompt.context.len(), "suffix_tokens": prompt.suffix.len(),
+        "backend": engine.device.backend, "ops": out.trace.ops,
         "chunk_len": cfg.chunk_len, "warmup_layers": cfg.warmup_layers, "scoring": out.trace.scoring,
         "chunks": out.plan.n_chunks, "tree_height": out.plan.height, "last_position_id": out.last_position_id,
         "cache_len": cache_len, "kept": out.trace.kept, "positions": out.positions, "top": top,
@@ -296,14 +297,15 @@ pub fn prefill(
         println!("{}", serde_json::to_string_pretty(&v).unwrap());
     } else {
         println!(
-            "{} chunks, tree height {}, last position {}, cache {} rows, {} of {} context tokens kept, {:.2}s",
+            "{} chunks, tree height {}, last position {}, cache {} rows, {} of {} context tokens kept, {:.2}s ({} ops)",
             v["chunks"],
             v["tree_height"],
             v["last_position_id"],
             cache_len,
             out.trace.kept.len(),
             prompt.context.len(),
-            secs
+            secs,
+            out.trace.ops
         );
         for t in v["top"].as_array().unwrap().iter().take(5) {
             println!(

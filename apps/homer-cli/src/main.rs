@@ -36,6 +36,10 @@ struct ModelArgs {
     /// No progress bars
     #[arg(long, global = true)]
     quiet: bool,
+    /// HOMER's significance/gather/merge: auto (WGSL kernels on wgpu, tensor ops on the CPU),
+    /// wgsl, or tensor (burn tensor ops, the oracle)
+    #[arg(long, global = true, default_value = "auto")]
+    homer_ops: homer_engine::OpsChoice,
 }
 
 #[derive(Args, Clone)]
@@ -279,7 +283,12 @@ fn progress_handler(quiet: bool) -> impl FnMut(Progress) {
 
 fn load(m: &ModelArgs) -> Result<Engine, String> {
     let mut prog = progress_handler(m.quiet);
-    Engine::load(m.model.as_deref(), m.backend, &mut prog).map_err(|e| e.to_string())
+    let mut engine =
+        Engine::load(m.model.as_deref(), m.backend, &mut prog).map_err(|e| e.to_string())?;
+    engine.homer_ops = m.homer_ops;
+    // Refuse a bad choice now rather than after the document is read.
+    engine.ops().map_err(|e| e.to_string())?;
+    Ok(engine)
 }
 
 fn run(cli: Cli) -> Result<(), String> {

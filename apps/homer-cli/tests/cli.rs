@@ -84,6 +84,94 @@ fn prefill_json_reports_the_plan_and_kept_tokens() {
     assert_eq!(v["generated_ids"].as_array().unwrap().len(), 3);
 }
 
+/// On wgpu, `prefill` uses the WGSL kernels by default; `--homer-ops tensor` selects the oracle
+/// ops and must keep the same tokens with the same next-token logits.
+#[test]
+fn prefill_on_wgpu_uses_the_wgsl_kernels_and_matches_the_oracle() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let context: String = (0..15).map(|i| format!("item {i} is red. ")).collect();
+    let (p, c, s) = (
+        w("p.txt", "Read this."),
+        w("c.txt", &context),
+        w("s.txt", " What is item 9?"),
+    );
+    let model = fixtures().join("tiny-llama").display().to_string();
+    let run = |ops: &str| {
+        let mut args = vec![
+            "prefill",
+            "--model",
+            &model,
+            "--backend",
+            "wgpu",
+            "--prefix-file",
+            &p,
+            "--context-file",
+            &c,
+            "--suffix-file",
+            &s,
+            "--chunk-len",
+            "96",
+            "--warmup-layers",
+            "0",
+            "--bias",
+            "zeros",
+            "--json",
+        ];
+        if !ops.is_empty() {
+            args.extend(["--homer-ops", ops]);
+        }
+        let (ok, stdout, stderr) = homer(&args);
+        assert!(ok, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
+    };
+    let kernels = run("");
+    let oracle = run("tensor");
+    assert_eq!(kernels["backend"], "wgpu");
+    assert_eq!(kernels["ops"], "wgsl");
+    assert_eq!(oracle["ops"], "tensor");
+    assert!(kernels["chunks"].as_u64().unwrap() >= 2);
+    assert_eq!(kernels["kept"], oracle["kept"]);
+    assert_eq!(kernels["positions"], oracle["positions"]);
+    let top = |v: &serde_json::Value| -> Vec<(u64, f64)> {
+        v["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["id"].as_u64().unwrap(), t["logit"].as_f64().unwrap()))
+            .collect()
+    };
+    for ((ia, la), (ib, lb)) in top(&kernels).into_iter().zip(top(&oracle)) {
+        assert_eq!(ia, ib);
+        assert!((la - lb).abs() < 1e-4, "{la} vs {lb}");
+    }
+    // The kernels need a wgpu device.
+    let (ok, _, stderr) = homer(&[
+        "prefill",
+        "--model",
+        &model,
+        "--backend",
+        "cpu",
+        "--homer-ops",
+        "wgsl",
+        "--prefix-file",
+        &p,
+        "--context-file",
+        &c,
+        "--suffix-file",
+        &s,
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--homer-ops wgsl needs the wgpu backend"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn ask_writes_a_trace_and_errors_name_the_file() {
     let dir = tempfile::tempdir().unwrap();

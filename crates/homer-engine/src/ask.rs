@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use homer::{BiasTable, HomerConfig, HomerInput, HomerStats, MergeTrace, Plan, TensorOps};
+use homer::{BiasTable, HomerConfig, HomerInput, HomerStats, MergeTrace, Plan};
 use serde::Serialize;
 
 use crate::chat::Message;
@@ -275,6 +275,7 @@ impl Engine {
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<homer::HomerOutput> {
+        let ops = self.ops()?;
         Ok(homer::homer_prefill(
             &self.model,
             HomerInput {
@@ -283,7 +284,7 @@ impl Engine {
                 suffix: &prompt.suffix,
             },
             config,
-            &TensorOps,
+            ops.as_ref(),
             cancel,
             &mut |p| progress(Progress::Homer(p.clone())),
         )?)
@@ -395,8 +396,13 @@ impl Engine {
                 ids[start..start + chunk_len].to_vec()
             })
             .collect();
-        let mut table =
-            homer::calibrate::calibrate(&self.model, &texts, &TensorOps, cancel, progress)?;
+        let mut table = homer::calibrate::calibrate(
+            &self.model,
+            &texts,
+            self.ops()?.as_ref(),
+            cancel,
+            progress,
+        )?;
         let model = self
             .model_path
             .file_name()

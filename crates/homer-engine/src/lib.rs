@@ -55,6 +55,45 @@ pub struct Engine {
     pub device: DeviceInfo,
     pub model_path: PathBuf,
     pub format: String,
+    /// Which implementation of HOMER's significance/gather/merge a HOMER prefill uses.
+    pub homer_ops: OpsChoice,
+}
+
+/// HOMER's backend operations: the WGSL kernels of `homer-wgpu` or burn tensor ops (the oracle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpsChoice {
+    /// WGSL kernels on a wgpu device, tensor ops on the CPU backend.
+    #[default]
+    Auto,
+    /// The WGSL kernels (wgpu devices only).
+    Wgsl,
+    /// burn tensor ops, any backend (the oracle the kernels are tested against).
+    Tensor,
+}
+
+impl std::str::FromStr for OpsChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(OpsChoice::Auto),
+            "wgsl" | "kernels" => Ok(OpsChoice::Wgsl),
+            "tensor" | "oracle" => Ok(OpsChoice::Tensor),
+            other => Err(format!(
+                "unknown HOMER ops `{other}` (expected auto, wgsl or tensor)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for OpsChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OpsChoice::Auto => "auto",
+            OpsChoice::Wgsl => "wgsl",
+            OpsChoice::Tensor => "tensor",
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +194,27 @@ impl Engine {
             device: info,
             model_path: path,
             format: src.describe(),
+            homer_ops: OpsChoice::Auto,
+        })
+    }
+
+    /// The HOMER ops `self.homer_ops` names for this engine's device.
+    pub fn ops(&self) -> Result<std::sync::Arc<dyn homer::HomerOps>> {
+        let wgpu = self.device.backend == "wgpu";
+        Ok(match (self.homer_ops, wgpu) {
+            (OpsChoice::Tensor, _) | (OpsChoice::Auto, false) => {
+                std::sync::Arc::new(homer::TensorOps)
+            }
+            (OpsChoice::Wgsl | OpsChoice::Auto, true) => {
+                std::sync::Arc::new(homer_wgpu::WgslOps::for_device(&self.device)?)
+            }
+            (OpsChoice::Wgsl, false) => {
+                return Err(EngineError::Setting(format!(
+                    "--homer-ops wgsl needs the wgpu backend; this engine runs on `{}` \
+                     (use --backend wgpu, or --homer-ops tensor)",
+                    self.device.backend
+                )));
+            }
         })
     }
 

@@ -217,3 +217,53 @@ fn stop_strings_and_eos_end_generation() {
         .unwrap_err();
     assert!(matches!(e, homer_engine::EngineError::Cancelled));
 }
+
+/// HOMER on the default model on wgpu, a document of a few chunks: the WGSL kernels and the
+/// tensor-op oracle keep the same tokens and give the same next-token logits.
+#[test]
+fn homer_wgsl_kernels_equal_oracle_ops_on_the_default_model() {
+    use homer_engine::{BiasChoice, DocPrompt, OpsChoice};
+    let mut engine = Engine::load(Some(&model_path()), BackendKind::Wgpu, &mut |_| {}).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/kjv-john.txt"),
+    )
+    .unwrap();
+    let text: String = text.lines().skip(3).take(6).collect::<Vec<_>>().join("\n");
+    let prompt = DocPrompt {
+        prefix: engine.tokenizer.encode("Read the text.\n", true).unwrap(),
+        context: engine.tokenizer.encode(&text, false).unwrap(),
+        suffix: engine
+            .tokenizer
+            .encode("\nWho is the Word?", false)
+            .unwrap(),
+        docs: vec![],
+    };
+    assert!(prompt.context.len() > 110, "{}", prompt.context.len());
+    let cfg = engine
+        .homer_config(Some(64), None, &BiasChoice::Default)
+        .unwrap();
+    let cancel = AtomicBool::new(false);
+    let mut runs = vec![];
+    for ops in [OpsChoice::Auto, OpsChoice::Tensor] {
+        engine.homer_ops = ops;
+        runs.push(
+            engine
+                .homer_prefill(&prompt, &cfg, &cancel, &mut |_| {})
+                .unwrap(),
+        );
+    }
+    let (k, o) = (&runs[0], &runs[1]);
+    assert_eq!(k.trace.ops, "wgsl");
+    assert_eq!(o.trace.ops, "tensor");
+    assert!(k.plan.n_chunks >= 4, "{} chunks", k.plan.n_chunks);
+    assert!(k.trace.kept.len() < prompt.context.len());
+    assert_eq!(k.trace.kept, o.trace.kept);
+    assert_eq!(k.positions, o.positions);
+    let d = k
+        .logits
+        .iter()
+        .zip(&o.logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-3, "logits differ by {d}");
+}
