@@ -23,6 +23,7 @@ use cubecl::{CubeCount, CubeDim};
 const SIGNIFICANCE: &str = include_str!("../../../shaders/significance.wgsl");
 const GATHER: &str = include_str!("../../../shaders/gather.wgsl");
 const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
+const SELECT: &str = include_str!("../../../shaders/select.wgsl");
 
 /// Launch settings shared by every kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,6 +63,14 @@ pub struct SignificanceJob {
 #[derive(Debug, Clone)]
 pub struct GatherJob {
     pub keep: Arc<Vec<u32>>,
+    pub cfg: LaunchCfg,
+}
+
+/// Host inputs of the device-side selection kernel.
+#[derive(Debug, Clone)]
+pub struct SelectJob {
+    /// Rows to drop (the k smallest scores).
+    pub drop: u32,
     pub cfg: LaunchCfg,
 }
 
@@ -121,6 +130,10 @@ pub trait HomerKernels: Backend {
         job: MergeJob,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
+    /// Keep flags (1.0 keep / 0.0 drop) of `scores` [N] after dropping the `job.drop` smallest.
+    #[fusion(meta = |scores, _job| TensorSpec::new(scores.shape.clone(), DType::F32))]
+    fn homer_select_keep(scores: FloatTensor<Self>, job: SelectJob) -> FloatTensor<Self>;
+
     /// The §5 merge of one tensor pair.
     #[fusion(meta = |xa, ya, job| TensorSpec::new(
         with_rows(&xa.shape, merged_rows(&xa.shape, &ya.shape, job)),
@@ -139,6 +152,7 @@ enum Shader {
     Significance,
     Gather,
     Merge,
+    Select,
 }
 
 #[derive(Debug)]
@@ -154,6 +168,7 @@ impl KernelSource for WgslKernel {
             Shader::Significance => SIGNIFICANCE,
             Shader::Gather => GATHER,
             Shader::Merge => MERGE,
+            Shader::Select => SELECT,
         };
         SourceTemplate::new(text)
             .register("workgroup_size", self.workgroup_size.to_string())
@@ -425,6 +440,32 @@ impl HomerKernels for CubeBackend {
 
     fn homer_merge_one(xa: CubeTensor, ya: CubeTensor, job: MergeJob) -> CubeTensor {
         merge(xa, ya, None, &job).0
+    }
+
+    fn homer_select_keep(scores: CubeTensor, job: SelectJob) -> CubeTensor {
+        let scores = into_contiguous(scores);
+        let n = scores.meta.shape().num_elements();
+        let out = output(&scores, Shape::new([n]), DType::F32, job.cfg.poison);
+        let info = upload_u32(&scores, &[n as u32, job.drop]);
+        // One invocation per row: the grid is the row count, never capped below it (each
+        // invocation already loops over all N scores).
+        let cfg = LaunchCfg {
+            max_workgroups: u32::MAX,
+            ..job.cfg
+        };
+        launch(
+            &scores,
+            Shader::Select,
+            false,
+            cfg,
+            n,
+            vec![
+                scores.handle.clone().binding(),
+                out.handle.clone().binding(),
+                info.binding(),
+            ],
+        );
+        out
     }
 }
 

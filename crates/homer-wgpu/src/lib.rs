@@ -20,7 +20,7 @@ use burn::tensor::{DType, Tensor};
 use homer::{ChunkTensors, HomerError, HomerOps, Result, SignificanceInput};
 use homer_model::{DeviceInfo, LayerKv, read_f32};
 
-pub use kernels::{GatherJob, HomerKernels, LaunchCfg, MergeJob, SignificanceJob};
+pub use kernels::{GatherJob, HomerKernels, LaunchCfg, MergeJob, SelectJob, SignificanceJob};
 
 /// HOMER's ops as WGSL kernels. Build it for a wgpu device with [`WgslOps::for_device`].
 #[derive(Debug, Clone)]
@@ -149,6 +149,27 @@ impl HomerOps for WgslOps {
     }
 
     fn significance(&self, input: &SignificanceInput<'_>) -> Result<Vec<f32>> {
+        Ok(read_f32(self.significance_on_device(input)?)?)
+    }
+
+    fn gather(&self, chunk: ChunkTensors, keep: &[usize]) -> Result<ChunkTensors> {
+        self.gather_rows(chunk, keep)
+    }
+
+    fn merge(
+        &self,
+        left: ChunkTensors,
+        right: ChunkTensors,
+        p: usize,
+        s: usize,
+    ) -> Result<ChunkTensors> {
+        self.merge_nodes(left, right, p, s)
+    }
+}
+
+impl WgslOps {
+    /// The significance scores, left on the device ([`HomerOps::significance`] reads them back).
+    pub fn significance_on_device(&self, input: &SignificanceInput<'_>) -> Result<Tensor<1>> {
         let [kvh, n, hd] = input.keys.dims();
         let [h, qd] = input.q_last.dims();
         if qd != hd || kvh == 0 || h % kvh != 0 {
@@ -199,10 +220,31 @@ impl HomerOps for WgslOps {
             input.keys.clone().into_dispatch(),
             job,
         );
-        Ok(read_f32(Tensor::<1>::from_dispatch(out))?)
+        Ok(Tensor::<1>::from_dispatch(out))
     }
 
-    fn gather(&self, chunk: ChunkTensors, keep: &[usize]) -> Result<ChunkTensors> {
+    /// Device-side selection: the rows kept after dropping the `drop` smallest `scores`, by the
+    /// `select.wgsl` rank count (same order and tie rule as `homer::prune`). HOMER itself selects
+    /// on the host, which `homer bench kernels` measured faster (see the crate docs).
+    pub fn select_keep_on_device(&self, scores: &Tensor<1>, drop: usize) -> Result<Vec<usize>> {
+        self.check("scores", scores)?;
+        let job = SelectJob {
+            drop: to_u32("drop count", drop)?,
+            cfg: self.cfg,
+        };
+        let flags = Dispatch::homer_select_keep(scores.clone().into_dispatch(), job);
+        let flags = read_f32(Tensor::<1>::from_dispatch(flags))?;
+        if let Some(j) = flags.iter().position(|f| *f != 0.0 && *f != 1.0) {
+            return Err(HomerError::Input(format!(
+                "select kernel wrote {} at row {j}",
+                flags[j]
+            )));
+        }
+        Ok((0..flags.len()).filter(|&j| flags[j] == 1.0).collect())
+    }
+
+    /// [`HomerOps::gather`] with the kernels.
+    pub fn gather_rows(&self, chunk: ChunkTensors, keep: &[usize]) -> Result<ChunkTensors> {
         let n = chunk.rows();
         if let Some(&bad) = keep.iter().find(|&&i| i >= n) {
             return Err(HomerError::Input(format!(
@@ -238,7 +280,8 @@ impl HomerOps for WgslOps {
         Ok(unflatten(d, out))
     }
 
-    fn merge(
+    /// [`HomerOps::merge`] with the kernels.
+    pub fn merge_nodes(
         &self,
         left: ChunkTensors,
         right: ChunkTensors,

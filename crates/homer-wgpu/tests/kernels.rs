@@ -412,3 +412,31 @@ fn f16_storage_where_the_adapter_has_shader_f16() {
     assert_eq!(got.cache[0].k.dtype(), DType::F16);
     assert_same_chunk("f16 gather", &got, &want);
 }
+
+/// Device-side selection (`select.wgsl`) equals the host oracle `homer::prune`, ties, ±inf and
+/// NaN included.
+#[test]
+fn select_matches_host_oracle() {
+    let (dev, info) = wgpu();
+    let ops = poisoned_ops(&info, 64, 2);
+    let mut rng = StdRng::seed_from_u64(23);
+    for &n in &[1usize, 7, 255, 4097] {
+        // Few distinct values, so ties are common.
+        let mut s: Vec<f32> = (0..n)
+            .map(|_| rng.random_range(-4i32..4) as f32 * 0.5)
+            .collect();
+        s[0] = f32::INFINITY;
+        if n > 3 {
+            s[n - 1] = f32::INFINITY;
+            s[1] = f32::NEG_INFINITY;
+            s[2] = f32::NAN;
+            s[3] = -0.0;
+        }
+        let scores = Tensor::<1>::from_data(TensorData::new(s.clone(), [n]), &dev);
+        for drop in [0, 1, n / 3, n.saturating_sub(2), n] {
+            let want = homer::prune::keep_after_dropping(&s, drop);
+            let got = ops.select_keep_on_device(&scores, drop).unwrap();
+            assert_eq!(got, want, "n {n} drop {drop}");
+        }
+    }
+}

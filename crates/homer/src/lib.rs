@@ -31,7 +31,7 @@ pub mod tree;
 
 pub use bias::BiasTable;
 pub use error::{HomerError, Result};
-pub use ops::{ChunkTensors, HomerOps, SignificanceInput, TensorOps};
+pub use ops::{ChunkTensors, HomerOps, OpTime, OpTimes, SignificanceInput, TensorOps, TimedOps};
 pub use plan::{NodePlan, Plan, PlanParams};
 pub use trace::{MergeTrace, NodeTrace};
 pub use tree::{

@@ -211,3 +211,108 @@ impl HomerOps for TensorOps {
         Ok(ChunkTensors { hidden, cache })
     }
 }
+
+/// Time spent in one kind of op.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct OpTime {
+    pub calls: usize,
+    pub seconds: f64,
+}
+
+/// Per-op wall time of a run, see [`TimedOps`].
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct OpTimes {
+    pub significance: OpTime,
+    pub gather: OpTime,
+    pub merge: OpTime,
+}
+
+impl OpTimes {
+    pub fn total_seconds(&self) -> f64 {
+        self.significance.seconds + self.gather.seconds + self.merge.seconds
+    }
+}
+
+/// Wraps ops and measures each call's wall time. Devices run asynchronously, so every call waits
+/// for the device before starting the clock (its inputs, i.e. all earlier work, are read) and
+/// after it (one element of its output is read): the numbers are the ops' own time, at the cost
+/// of those extra waits. For benchmarks (`homer bench kernels`), not for production runs.
+pub struct TimedOps<'a> {
+    inner: &'a dyn HomerOps,
+    times: std::sync::Mutex<OpTimes>,
+}
+
+impl<'a> TimedOps<'a> {
+    pub fn new(inner: &'a dyn HomerOps) -> Self {
+        Self {
+            inner,
+            times: Default::default(),
+        }
+    }
+
+    pub fn times(&self) -> OpTimes {
+        *self.times.lock().expect("timer lock")
+    }
+
+    fn record(&self, which: fn(&mut OpTimes) -> &mut OpTime, start: std::time::Instant) {
+        let mut t = self.times.lock().expect("timer lock");
+        let slot = which(&mut t);
+        slot.calls += 1;
+        slot.seconds += start.elapsed().as_secs_f64();
+    }
+}
+
+/// Wait until the device has produced `t` (reads one element back).
+pub fn wait_for<const D: usize>(t: &Tensor<D>) -> Result<()> {
+    if t.shape().num_elements() > 0 {
+        let flat: Tensor<1> = t.clone().flatten(0, D - 1);
+        read_f32(flat.narrow(0, 0, 1))?;
+    }
+    Ok(())
+}
+
+fn wait_for_chunk(c: &ChunkTensors) -> Result<()> {
+    match c.cache.last() {
+        Some(kv) => wait_for(&kv.v),
+        None => wait_for(&c.hidden),
+    }
+}
+
+impl HomerOps for TimedOps<'_> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn significance(&self, input: &SignificanceInput<'_>) -> Result<Vec<f32>> {
+        wait_for(input.keys)?;
+        let t = std::time::Instant::now();
+        let s = self.inner.significance(input)?;
+        self.record(|t| &mut t.significance, t);
+        Ok(s)
+    }
+
+    fn gather(&self, chunk: ChunkTensors, keep: &[usize]) -> Result<ChunkTensors> {
+        wait_for_chunk(&chunk)?;
+        let t = std::time::Instant::now();
+        let out = self.inner.gather(chunk, keep)?;
+        wait_for_chunk(&out)?;
+        self.record(|t| &mut t.gather, t);
+        Ok(out)
+    }
+
+    fn merge(
+        &self,
+        left: ChunkTensors,
+        right: ChunkTensors,
+        p: usize,
+        s: usize,
+    ) -> Result<ChunkTensors> {
+        wait_for_chunk(&left)?;
+        wait_for_chunk(&right)?;
+        let t = std::time::Instant::now();
+        let out = self.inner.merge(left, right, p, s)?;
+        wait_for_chunk(&out)?;
+        self.record(|t| &mut t.merge, t);
+        Ok(out)
+    }
+}
