@@ -14,23 +14,27 @@
 // (hidden rows as [1, rows, d_model], a layer's K or V as [KV, rows, head_dim]); one dispatch merges
 // two tensors, an odd one out is paired with B_OUTER = 0 and small dummy buffers.
 //
-// Inputs (group 0, storage, tightly packed row-major)
-//   0  xa   [A_OUTER, NL, A_INNER]  {{ elem }}   left child, tensor A
-//   1  ya   [A_OUTER, NR, A_INNER]  {{ elem }}   right child, tensor A
-//   2  xb   [B_OUTER, NL, B_INNER]  {{ elem }}   left child, tensor B
-//   3  yb   [B_OUTER, NR, B_INNER]  {{ elem }}   right child, tensor B
-//   4  a_out [A_OUTER, M, A_INNER]  {{ elem }}   every element written exactly once
-//   5  b_out [B_OUTER, M, B_INNER]  {{ elem }}   every element written exactly once
-//   6  info [8]  u32                NL, NR, P, S, A_OUTER, A_INNER, B_OUTER, B_INNER
+// Template parameters: {{ elem }} is the scalar (f32, or f16 with shader-f16) or a vec4 of it
+// (host's choice when both inner widths are multiples of 4; widths are then in vec4s);
+// A_INNER = {{ a_inner }} and B_INNER = {{ b_inner }} are compile-time constants, so splitting an
+// element index into row and column needs no runtime division.
 //
-// Dispatch: a 2-D grid of workgroups of {{ workgroup_size }} invocations (template), flattened to
-// one index, grid-stride over all output elements of A then B, so any size works. The host sizes
-// the grid so that no invocation loops more than 1024 times (lavapipe was seen to stop a loop
-// after 65,535 trips) and x stays ≤ 65,535.
-// Bounds: the host guarantees NL ≥ P + S and NR ≥ P + S.
+// Inputs (group 0, storage, tightly packed row-major)
+//   0  xa    [A_OUTER, NL, A_INNER]  {{ elem }}   left child, tensor A
+//   1  ya    [A_OUTER, NR, A_INNER]  {{ elem }}   right child, tensor A
+//   2  xb    [B_OUTER, NL, B_INNER]  {{ elem }}   left child, tensor B
+//   3  yb    [B_OUTER, NR, B_INNER]  {{ elem }}   right child, tensor B
+//   4  a_out [A_OUTER, M, A_INNER]   {{ elem }}   every element written exactly once
+//   5  b_out [B_OUTER, M, B_INNER]   {{ elem }}   every element written exactly once
+//   6  info  [6]  u32                NL, NR, P, S, A_OUTER, B_OUTER
 // Every binding is declared read_write, inputs too: burn's allocator places tensors in shared
 // pages, so an input and an output may be two ranges of one wgpu buffer, and wgpu forbids a
 // buffer being read-only and read-write in the same dispatch. The kernel never writes an input.
+//
+// Dispatch: workgroups of {{ workgroup_size }} invocations (template); grid y = one slab per outer
+// index (A's, then B's), grid x grid-strides over the slab's M·INNER output elements. The host
+// sizes x so that no invocation loops more than 1024 times and keeps x, y ≤ 65,535.
+// Bounds: the host guarantees NL ≥ P + S and NR ≥ P + S.
 {{ enable }}
 @group(0) @binding(0) var<storage, read_write> xa: array<{{ elem }}>;
 @group(0) @binding(1) var<storage, read_write> ya: array<{{ elem }}>;
@@ -41,9 +45,11 @@
 @group(0) @binding(6) var<storage, read_write> info: array<u32>;
 
 const WG: u32 = {{ workgroup_size }}u;
+const A_INNER: u32 = {{ a_inner }}u;
+const B_INNER: u32 = {{ b_inner }}u;
 
-// Where output row r of a merge comes from: (source, row) with source 0 = left, 1 = right,
-// 2 = average of left row and right row2.
+// Where output row r comes from: kind 0 = left row `row`, 1 = right row `row`,
+// 2 = average of left row `row` and right row `row2`.
 struct Src {
     kind: u32,
     row: u32,
@@ -71,49 +77,47 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    // 2-D grid of workgroups (x ≤ 65535), flattened; grid-stride over the elements.
-    let first = (wid.y * nwg.x + wid.x) * WG + lid;
-    let stride = nwg.x * nwg.y * WG;
     let nl = info[0];
     let nr = info[1];
     let p = info[2];
     let s = info[3];
     let a_outer = info[4];
-    let a_inner = info[5];
-    let b_outer = info[6];
-    let b_inner = info[7];
+    let b_outer = info[5];
     let m = nl + nr - p - s;
-    let total_a = a_outer * m * a_inner;
-    let total = total_a + b_outer * m * b_inner;
-
-    for (var e = first; e < total; e = e + stride) {
-        if (e < total_a) {
-            let c = e % a_inner;
-            let rr = e / a_inner;
-            let o = rr / m;
-            let src = source(rr % m, nl, nr, p, s);
-            let xi = (o * nl + src.row) * a_inner + c;
+    let slab = wid.y;
+    let first = wid.x * WG + lid;
+    let stride = nwg.x * WG;
+    if (slab < a_outer) {
+        let o = slab;
+        for (var e = first; e < m * A_INNER; e = e + stride) {
+            let src = source(e / A_INNER, nl, nr, p, s);
+            let c = e % A_INNER;
+            let xi = (o * nl + src.row) * A_INNER + c;
+            var v: {{ elem }};
             if (src.kind == 0u) {
-                a_out[e] = xa[xi];
+                v = xa[xi];
             } else if (src.kind == 1u) {
-                a_out[e] = ya[(o * nr + src.row) * a_inner + c];
+                v = ya[(o * nr + src.row) * A_INNER + c];
             } else {
-                a_out[e] = (xa[xi] + ya[(o * nr + src.row2) * a_inner + c]) * {{ elem }}(0.5);
+                v = (xa[xi] + ya[(o * nr + src.row2) * A_INNER + c]) * {{ elem }}(0.5);
             }
-        } else {
-            let f = e - total_a;
-            let c = f % b_inner;
-            let rr = f / b_inner;
-            let o = rr / m;
-            let src = source(rr % m, nl, nr, p, s);
-            let xi = (o * nl + src.row) * b_inner + c;
+            a_out[o * m * A_INNER + e] = v;
+        }
+    } else if (slab < a_outer + b_outer) {
+        let o = slab - a_outer;
+        for (var e = first; e < m * B_INNER; e = e + stride) {
+            let src = source(e / B_INNER, nl, nr, p, s);
+            let c = e % B_INNER;
+            let xi = (o * nl + src.row) * B_INNER + c;
+            var v: {{ elem }};
             if (src.kind == 0u) {
-                b_out[f] = xb[xi];
+                v = xb[xi];
             } else if (src.kind == 1u) {
-                b_out[f] = yb[(o * nr + src.row) * b_inner + c];
+                v = yb[(o * nr + src.row) * B_INNER + c];
             } else {
-                b_out[f] = (xb[xi] + yb[(o * nr + src.row2) * b_inner + c]) * {{ elem }}(0.5);
+                v = (xb[xi] + yb[(o * nr + src.row2) * B_INNER + c]) * {{ elem }}(0.5);
             }
+            b_out[o * m * B_INNER + e] = v;
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The HOMER subcommands: `ask`, `prefill`, `calibrate`, `eval passkey`. Printing and argument
+//! The HOMER subcommands: `ask`, `prefill`, `calibrate`, `eval passkey`, `bench kernels`. Printing and argument
 //! plumbing only; the work is in homer-engine.
 
 use std::collections::BTreeMap;
@@ -12,6 +12,8 @@ use homer_engine::passkey::first_number;
 use homer_engine::{
     AskParams, BiasChoice, DocPrompt, GenerateParams, HomerMode, SamplingParams, top_k,
 };
+
+use homer_model::BackendKind;
 
 use crate::{ModelArgs, SampleArgs, load, peak_rss_bytes, progress_handler};
 
@@ -488,4 +490,135 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// `homer bench kernels`: WGSL kernels vs the tensor-op oracle on the wgpu adapter, and with
+/// `--share-tokens` the share of a HOMER prefill spent in the ops.
+pub fn bench_kernels(
+    mut model: ModelArgs,
+    lengths: Vec<usize>,
+    reps: usize,
+    warmup: usize,
+    share_tokens: Option<usize>,
+    chunk_len: Option<usize>,
+    json: bool,
+) -> Result<(), String> {
+    if model.backend == BackendKind::Auto {
+        model.backend = BackendKind::Wgpu;
+    }
+    if model.backend != BackendKind::Wgpu {
+        return Err(
+            "`homer bench kernels` compares the WGSL kernels with the tensor ops on a wgpu \
+                    adapter; run it with --backend wgpu (or auto)"
+                .into(),
+        );
+    }
+    if let Some(&n) = lengths.iter().find(|&&n| n < 64) {
+        return Err(format!("--lengths: node sizes start at 64 rows, got {n}"));
+    }
+    let (device, info) = homer_model::backend::device(model.backend).map_err(|e| e.to_string())?;
+    let wgsl = homer_wgpu::WgslOps::for_device(&info).map_err(|e| e.to_string())?;
+    let params = homer_wgpu::bench::KernelBench {
+        lengths,
+        reps,
+        warmup,
+        ..Default::default()
+    };
+    if !json {
+        eprintln!(
+            "adapter: {} ({}, {}); shapes: {} layers, {}/{} heads, head dim {}, d_model {}; median of {} runs",
+            info.adapter,
+            info.graphics_api,
+            info.device_type,
+            params.layers,
+            params.heads,
+            params.kv_heads,
+            params.head_dim,
+            params.d_model,
+            params.reps
+        );
+    }
+    let rows = homer_wgpu::bench::run(&params, &wgsl, &device, &mut |r| {
+        if !json {
+            eprintln!(
+                "{:<14} n {:>6}: oracle {:>9.3} ms  wgsl {:>9.3} ms  {:>5.2}x",
+                r.op.split(' ').next().unwrap_or(""),
+                r.rows,
+                r.oracle_seconds * 1e3,
+                r.wgsl_seconds * 1e3,
+                r.speedup()
+            )
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    let mut share = Vec::new();
+    if let Some(n) = share_tokens {
+        if n < 64 {
+            return Err(format!("--share-tokens: at least 64 tokens, got {n}"));
+        }
+        let mut engine = load(&model)?;
+        let vocab = engine.model.config.vocab_size as u32;
+        let ids: Vec<u32> = (0..n as u32)
+            .map(|i| 100 + (i * 7919) % (vocab - 100))
+            .collect();
+        let prompt = homer_engine::DocPrompt {
+            prefix: ids[..32].to_vec(),
+            context: ids[32..n - 16].to_vec(),
+            suffix: ids[n - 16..].to_vec(),
+            docs: vec![],
+        };
+        let cfg = engine
+            .homer_config(chunk_len, None, &BiasChoice::Default)
+            .map_err(|e| e.to_string())?;
+        for ops in [
+            homer_engine::OpsChoice::Wgsl,
+            homer_engine::OpsChoice::Tensor,
+        ] {
+            engine.homer_ops = ops;
+            let (out, times, secs) = engine
+                .homer_prefill_timed(&prompt, &cfg, &AtomicBool::new(false))
+                .map_err(|e| e.to_string())?;
+            let v = serde_json::json!({
+                "ops": ops.to_string(), "tokens": n, "chunks": out.plan.n_chunks,
+                "tree_height": out.plan.height, "prefill_seconds": secs, "op_times": times,
+                "op_share": times.total_seconds() / secs,
+            });
+            if !json {
+                eprintln!(
+                    "HOMER prefill {n} tokens ({} chunks, height {}) with {ops} ops: {secs:.2}s, ops {:.3}s = {:.2}% (significance {:.3}s/{} calls, gather {:.3}s/{}, merge {:.3}s/{})",
+                    out.plan.n_chunks,
+                    out.plan.height,
+                    times.total_seconds(),
+                    100.0 * times.total_seconds() / secs,
+                    times.significance.seconds,
+                    times.significance.calls,
+                    times.gather.seconds,
+                    times.gather.calls,
+                    times.merge.seconds,
+                    times.merge.calls,
+                );
+            }
+            share.push(v);
+        }
+    }
+    if json {
+        let v = serde_json::json!({"adapter": info.adapter, "device_type": info.device_type, "rows": rows, "share": share});
+        println!("{}", serde_json::to_string_pretty(&v).unwrap());
+    } else {
+        println!("| op | rows | oracle ms | wgsl ms | speed-up | wgsl GB/s | oracle GB/s |");
+        println!("|---|---|---|---|---|---|---|");
+        for r in &rows {
+            println!(
+                "| {} | {} | {:.3} | {:.3} | {:.2}x | {:.2} | {:.2} |",
+                r.op,
+                r.rows,
+                r.oracle_seconds * 1e3,
+                r.wgsl_seconds * 1e3,
+                r.speedup(),
+                r.wgsl_gb_per_s(),
+                r.oracle_gb_per_s()
+            );
+        }
+    }
+    Ok(())
 }

@@ -193,8 +193,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Prefill and decode speed
+    /// Prefill and decode speed; `bench kernels` for HOMER's WGSL kernels
     Bench {
+        #[command(subcommand)]
+        what: Option<BenchWhat>,
         #[command(flatten)]
         model: ModelArgs,
         /// Prompt lengths to prefill
@@ -216,6 +218,34 @@ enum Cmd {
         #[arg(long)]
         homer: bool,
         /// HOMER chunk length (default: half the window)
+        #[arg(long)]
+        chunk_len: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// HOMER's WGSL kernels against the tensor-op oracle on the same adapter (wgpu), at the
+    /// default model's shapes: significance, selection, gather, merge
+    Kernels {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Node sizes in rows
+        #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192")]
+        lengths: Vec<usize>,
+        /// Timed repetitions (the median is reported)
+        #[arg(long, default_value_t = 7)]
+        reps: usize,
+        /// Untimed runs first (the first call of each kernel compiles it)
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Also run a HOMER prefill of this many tokens on the model with both op sets, and
+        /// report the share of its time spent in the ops
+        #[arg(long)]
+        share_tokens: Option<usize>,
+        /// HOMER chunk length for --share-tokens (default: half the window)
         #[arg(long)]
         chunk_len: Option<usize>,
         #[arg(long)]
@@ -488,6 +518,22 @@ fn run(cli: Cli) -> Result<(), String> {
             }
         }
         Cmd::Bench {
+            what:
+                Some(BenchWhat::Kernels {
+                    model,
+                    lengths,
+                    reps,
+                    warmup,
+                    share_tokens,
+                    chunk_len,
+                    json,
+                }),
+            ..
+        } => {
+            homer_cmds::bench_kernels(model, lengths, reps, warmup, share_tokens, chunk_len, json)?
+        }
+        Cmd::Bench {
+            what: None,
             model,
             lengths,
             decode,

@@ -290,6 +290,32 @@ impl Engine {
         )?)
     }
 
+    /// HOMER prefill with every op timed (see `homer::TimedOps`): the output, the ops' times and
+    /// the wall time of the whole prefill. For `homer bench kernels`.
+    pub fn homer_prefill_timed(
+        &self,
+        prompt: &DocPrompt,
+        config: &HomerConfig,
+        cancel: &AtomicBool,
+    ) -> Result<(homer::HomerOutput, homer::OpTimes, f64)> {
+        let ops = self.ops()?;
+        let timed = homer::TimedOps::new(ops.as_ref());
+        let t0 = std::time::Instant::now();
+        let out = homer::homer_prefill(
+            &self.model,
+            HomerInput {
+                prefix: &prompt.prefix,
+                context: &prompt.context,
+                suffix: &prompt.suffix,
+            },
+            config,
+            &timed,
+            cancel,
+            &mut |_| {},
+        )?;
+        Ok((out, timed.times(), t0.elapsed().as_secs_f64()))
+    }
+
     /// Answer `question` about `docs`, streaming the answer to `on_text`.
     pub fn ask(
         &self,

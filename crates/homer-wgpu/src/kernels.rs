@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use burn::backend::fusion::custom::TensorSpec;
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::wgpu::{
     CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
 };
@@ -59,10 +59,9 @@ pub struct SignificanceJob {
     pub cfg: LaunchCfg,
 }
 
-/// Host inputs of the gather kernel.
+/// Launch settings of the gather kernel (the rows travel as an index tensor).
 #[derive(Debug, Clone)]
 pub struct GatherJob {
-    pub keep: Arc<Vec<u32>>,
     pub cfg: LaunchCfg,
 }
 
@@ -102,20 +101,25 @@ pub trait HomerKernels: Backend {
         job: SignificanceJob,
     ) -> FloatTensor<Self>;
 
-    /// Rows `job.keep` of two tensors with the same row count.
-    #[fusion(meta = |a, b, job| (
-        TensorSpec::new(with_rows(&a.shape, job.keep.len()), a.dtype),
-        TensorSpec::new(with_rows(&b.shape, job.keep.len()), b.dtype),
+    /// Rows `index` [M] (32-bit, uploaded once per node) of two tensors with the same row count.
+    #[fusion(meta = |a, b, index, _job| (
+        TensorSpec::new(with_rows(&a.shape, index.shape[0]), a.dtype),
+        TensorSpec::new(with_rows(&b.shape, index.shape[0]), b.dtype),
     ))]
     fn homer_gather_pair(
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        index: IntTensor<Self>,
         job: GatherJob,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// Rows `job.keep` of one tensor.
-    #[fusion(meta = |a, job| TensorSpec::new(with_rows(&a.shape, job.keep.len()), a.dtype))]
-    fn homer_gather_one(a: FloatTensor<Self>, job: GatherJob) -> FloatTensor<Self>;
+    /// Rows `index` [M] of one tensor.
+    #[fusion(meta = |a, index, _job| TensorSpec::new(with_rows(&a.shape, index.shape[0]), a.dtype))]
+    fn homer_gather_one(
+        a: FloatTensor<Self>,
+        index: IntTensor<Self>,
+        job: GatherJob,
+    ) -> FloatTensor<Self>;
 
     /// The §5 merge of two tensor pairs (x = left child, y = right child).
     #[fusion(meta = |xa, ya, xb, yb, job| (
@@ -160,6 +164,11 @@ struct WgslKernel {
     shader: Shader,
     workgroup_size: u32,
     f16: bool,
+    /// Elements are `vec4`s of the scalar type (copy kernels on rows whose width is a multiple
+    /// of 4: four times fewer invocations and index computations, 16-byte loads).
+    vec4: bool,
+    /// Row widths of the copy kernels' two tensors, in elements (compile-time constants there).
+    inner: (u32, u32),
 }
 
 impl KernelSource for WgslKernel {
@@ -172,12 +181,33 @@ impl KernelSource for WgslKernel {
         };
         SourceTemplate::new(text)
             .register("workgroup_size", self.workgroup_size.to_string())
-            .register("elem", if self.f16 { "f16" } else { "f32" })
+            .register("elem", {
+                let scalar = if self.f16 { "f16" } else { "f32" };
+                if self.vec4 {
+                    format!("vec4<{scalar}>")
+                } else {
+                    scalar.to_string()
+                }
+            })
             .register("enable", if self.f16 { "enable f16;" } else { "" })
+            .register("a_inner", self.inner.0.to_string())
+            .register("b_inner", self.inner.1.to_string())
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.shader, self.workgroup_size, self.f16))
+        // Unchecked: no loop-bounding counters. cubecl compiles WGSL sources without wgpu's bounds
+        // checks in either mode, so the kernels' own safety is what counts: every index they read
+        // is validated on the host and clamped in the shader, every write is below the output
+        // size by construction, and every loop has a fixed trip count.
+        KernelId::new::<Self>()
+            .mode(cubecl::prelude::ExecutionMode::Unchecked)
+            .info((
+                self.shader,
+                self.workgroup_size,
+                self.f16,
+                self.vec4,
+                self.inner,
+            ))
     }
 
     fn lang(&self) -> &'static str {
@@ -246,20 +276,40 @@ pub(crate) fn grid(elements: usize, cfg: LaunchCfg) -> (u32, u32) {
     (x as u32, y as u32)
 }
 
+/// Launch `shader`. Flat kernels (`slabs` = None) get a flattened 2-D grid over `elements`; the
+/// copy kernels get one grid row (y) per slab and x over the `elements` of the largest slab.
+#[allow(clippy::too_many_arguments)]
 fn launch(
     like: &CubeTensor,
     shader: Shader,
     f16: bool,
+    vec4: bool,
+    inner: (u32, u32),
     cfg: LaunchCfg,
     elements: usize,
+    slabs: Option<usize>,
     buffers: Vec<cubecl::server::BufferBinding>,
 ) {
     let wg = cfg.workgroup_size.max(1);
-    let (x, y) = grid(elements, cfg);
+    let (x, y) = match slabs {
+        None => grid(elements, cfg),
+        Some(slabs) => {
+            // Every slab runs its own grid-stride loop over x.
+            let per_slab = LaunchCfg {
+                max_workgroups: (cfg.max_workgroups as usize / slabs.max(1)).max(1) as u32,
+                ..cfg
+            };
+            let (x, y) = grid(elements, per_slab);
+            debug_assert_eq!(y, 1);
+            (x, slabs.clamp(1, 65_535) as u32)
+        }
+    };
     let kernel = WgslKernel {
         shader,
         workgroup_size: wg,
         f16,
+        vec4,
+        inner,
     };
     like.client.launch(
         Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg))),
@@ -268,9 +318,11 @@ fn launch(
     );
 }
 
-/// A zero-row stand-in for the missing partner of an odd tensor out.
+/// A zero-row stand-in for the missing partner of an odd tensor out (16 bytes: one vec4).
 fn dummy(like: &CubeTensor) -> CubeTensor {
-    let handle = like.client.create_from_slice(bytemuck::cast_slice(&[0u32]));
+    let handle = like
+        .client
+        .create_from_slice(bytemuck::cast_slice(&[0u32; 4]));
     CubeTensor::new_contiguous(
         like.client.clone(),
         like.device.clone(),
@@ -280,11 +332,22 @@ fn dummy(like: &CubeTensor) -> CubeTensor {
     )
 }
 
-fn gather(a: CubeTensor, b: Option<CubeTensor>, job: &GatherJob) -> (CubeTensor, CubeTensor) {
+fn gather(
+    a: CubeTensor,
+    b: Option<CubeTensor>,
+    index: CubeTensor,
+    job: &GatherJob,
+) -> (CubeTensor, CubeTensor) {
     let a = into_contiguous(a);
     let b = b.map(into_contiguous);
+    let index = into_contiguous(index);
+    assert_eq!(
+        index.dtype.size(),
+        4,
+        "gather index must be 32-bit (checked by WgslOps)"
+    );
     let f16 = element_f16(a.dtype);
-    let m = job.keep.len();
+    let m = index.meta.shape().num_elements();
     let sa = a.meta.shape().clone();
     let a_out = output(&a, with_rows(&sa, m), a.dtype, job.cfg.poison);
     let (b_in, b_out, sb) = match b {
@@ -293,31 +356,32 @@ fn gather(a: CubeTensor, b: Option<CubeTensor>, job: &GatherJob) -> (CubeTensor,
             let out = output(&b, with_rows(&sb, m), b.dtype, job.cfg.poison);
             (b, out, [sb[0], sb[2]])
         }
-        None => (dummy(&a), dummy(&a), [0, 1]),
+        None => (dummy(&a), dummy(&a), [0, 4]),
     };
-    let info = [
-        sa[1] as u32,
-        m as u32,
-        sa[0] as u32,
-        sa[2] as u32,
-        sb[0] as u32,
-        sb[1] as u32,
-    ];
-    let index = upload_u32(&a, &job.keep);
+    // Rows of a multiple of 4 elements move as vec4s.
+    let w = if sa[2] % 4 == 0 && sb[1] % 4 == 0 {
+        4
+    } else {
+        1
+    };
+    let (ia, ib) = (sa[2] / w, sb[1] / w);
+    let info = [sa[1] as u32, m as u32, sa[0] as u32, sb[0] as u32];
     let info = upload_u32(&a, &info);
-    let elements = sa[0] * m * sa[2] + sb[0] * m * sb[1];
     launch(
         &a,
         Shader::Gather,
         f16,
+        w == 4,
+        (ia as u32, ib as u32),
         job.cfg,
-        elements,
+        m * ia.max(ib),
+        Some(sa[0] + sb[0]),
         vec![
             a.handle.clone().binding(),
             b_in.handle.clone().binding(),
             a_out.handle.clone().binding(),
             b_out.handle.clone().binding(),
-            index.binding(),
+            index.handle.clone().binding(),
             info.binding(),
         ],
     );
@@ -344,26 +408,33 @@ fn merge(
             let out = output(&xb, with_rows(&sb, m), xb.dtype, job.cfg.poison);
             (xb, yb, out, [sb[0], sb[2]])
         }
-        None => (dummy(&xa), dummy(&xa), dummy(&xa), [0, 1]),
+        None => (dummy(&xa), dummy(&xa), dummy(&xa), [0, 4]),
     };
+    // Rows of a multiple of 4 elements move as vec4s.
+    let w = if sx[2] % 4 == 0 && sb[1] % 4 == 0 {
+        4
+    } else {
+        1
+    };
+    let (ia, ib) = (sx[2] / w, sb[1] / w);
     let info = [
         nl as u32,
         nr as u32,
         p as u32,
         s as u32,
         sx[0] as u32,
-        sx[2] as u32,
         sb[0] as u32,
-        sb[1] as u32,
     ];
     let info = upload_u32(&xa, &info);
-    let elements = sx[0] * m * sx[2] + sb[0] * m * sb[1];
     launch(
         &xa,
         Shader::Merge,
         f16,
+        w == 4,
+        (ia as u32, ib as u32),
         job.cfg,
-        elements,
+        m * ia.max(ib),
+        Some(sx[0] + sb[0]),
         vec![
             xa.handle.clone().binding(),
             ya.handle.clone().binding(),
@@ -406,8 +477,11 @@ impl HomerKernels for CubeBackend {
             &keys,
             Shader::Significance,
             f16,
+            false,
+            (0, 0),
             job.cfg,
             n,
+            None,
             vec![
                 q.handle.clone().binding(),
                 keys.handle.clone().binding(),
@@ -420,12 +494,17 @@ impl HomerKernels for CubeBackend {
         out
     }
 
-    fn homer_gather_pair(a: CubeTensor, b: CubeTensor, job: GatherJob) -> (CubeTensor, CubeTensor) {
-        gather(a, Some(b), &job)
+    fn homer_gather_pair(
+        a: CubeTensor,
+        b: CubeTensor,
+        index: CubeTensor,
+        job: GatherJob,
+    ) -> (CubeTensor, CubeTensor) {
+        gather(a, Some(b), index, &job)
     }
 
-    fn homer_gather_one(a: CubeTensor, job: GatherJob) -> CubeTensor {
-        gather(a, None, &job).0
+    fn homer_gather_one(a: CubeTensor, index: CubeTensor, job: GatherJob) -> CubeTensor {
+        gather(a, None, index, &job).0
     }
 
     fn homer_merge_pair(
@@ -457,8 +536,11 @@ impl HomerKernels for CubeBackend {
             &scores,
             Shader::Select,
             false,
+            false,
+            (0, 0),
             cfg,
             n,
+            None,
             vec![
                 scores.handle.clone().binding(),
                 out.handle.clone().binding(),

@@ -11,12 +11,13 @@
 //! back: the kept indices are needed on the host anyway (trace, positions), and `homer bench
 //! kernels` measures that step next to the kernels.
 
+pub mod bench;
 mod kernels;
 
 use std::sync::Arc;
 
 use burn::backend::Dispatch;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use homer::{ChunkTensors, HomerError, HomerOps, Result, SignificanceInput};
 use homer_model::{DeviceInfo, LayerKv, read_f32};
 
@@ -252,11 +253,12 @@ impl WgslOps {
             )));
         }
         self.check_chunk(&chunk)?;
-        let keep: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
-        let job = GatherJob {
-            keep: Arc::new(keep),
-            cfg: self.cfg,
-        };
+        let device = chunk.hidden.device();
+        let keep: Vec<i32> = keep.iter().map(|&i| i as i32).collect();
+        let m = keep.len();
+        let index =
+            Tensor::<1, Int>::from_data(TensorData::new(keep, [m]), &device).cast(DType::I32);
+        let job = GatherJob { cfg: self.cfg };
         let (d, list) = flatten(chunk);
         let mut out = Vec::with_capacity(list.len());
         let mut it = list.into_iter();
@@ -266,6 +268,7 @@ impl WgslOps {
                     let (x, y) = Dispatch::homer_gather_pair(
                         a.into_dispatch(),
                         b.into_dispatch(),
+                        index.clone().into_dispatch(),
                         job.clone(),
                     );
                     out.push(Tensor::from_dispatch(x));
@@ -273,6 +276,7 @@ impl WgslOps {
                 }
                 None => out.push(Tensor::from_dispatch(Dispatch::homer_gather_one(
                     a.into_dispatch(),
+                    index.clone().into_dispatch(),
                     job.clone(),
                 ))),
             }
