@@ -220,6 +220,10 @@ enum Cmd {
         /// HOMER chunk length (default: half the window)
         #[arg(long)]
         chunk_len: Option<usize>,
+        /// With --homer: time HOMER's own ops (significance, gather, merge) and report their
+        /// share of the prefill (adds a device wait around each op)
+        #[arg(long)]
+        op_times: bool,
         #[arg(long)]
         json: bool,
     },
@@ -542,9 +546,13 @@ fn run(cli: Cli) -> Result<(), String> {
             no_decode,
             homer,
             chunk_len,
+            op_times,
             json,
         } => {
             let reps = reps.max(1);
+            if op_times && !homer {
+                return Err("--op-times needs --homer".into());
+            }
             let engine = load(&model)?;
             // Deterministic pseudo-text ids, above the special tokens at the bottom of the vocab.
             let vocab = engine.model.config.vocab_size as u32;
@@ -556,6 +564,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let pseudo =
                 |n: usize| -> Vec<u32> { (0..n as u32).map(|i| lo + (i * 7919) % span).collect() };
             let mut rows = Vec::new();
+            let mut op_rows = Vec::new();
             for &n in &lengths {
                 if homer && n < 64 {
                     return Err(format!(
@@ -576,9 +585,33 @@ fn run(cli: Cli) -> Result<(), String> {
                         let cfg = engine
                             .homer_config(chunk_len, None, &homer_engine::BiasChoice::Default)
                             .map_err(|e| e.to_string())?;
-                        let out = engine
-                            .homer_prefill(&prompt, &cfg, &cancel, &mut |_| {})
-                            .map_err(|e| e.to_string())?;
+                        let out = if op_times {
+                            let (out, times, secs) = engine
+                                .homer_prefill_timed(&prompt, &cfg, &cancel)
+                                .map_err(|e| e.to_string())?;
+                            if r >= warmup {
+                                op_rows.push(serde_json::json!({"tokens": n, "ops": out.trace.ops, "prefill_seconds": secs, "op_times": times, "op_share": times.total_seconds() / secs}));
+                            }
+                            if !json {
+                                eprintln!(
+                                    "HOMER {n}: {} ops {:.3}s of {secs:.2}s = {:.2}% (significance {:.3}s/{} calls, gather {:.3}s/{}, merge {:.3}s/{})",
+                                    out.trace.ops,
+                                    times.total_seconds(),
+                                    100.0 * times.total_seconds() / secs,
+                                    times.significance.seconds,
+                                    times.significance.calls,
+                                    times.gather.seconds,
+                                    times.gather.calls,
+                                    times.merge.seconds,
+                                    times.merge.calls
+                                );
+                            }
+                            out
+                        } else {
+                            engine
+                                .homer_prefill(&prompt, &cfg, &cancel, &mut |_| {})
+                                .map_err(|e| e.to_string())?
+                        };
                         if !json && r == 0 {
                             eprintln!(
                                 "HOMER {n}: {} chunks, height {}, cache {} rows, peak live rows {} in {} chunks",
@@ -611,7 +644,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 }
             }
             if no_decode {
-                let out = serde_json::json!({"backend": engine.device.backend, "adapter": engine.device.adapter, "model": engine.model_path, "results": rows});
+                let out = serde_json::json!({"backend": engine.device.backend, "adapter": engine.device.adapter, "model": engine.model_path, "results": rows, "homer_op_times": op_rows});
                 println!("{}", serde_json::to_string_pretty(&out).unwrap());
                 return Ok(());
             }

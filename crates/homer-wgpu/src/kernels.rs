@@ -1,11 +1,12 @@
-//! The three WGSL kernels of `shaders/` as a burn backend extension: the CubeCL backend (wgpu
-//! runtime) implements them by launching the WGSL source, and `#[backend_extension]` derives the
-//! lazy `Fusion` wrapper and the `Dispatch` routing, so callers stay on `Tensor<D>`.
+//! The WGSL kernels of `shaders/` as a burn backend extension: the CubeCL backend (wgpu runtime)
+//! implements them by launching the WGSL source, and `#[backend_extension]` derives the lazy
+//! `Fusion` wrapper and the `Dispatch` routing, so callers stay on `Tensor<D>`.
 //!
-//! Every gathered or merged tensor is 3-D `[outer, rows, inner]` and contiguous after `into_contiguous`; the
-//! host-side arguments (positions, masks, indices, bias) travel in the `*Job` structs and are
-//! uploaded next to the launch. All validation happens in [`crate::WgslOps`] before these are
-//! called: the kernels themselves only clamp to stay inside their buffers.
+//! Every gathered or merged tensor is 3-D `[outer, rows, inner]` and made contiguous first; the
+//! small host-side arguments (positions, masks, bias) travel in the `*Job` structs and are
+//! uploaded next to the launch, a gather's row list is an index tensor uploaded once per node.
+//! All validation happens in [`crate::WgslOps`] before these are called: the kernels themselves
+//! only clamp to stay inside their buffers.
 
 use std::sync::Arc;
 
@@ -225,23 +226,24 @@ fn element_f16(dtype: DType) -> bool {
     }
 }
 
-/// An output tensor of `shape`, uninitialised or NaN-filled.
+/// An output tensor of `shape`, uninitialised or NaN-filled. The buffer is at least 16 bytes so
+/// that even an empty output can be bound where the shader reads vec4s.
 fn output(like: &CubeTensor, shape: Shape, dtype: DType, poison: bool) -> CubeTensor {
     let n = shape.num_elements();
-    let bytes = n * dtype.size();
+    let bytes = (n * dtype.size()).max(16);
     let handle = if poison {
         match dtype {
             DType::F16 => {
-                let nan = vec![0x7e00u16; n.max(1)];
+                let nan = vec![0x7e00u16; bytes / 2];
                 like.client.create_from_slice(bytemuck::cast_slice(&nan))
             }
             _ => {
-                let nan = vec![f32::NAN; n.max(1)];
+                let nan = vec![f32::NAN; bytes.div_ceil(4)];
                 like.client.create_from_slice(bytemuck::cast_slice(&nan))
             }
         }
     } else {
-        like.client.empty(bytes.max(4))
+        like.client.empty(bytes)
     };
     CubeTensor::new_contiguous(
         like.client.clone(),
@@ -299,6 +301,9 @@ fn launch(
                 max_workgroups: (cfg.max_workgroups as usize / slabs.max(1)).max(1) as u32,
                 ..cfg
             };
+            // One grid row per slab suffices: a slab is one tensor's [rows, inner] plane, bounded
+            // by the binding limit (≤ 2^32 bytes), far below 65,535 × workgroup × 1024 elements;
+            // slabs are KV heads (+1), far below 65,535.
             let (x, y) = grid(elements, per_slab);
             debug_assert_eq!(y, 1);
             (x, slabs.clamp(1, 65_535) as u32)
