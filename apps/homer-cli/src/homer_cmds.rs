@@ -236,8 +236,12 @@ pub fn prefill(
     homer: HomerArgs,
     target_len: Option<usize>,
     generate: usize,
+    replay_kept: bool,
     json: bool,
 ) -> Result<(), String> {
+    if replay_kept && generate == 0 {
+        return Err("--replay-kept needs --generate N".into());
+    }
     let (p, c, s) = (
         read_text(&prefix_file)?,
         read_text(&context_file)?,
@@ -294,6 +298,20 @@ pub fn prefill(
             .map_err(|e| e.to_string())?;
         v["generated_ids"] = serde_json::json!(g.ids);
         v["generated_text"] = serde_json::json!(g.text);
+        if replay_kept {
+            let ids: Vec<u32> = prompt
+                .prefix
+                .iter()
+                .copied()
+                .chain(out.trace.kept.iter().map(|&i| prompt.context[i]))
+                .chain(prompt.suffix.iter().copied())
+                .collect();
+            let r = engine
+                .generate(&ids, &params, &cancel, &mut |_| {}, &mut |_| {})
+                .map_err(|e| e.to_string())?;
+            v["replay_tokens"] = serde_json::json!(ids.len());
+            v["replay_text"] = serde_json::json!(r.text);
+        }
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap());

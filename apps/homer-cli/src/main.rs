@@ -129,6 +129,11 @@ enum Cmd {
         /// Append a greedy continuation of this many tokens
         #[arg(long, default_value_t = 0)]
         generate: usize,
+        /// Diagnostic: also run a plain prefill of prefix ++ the context tokens HOMER kept ++
+        /// suffix (consecutive positions) and continue it greedily for --generate tokens; tells a
+        /// bad selection from a bad merged cache
+        #[arg(long)]
+        replay_kept: bool,
         #[arg(long)]
         json: bool,
     },
@@ -346,6 +351,7 @@ fn run(cli: Cli) -> Result<(), String> {
             homer,
             target_len,
             generate,
+            replay_kept,
             json,
         } => homer_cmds::prefill(
             prefix_file,
@@ -355,6 +361,7 @@ fn run(cli: Cli) -> Result<(), String> {
             homer,
             target_len,
             generate,
+            replay_kept,
             json,
         )?,
         Cmd::Calibrate {
