@@ -11,7 +11,11 @@ use homer_model::load::gguf::GgufFile;
 use serde::Deserialize;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2")
+    Path::new(
+        &std::env::var_os("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../../tests/fixtures/smollm2")
 }
 
 fn model_path() -> PathBuf {
@@ -225,7 +229,11 @@ fn homer_wgsl_kernels_equal_oracle_ops_on_the_default_model() {
     use homer_engine::{BiasChoice, DocPrompt, OpsChoice};
     let mut engine = Engine::load(Some(&model_path()), BackendKind::Wgpu, &mut |_| {}).unwrap();
     let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/kjv-john.txt"),
+        Path::new(
+            &std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("../../assets/kjv-john.txt"),
     )
     .unwrap();
     let text: String = text.lines().skip(3).take(6).collect::<Vec<_>>().join("\n");

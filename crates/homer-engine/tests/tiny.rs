@@ -9,7 +9,11 @@ use homer_model::BackendKind;
 use homer_model::load::gguf::GgufFile;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    Path::new(
+        &std::env::var_os("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../../tests/fixtures")
 }
 
 fn cases() -> Vec<serde_json::Value> {

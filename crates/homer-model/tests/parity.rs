@@ -10,7 +10,11 @@ use homer_model::{BackendKind, Device, KvCache, Llama, Logits, ModelError, read_
 use serde::Deserialize;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    Path::new(
+        &std::env::var_os("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../../tests/fixtures")
 }
 
 #[derive(Deserialize)]

@@ -222,10 +222,11 @@ mod tests {
     /// Q4_K and Q6_K against gguf-py's dequantisation of random blocks (tests/fixtures/kquants.json).
     #[test]
     fn k_quants_match_gguf_py() {
-        let p = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/kquants.json"
-        );
+        // The manifest dir at run time (cargo sets it), so a test binary built from another
+        // checkout sharing the target dir reads this checkout's fixture.
+        let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+        let p = std::path::Path::new(&dir).join("../../tests/fixtures/kquants.json");
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
         for (key, ty) in [("q4_k", GgmlType::Q4K), ("q6_k", GgmlType::Q6K)] {
