@@ -302,15 +302,34 @@ impl WgslOps {
         }
         self.check_chunk(&left)?;
         self.check_chunk(&right)?;
+        // The kernel reads both children with one layout: everything but the rows must agree.
+        let same = |a: &[usize], b: &[usize], row_axis: usize| {
+            a.len() == b.len() && (0..a.len()).all(|i| i == row_axis || a[i] == b[i])
+        };
+        let mismatch = !same(&left.hidden.dims(), &right.hidden.dims(), 0)
+            || left.hidden.dtype() != right.hidden.dtype()
+            || left.cache.iter().zip(&right.cache).any(|(a, b)| {
+                !same(&a.k.dims(), &b.k.dims(), 1)
+                    || !same(&a.v.dims(), &b.v.dims(), 1)
+                    || a.k.dtype() != b.k.dtype()
+            });
+        if mismatch {
+            return Err(HomerError::Input(
+                "merge: the two children differ in more than their row counts (widths, heads or \
+                 element types)"
+                    .into(),
+            ));
+        }
         // The merged node is the biggest binding of the call.
         let m = nl + nr - p - s;
+        let elem = left.hidden.dtype().size() as u64;
         let mut merged = vec![("hidden rows", left.hidden.dims()[1])];
         if let Some(kv) = left.cache.first() {
             let [kvh, _, hd] = kv.k.dims();
             merged.push(("keys and values", kvh * hd));
         }
         for (what, per_row) in merged {
-            let bytes = (per_row * m) as u64 * 4;
+            let bytes = (per_row * m) as u64 * elem;
             if bytes > self.max_binding {
                 return Err(HomerError::Input(format!(
                     "the merged node's {what} would be {bytes} bytes, above this adapter's \

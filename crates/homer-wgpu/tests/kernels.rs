@@ -257,6 +257,13 @@ fn binding_limit_is_refused_with_a_clear_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("merged node") && e.contains("200000"), "{e}");
+    // Children that differ in more than their rows are refused, not read out of bounds.
+    let (a, b) = (
+        random_chunk(&mut rng, 20, 16, 1, 3, 64, &dev),
+        random_chunk(&mut rng, 20, 12, 1, 3, 64, &dev),
+    );
+    let e = ops.merge(a, b, 2, 2).unwrap_err().to_string();
+    assert!(e.contains("differ in more than their row counts"), "{e}");
     // Under the limit everything runs.
     let ops = ops.with_max_binding(u64::MAX);
     assert!(ops.gather(chunk, &[0, 5]).is_ok());
