@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use burn::backend::Dispatch;
 use burn::tensor::{DType, Int, Tensor, TensorData};
+use homer::ops::{check_gather, check_merge, check_significance_input};
 use homer::{ChunkTensors, HomerError, HomerOps, Result, SignificanceInput};
 use homer_model::{DeviceInfo, LayerKv, read_f32};
 
@@ -154,7 +155,7 @@ impl HomerOps for WgslOps {
     }
 
     fn gather(&self, chunk: ChunkTensors, keep: &[usize]) -> Result<ChunkTensors> {
-        self.gather_rows(chunk, keep)
+        self.gather_on_device(chunk, keep)
     }
 
     fn merge(
@@ -164,27 +165,15 @@ impl HomerOps for WgslOps {
         p: usize,
         s: usize,
     ) -> Result<ChunkTensors> {
-        self.merge_nodes(left, right, p, s)
+        self.merge_on_device(left, right, p, s)
     }
 }
 
 impl WgslOps {
     /// The significance scores, left on the device ([`HomerOps::significance`] reads them back).
     pub fn significance_on_device(&self, input: &SignificanceInput<'_>) -> Result<Tensor<1>> {
-        let [kvh, n, hd] = input.keys.dims();
-        let [h, qd] = input.q_last.dims();
-        if qd != hd || kvh == 0 || h % kvh != 0 {
-            return Err(HomerError::Input(format!(
-                "significance shapes: q_last [{h}, {qd}], keys [{kvh}, {n}, {hd}]"
-            )));
-        }
-        if input.positions.len() != n || input.prunable.len() != n {
-            return Err(HomerError::Input(format!(
-                "significance: {n} keys but {} positions and {} mask entries",
-                input.positions.len(),
-                input.prunable.len()
-            )));
-        }
+        let n = check_significance_input(input)?;
+        let [h, hd] = input.q_last.dims();
         self.check("query row", input.q_last)?;
         self.check("keys", input.keys)?;
         let mut rows = Vec::with_capacity(2 * n);
@@ -245,13 +234,8 @@ impl WgslOps {
     }
 
     /// [`HomerOps::gather`] with the kernels.
-    pub fn gather_rows(&self, chunk: ChunkTensors, keep: &[usize]) -> Result<ChunkTensors> {
-        let n = chunk.rows();
-        if let Some(&bad) = keep.iter().find(|&&i| i >= n) {
-            return Err(HomerError::Input(format!(
-                "gather: row {bad} of a {n}-row chunk"
-            )));
-        }
+    fn gather_on_device(&self, chunk: ChunkTensors, keep: &[usize]) -> Result<ChunkTensors> {
+        check_gather(&chunk, keep)?;
         self.check_chunk(&chunk)?;
         let device = chunk.hidden.device();
         let keep: Vec<i32> = keep.iter().map(|&i| i as i32).collect();
@@ -285,21 +269,15 @@ impl WgslOps {
     }
 
     /// [`HomerOps::merge`] with the kernels.
-    pub fn merge_nodes(
+    fn merge_on_device(
         &self,
         left: ChunkTensors,
         right: ChunkTensors,
         p: usize,
         s: usize,
     ) -> Result<ChunkTensors> {
+        check_merge(&left, &right, p, s)?;
         let (nl, nr) = (left.rows(), right.rows());
-        if left.cache.len() != right.cache.len() || nl < p + s || nr < p + s {
-            return Err(HomerError::Input(format!(
-                "merge: children with {nl} and {nr} rows, {} and {} cached layers, affixes {p}+{s}",
-                left.cache.len(),
-                right.cache.len()
-            )));
-        }
         self.check_chunk(&left)?;
         self.check_chunk(&right)?;
         // The kernel reads both children with one layout: everything but the rows must agree.

@@ -99,7 +99,8 @@ pub fn calibrate_scores(raw: &mut [f32], input: &SignificanceInput<'_>) -> Resul
     Ok(())
 }
 
-fn check_input(input: &SignificanceInput<'_>) -> Result<usize> {
+/// Shape checks of a significance input, shared by every [`HomerOps`] implementation; returns n.
+pub fn check_significance_input(input: &SignificanceInput<'_>) -> Result<usize> {
     let [kvh, n, hd] = input.keys.dims();
     let [h, qd] = input.q_last.dims();
     if qd != hd || kvh == 0 || h % kvh != 0 {
@@ -115,6 +116,31 @@ fn check_input(input: &SignificanceInput<'_>) -> Result<usize> {
         )));
     }
     Ok(n)
+}
+
+/// Every kept row exists in the chunk; shared by every [`HomerOps`] implementation.
+pub fn check_gather(chunk: &ChunkTensors, keep: &[usize]) -> Result<()> {
+    let n = chunk.rows();
+    match keep.iter().find(|&&i| i >= n) {
+        Some(&bad) => Err(HomerError::Input(format!(
+            "gather: row {bad} of a {n}-row chunk"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Both children cache the same layers and carry both affixes; shared by every [`HomerOps`]
+/// implementation.
+pub fn check_merge(left: &ChunkTensors, right: &ChunkTensors, p: usize, s: usize) -> Result<()> {
+    let (nl, nr) = (left.rows(), right.rows());
+    if left.cache.len() != right.cache.len() || nl < p + s || nr < p + s {
+        return Err(HomerError::Input(format!(
+            "merge: children with {nl} and {nr} rows, {} and {} cached layers, affixes {p}+{s}",
+            left.cache.len(),
+            right.cache.len()
+        )));
+    }
+    Ok(())
 }
 
 fn index_tensor(keep: &[usize], device: &burn::tensor::Device) -> Tensor<1, Int> {
@@ -154,7 +180,7 @@ impl HomerOps for TensorOps {
     }
 
     fn significance(&self, input: &SignificanceInput<'_>) -> Result<Vec<f32>> {
-        let n = check_input(input)?;
+        let n = check_significance_input(input)?;
         let logits = last_query_logits(input.q_last.clone(), input.keys); // [H, n]
         let raw = logits.max_dim(0).reshape([n]);
         let mut s = read_f32(raw)?;
@@ -163,12 +189,7 @@ impl HomerOps for TensorOps {
     }
 
     fn gather(&self, chunk: ChunkTensors, keep: &[usize]) -> Result<ChunkTensors> {
-        let n = chunk.rows();
-        if let Some(&bad) = keep.iter().find(|&&i| i >= n) {
-            return Err(HomerError::Input(format!(
-                "gather: row {bad} of a {n}-row chunk"
-            )));
-        }
+        check_gather(&chunk, keep)?;
         let device = chunk.hidden.device();
         let idx = index_tensor(keep, &device);
         let hidden = chunk.hidden.select(0, idx.clone());
@@ -190,14 +211,7 @@ impl HomerOps for TensorOps {
         p: usize,
         s: usize,
     ) -> Result<ChunkTensors> {
-        let (nl, nr) = (left.rows(), right.rows());
-        if left.cache.len() != right.cache.len() || nl < p + s || nr < p + s {
-            return Err(HomerError::Input(format!(
-                "merge: children with {nl} and {nr} rows, {} and {} cached layers, affixes {p}+{s}",
-                left.cache.len(),
-                right.cache.len()
-            )));
-        }
+        check_merge(&left, &right, p, s)?;
         let hidden = merge_rows(&left.hidden, &right.hidden, 0, p, s);
         let cache = left
             .cache
