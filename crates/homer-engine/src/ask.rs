@@ -275,7 +275,19 @@ impl Engine {
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<homer::HomerOutput> {
-        let ops = self.ops()?;
+        self.run_homer(prompt, config, self.ops()?.as_ref(), cancel, &mut |p| {
+            progress(Progress::Homer(p.clone()))
+        })
+    }
+
+    fn run_homer(
+        &self,
+        prompt: &DocPrompt,
+        config: &HomerConfig,
+        ops: &dyn homer::HomerOps,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(&homer::HomerProgress),
+    ) -> Result<homer::HomerOutput> {
         Ok(homer::homer_prefill(
             &self.model,
             HomerInput {
@@ -284,9 +296,9 @@ impl Engine {
                 suffix: &prompt.suffix,
             },
             config,
-            ops.as_ref(),
+            ops,
             cancel,
-            &mut |p| progress(Progress::Homer(p.clone())),
+            progress,
         )?)
     }
 
@@ -301,18 +313,7 @@ impl Engine {
         let ops = self.ops()?;
         let timed = homer::TimedOps::new(ops.as_ref());
         let t0 = std::time::Instant::now();
-        let out = homer::homer_prefill(
-            &self.model,
-            HomerInput {
-                prefix: &prompt.prefix,
-                context: &prompt.context,
-                suffix: &prompt.suffix,
-            },
-            config,
-            &timed,
-            cancel,
-            &mut |_| {},
-        )?;
+        let out = self.run_homer(prompt, config, &timed, cancel, &mut |_| {})?;
         Ok((out, timed.times(), t0.elapsed().as_secs_f64()))
     }
 
