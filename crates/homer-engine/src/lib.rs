@@ -4,9 +4,11 @@
 
 pub mod ask;
 pub mod chat;
+pub mod citations;
 pub mod document;
 pub mod error;
 pub mod fetch;
+pub mod history;
 pub mod passkey;
 pub mod sampling;
 pub mod tokenizer;
@@ -23,10 +25,51 @@ use serde::Serialize;
 
 pub use ask::{Answer, AskParams, BiasChoice, DocPrompt, HomerMode};
 pub use chat::{ChatTemplate, Message};
-pub use document::{Document, load_document};
+pub use citations::{Citation, citations};
+pub use document::{DocKind, Document, SkipReason, Skipped, ingest, load_document};
 pub use error::{EngineError, Result};
+pub use history::{ChatHistory, Exchange};
 pub use sampling::{SamplingParams, top_k};
 pub use tokenizer::{TokenStream, Tokenizer};
+
+/// What a model costs before it is loaded: parameters and memory (weights are held as f32).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSummary {
+    pub path: PathBuf,
+    pub format: String,
+    pub params: usize,
+    pub weights_bytes: u64,
+    /// K and V of every layer for one token, f32.
+    pub kv_bytes_per_token: u64,
+    pub window: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+}
+
+impl ModelSummary {
+    /// Read the config of the model at `path` (GGUF file or HF directory) without loading weights.
+    pub fn of(path: &Path) -> Result<Self> {
+        let src = load::open(path)?;
+        let c = src.config();
+        Ok(ModelSummary {
+            path: path.to_path_buf(),
+            format: src.describe(),
+            params: c.n_params(),
+            weights_bytes: c.n_params() as u64 * 4,
+            kv_bytes_per_token: (c.num_hidden_layers * 2 * c.kv_dim() * 4) as u64,
+            window: c.max_position_embeddings,
+            layers: c.num_hidden_layers,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+        })
+    }
+
+    /// Weights plus a KV cache of `tokens` rows.
+    pub fn memory_estimate(&self, tokens: usize) -> u64 {
+        self.weights_bytes + self.kv_bytes_per_token * tokens as u64
+    }
+}
 
 /// Progress reported while loading or running.
 #[derive(Debug, Clone)]

@@ -67,24 +67,69 @@ fn init_wgpu() -> std::result::Result<(Device, DeviceInfo), String> {
         Ok(Err(e)) => return Err(format!("{e}")),
         Err(_) => return Err("the wgpu runtime panicked while acquiring an adapter".into()),
     };
-    let info = setup.adapter.get_info();
-    let limits = setup.device.limits();
-    let features = setup.device.features();
-    Ok((
+    Ok((device, describe(&setup.adapter, &setup.device)))
+}
+
+/// Hand an application's wgpu device (e.g. the one eframe renders with) to burn, so the model
+/// runs on the same device instead of opening a second one. Must come before anything else
+/// asks for a wgpu device in this process; later `device(BackendKind::Wgpu)` calls return it.
+/// The device must have been created with the adapter's limits and features (burn's own
+/// request): see `homer-desk`'s device descriptor.
+pub fn share_wgpu(
+    instance: wgpu::Instance,
+    adapter: wgpu::Adapter,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+) -> Result<(Device, DeviceInfo)> {
+    if WGPU.get().is_some() {
+        return Err(ModelError::Input(
+            "a wgpu device was already set up in this process; the shared one was not used".into(),
+        ));
+    }
+    let backend = adapter.get_info().backend;
+    let info = describe(&adapter, &device);
+    let setup = burn::tensor::wgpu::WgpuSetup {
+        instance,
+        adapter,
         device,
-        DeviceInfo {
-            backend: "wgpu".into(),
-            adapter: info.name.clone(),
-            driver: format!("{} {}", info.driver, info.driver_info)
-                .trim()
-                .to_string(),
-            graphics_api: format!("{:?}", info.backend),
-            device_type: format!("{:?}", info.device_type),
-            max_storage_buffer_binding_size: Some(limits.max_storage_buffer_binding_size as u64),
-            max_buffer_size: Some(limits.max_buffer_size),
-            shader_f16: features.contains(wgpu::Features::SHADER_F16),
-        },
-    ))
+        queue,
+        backend,
+    };
+    // On failure the slot stays empty, so a later `device(Wgpu)` opens burn's own device.
+    let init = std::panic::AssertUnwindSafe(move || Device::wgpu_options().setup(setup).init());
+    let shared = match std::panic::catch_unwind(init) {
+        Ok(Ok(d)) => (d, info),
+        Ok(Err(e)) => {
+            return Err(ModelError::Input(format!(
+                "burn refused the shared wgpu device: {e}"
+            )));
+        }
+        Err(_) => {
+            return Err(ModelError::Input(
+                "burn panicked while taking the shared wgpu device".into(),
+            ));
+        }
+    };
+    let _ = WGPU.set(Ok(shared.clone()));
+    Ok(shared)
+}
+
+fn describe(adapter: &wgpu::Adapter, device: &wgpu::Device) -> DeviceInfo {
+    let info = adapter.get_info();
+    let limits = device.limits();
+    let features = device.features();
+    DeviceInfo {
+        backend: "wgpu".into(),
+        adapter: info.name.clone(),
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string(),
+        graphics_api: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        max_storage_buffer_binding_size: Some(limits.max_storage_buffer_binding_size as u64),
+        max_buffer_size: Some(limits.max_buffer_size),
+        shader_f16: features.contains(wgpu::Features::SHADER_F16),
+    }
 }
 
 /// The device for `kind`, created once per process and then cloned.
