@@ -936,10 +936,11 @@ impl DeskApp {
                 trace.context_len,
                 100.0 * kept as f64 / trace.context_len.max(1) as f64
             ));
-            let docs: Vec<Document> = run.docs.iter().map(|d| (**d).clone()).collect();
-            let dense: Vec<_> = homer_engine::citations(&run.answer.prompt, &docs, trace, 8)
-                .into_iter()
+            let dense: Vec<_> = run
+                .dense
+                .iter()
                 .filter(|c| c.doc == self.view_doc)
+                .take(8)
                 .collect();
             if !dense.is_empty() {
                 ui.horizontal_wrapped(|ui| {

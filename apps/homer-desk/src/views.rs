@@ -9,7 +9,6 @@ use eframe::egui::{
     text::{CCursor, LayoutJob, TextFormat},
 };
 use homer::MergeTrace;
-use homer_engine::citations::token_bytes;
 
 use crate::worker::Finished;
 
@@ -143,8 +142,7 @@ pub fn tree(ui: &mut Ui, run: &Finished, selected: Option<usize>) -> Option<usiz
 
 /// The document text of context tokens `span` (first document they fall in), cut to `max` chars.
 pub fn span_text(run: &Finished, span: &Range<usize>, max: usize) -> String {
-    let docs: Vec<homer_engine::Document> = run.docs.iter().map(|d| (**d).clone()).collect();
-    let bytes = token_bytes(&run.answer.prompt, &docs);
+    let bytes = &run.token_bytes;
     if span.is_empty() || span.end > bytes.len() {
         return String::new();
     }
@@ -154,7 +152,7 @@ pub fn span_text(run: &Finished, span: &Range<usize>, max: usize) -> String {
         .rev()
         .find(|&i| bytes[i].0 == k)
         .map_or(a, |i| bytes[i].1.end);
-    let text = docs[k].text[a..b].trim();
+    let text = run.docs[k].text[a..b].trim();
     let cut: String = text.chars().take(max).collect();
     if cut.len() < text.len() {
         format!("“{cut}…”")
@@ -220,9 +218,8 @@ pub fn marks(trace: &MergeTrace, node: Option<usize>) -> Vec<Mark> {
 
 /// The text of document `doc` as a layout job, tokens coloured by `marks`.
 pub fn kept_job(run: &Finished, doc: usize, marks: &[Mark], ui: &Ui, wrap: f32) -> LayoutJob {
-    let docs: Vec<homer_engine::Document> = run.docs.iter().map(|d| (**d).clone()).collect();
-    let bytes = token_bytes(&run.answer.prompt, &docs);
-    let text = &docs[doc].text;
+    let bytes = &run.token_bytes;
+    let text = &run.docs[doc].text;
     let font = FontId::monospace(12.0);
     let normal = ui.visuals().text_color();
     let weak = ui.visuals().weak_text_color();

@@ -57,6 +57,10 @@ pub struct Finished {
     pub answer: Answer,
     pub docs: Vec<Arc<Document>>,
     pub citations: Vec<homer_engine::Citation>,
+    /// The best-kept passages of every document (the kept-token view's "densest regions").
+    pub dense: Vec<homer_engine::Citation>,
+    /// (document, byte range) of every context token.
+    pub token_bytes: Vec<(usize, std::ops::Range<usize>)>,
 }
 
 pub enum Event {
@@ -99,6 +103,8 @@ pub enum Event {
 
 /// How many citations an answer lists.
 pub const CITATIONS: usize = 5;
+/// How many dense regions the kept-token view offers (over all documents).
+pub const DENSE: usize = 24;
 
 pub struct Worker {
     pub tx: Sender<Command>,
@@ -271,16 +277,21 @@ fn ask(
     }));
     match result {
         Ok(Ok(answer)) => {
-            let cites = answer
-                .trace
-                .as_ref()
-                .map(|t| citations(&answer.prompt, &owned, t, CITATIONS))
-                .unwrap_or_default();
+            let (cites, dense) = match &answer.trace {
+                Some(t) => (
+                    citations(&answer.prompt, &owned, t, CITATIONS),
+                    citations(&answer.prompt, &owned, t, DENSE),
+                ),
+                None => (vec![], vec![]),
+            };
+            let token_bytes = homer_engine::citations::token_bytes(&answer.prompt, &owned);
             out.send(Event::Finished(Box::new(Finished {
                 question,
                 answer,
                 docs,
                 citations: cites,
+                dense,
+                token_bytes,
             })));
         }
         Ok(Err(homer_engine::EngineError::Cancelled)) => out.send(Event::Cancelled),

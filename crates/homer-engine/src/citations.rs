@@ -3,6 +3,7 @@
 //! ranked by the share of its tokens that reached the final cache, then by their mean
 //! significance. The desktop app shows the best ones as citations and as "densest regions".
 
+use std::borrow::Borrow;
 use std::ops::Range;
 use std::path::PathBuf;
 
@@ -44,10 +45,13 @@ impl Citation {
 
 /// Byte range in its document of every context token: (document index, range).
 /// Header tokens of multi-document prompts map to an empty range at 0.
-pub fn token_bytes(prompt: &DocPrompt, docs: &[Document]) -> Vec<(usize, Range<usize>)> {
+pub fn token_bytes<D: Borrow<Document>>(
+    prompt: &DocPrompt,
+    docs: &[D],
+) -> Vec<(usize, Range<usize>)> {
     let mut out = vec![(0, 0..0); prompt.context.len()];
     for (k, span) in prompt.docs.iter().enumerate() {
-        let len = docs.get(k).map_or(0, |d| d.text.len());
+        let len = docs.get(k).map_or(0, |d| d.borrow().text.len());
         let offs = &span.offsets;
         for (j, i) in span.tokens.clone().enumerate() {
             let start = offs[j].min(len);
@@ -65,15 +69,17 @@ pub fn token_bytes(prompt: &DocPrompt, docs: &[Document]) -> Vec<(usize, Range<u
 }
 
 /// Cut every document of `prompt` into passages of whole lines.
-pub fn passages(
+pub fn passages<D: Borrow<Document>>(
     prompt: &DocPrompt,
-    docs: &[Document],
+    docs: &[D],
     min_tokens: usize,
 ) -> Vec<(usize, Range<usize>)> {
     let bytes = token_bytes(prompt, docs);
     let mut out = vec![];
     for (k, span) in prompt.docs.iter().enumerate() {
-        let Some(doc) = docs.get(k) else { continue };
+        let Some(doc) = docs.get(k).map(|d| d.borrow()) else {
+            continue;
+        };
         let mut start = span.tokens.start;
         for i in span.tokens.clone() {
             let n = i + 1 - start;
@@ -90,9 +96,9 @@ pub fn passages(
 
 /// The `n` passages whose tokens HOMER kept most (see the module doc). Empty when the trace kept
 /// every context token (nothing to tell apart).
-pub fn citations(
+pub fn citations<D: Borrow<Document>>(
     prompt: &DocPrompt,
-    docs: &[Document],
+    docs: &[D],
     trace: &MergeTrace,
     n: usize,
 ) -> Vec<Citation> {
@@ -105,7 +111,7 @@ pub fn citations(
     let mut all: Vec<Citation> = passages(prompt, docs, PASSAGE_TOKENS)
         .into_iter()
         .filter_map(|(k, toks)| {
-            let doc = &docs[k];
+            let doc = docs[k].borrow();
             let n_kept = toks.clone().filter(|&i| kept[i]).count();
             if n_kept == 0 {
                 return None;
