@@ -255,6 +255,11 @@ impl DeskApp {
                     .map(|_| name)
                     .map_err(|e| e.to_string()),
                 );
+                match &shared_device {
+                    Some(Ok(n)) => tracing::info!("burn shares the window's wgpu device ({n})"),
+                    Some(Err(e)) => tracing::warn!("burn opens its own wgpu device: {e}"),
+                    None => {}
+                }
             }
         }
         let (etx, erx) = std::sync::mpsc::channel();

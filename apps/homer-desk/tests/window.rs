@@ -1,6 +1,6 @@
 //! The real binary in a real (virtual) X display: `homer-desk --screenshot` under Xvfb with eframe's
-//! wgpu renderer (lavapipe on machines without a GPU) opens its window, loads the tiny model,
-//! writes a PNG of its first settled frame and exits. Needs `xvfb-run` (Debian: `xvfb`, `xauth`);
+//! wgpu renderer (lavapipe on machines without a GPU) opens its window, hands its wgpu device to
+//! burn, loads the tiny model on it, answers a question, writes a PNG of two tabs and exits. Needs `xvfb-run` (Debian: `xvfb`, `xauth`);
 //! `.ci/run` installs them.
 
 use std::path::{Path, PathBuf};
@@ -26,13 +26,15 @@ fn the_binary_renders_a_frame_under_xvfb() {
         .arg(env!("CARGO_BIN_EXE_homer-desk"))
         .arg("--model")
         .arg(repo().join("tests/fixtures/tiny-llama"))
-        .args(["--backend", "cpu", "--data-dir"])
+        .args(["--backend", "wgpu", "--data-dir"])
         .arg(dir.path().join("data"))
         .arg("--screenshot")
         .arg(&shot)
         .args(["--tabs", "chat,kept", "--ask", "What is the pass key?"])
         .arg(&doc)
         .env("WGPU_BACKEND", "vulkan")
+        .env("HOMER_LOG", "info")
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
         .spawn()
         .expect("xvfb-run must be installed (Debian: apt-get install xvfb xauth)");
     let t0 = Instant::now();
@@ -40,13 +42,19 @@ fn the_binary_renders_a_frame_under_xvfb() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        if t0.elapsed() > Duration::from_secs(240) {
+        if t0.elapsed() > Duration::from_secs(400) {
             let _ = child.kill();
-            panic!("homer-desk did not exit within 240 s");
+            panic!("homer-desk did not exit within 400 s");
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert!(status.success(), "homer-desk exited with {status}");
+    let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    assert!(status.success(), "homer-desk exited with {status}:\n{log}");
+    // One device: the model ran on the renderer's wgpu device, not a second one.
+    assert!(
+        log.contains("burn shares the window's wgpu device"),
+        "the renderer's device was not shared:\n{log}"
+    );
     for tab in ["chat", "kept"] {
         let p = dir.path().join(format!("window-{tab}.png"));
         let img = image::open(&p)
