@@ -234,7 +234,7 @@ fn ask_writes_a_trace_and_errors_name_the_file() {
     ]);
     assert!(!ok);
     assert!(
-        stderr.contains("/nonexistent/doc.txt") && stderr.contains("cannot read"),
+        stderr.contains("/nonexistent/doc.txt") && stderr.contains("cannot be read"),
         "{stderr}"
     );
 }

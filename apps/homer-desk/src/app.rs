@@ -371,6 +371,9 @@ impl DeskApp {
             stopping: false,
         });
         self.question.clear();
+        // Cleared here, not in the worker: a Stop pressed while the question still waits in
+        // the worker's queue must not be lost.
+        self.worker.cancel.store(false, Ordering::Relaxed);
         self.worker.send(Command::Ask {
             question,
             docs,

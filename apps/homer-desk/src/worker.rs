@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{Receiver, Sender};
 
 use eframe::egui;
@@ -223,7 +223,6 @@ fn run(rx: Receiver<Command>, out: Out, cancel: Arc<AtomicBool>) {
                 docs,
                 params,
             } => {
-                cancel.store(false, Ordering::Relaxed);
                 let Some(e) = engine.as_ref() else {
                     out.send(Event::Failed(
                         "no model is loaded yet: wait for it to load, or pick one in Settings"
