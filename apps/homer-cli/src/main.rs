@@ -40,6 +40,13 @@ struct ModelArgs {
     /// wgsl, or tensor (burn tensor ops, the oracle)
     #[arg(long, global = true, default_value = "auto")]
     homer_ops: homer_engine::OpsChoice,
+    /// Extend the window with a RoPE scaling: none, pi, ntk, dynamic-ntk or yarn (spec §8); the
+    /// window becomes --rope-factor × native, and HOMER's default chunk half of that
+    #[arg(long, global = true, default_value = "none")]
+    rope_scaling: String,
+    /// The RoPE scaling factor s (>= 1)
+    #[arg(long, global = true, default_value_t = 2.0)]
+    rope_factor: f64,
 }
 
 #[derive(Args, Clone)]
@@ -325,6 +332,15 @@ fn load(m: &ModelArgs) -> Result<Engine, String> {
     let mut engine =
         Engine::load(m.model.as_deref(), m.backend, &mut prog).map_err(|e| e.to_string())?;
     engine.homer_ops = m.homer_ops;
+    if m.rope_scaling != "none" {
+        let native = engine.model.config.max_position_embeddings;
+        let scaling =
+            homer_model::RopeScaling::from_choice(&m.rope_scaling, m.rope_factor, native)?;
+        engine
+            .model
+            .set_rope_scaling(scaling)
+            .map_err(|e| e.to_string())?;
+    }
     // Refuse a bad choice now rather than after the document is read.
     engine.ops().map_err(|e| e.to_string())?;
     Ok(engine)

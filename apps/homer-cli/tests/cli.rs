@@ -238,3 +238,35 @@ fn ask_writes_a_trace_and_errors_name_the_file() {
         "{stderr}"
     );
 }
+
+#[test]
+fn rope_scaling_extends_the_window_and_bad_choices_are_refused() {
+    let model = fixtures().join("tiny-llama").display().to_string();
+    let base = ["info", "--json", "--model", &model, "--backend", "cpu"];
+    let (ok, out, err) =
+        homer(&[&base[..], &["--rope-scaling", "yarn", "--rope-factor", "4"]].concat());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["config"]["max_position_embeddings"], 1024);
+    assert_eq!(v["config"]["rope_scaling"]["type"], "yarn");
+    assert_eq!(
+        v["config"]["rope_scaling"]["original_max_position_embeddings"],
+        256
+    );
+    let (ok, out, _) = homer(
+        &[
+            &base[..],
+            &["--rope-scaling", "dynamic-ntk", "--rope-factor", "2"],
+        ]
+        .concat(),
+    );
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["config"]["rope_scaling"]["type"], "dynamic");
+    assert_eq!(v["config"]["max_position_embeddings"], 512);
+    let (ok, _, err) = homer(&[&base[..], &["--rope-scaling", "rope2"]].concat());
+    assert!(!ok && err.contains("--rope-scaling rope2"), "{err}");
+    let (ok, _, err) =
+        homer(&[&base[..], &["--rope-scaling", "pi", "--rope-factor", "0.5"]].concat());
+    assert!(!ok && err.contains("--rope-factor 0.5"), "{err}");
+}

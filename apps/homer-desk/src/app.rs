@@ -458,7 +458,8 @@ impl DeskApp {
                 }
             }
             Event::Token(t) => {
-                if let Some(r) = &mut self.running {
+                // After Stop the text stops at once; the worker ends within one decode step.
+                if let Some(r) = self.running.as_mut().filter(|r| !r.stopping) {
                     r.first_token.get_or_insert_with(Instant::now);
                     r.tokens += 1;
                     r.partial.push_str(&t);
@@ -470,9 +471,14 @@ impl DeskApp {
                     .ok()
                     .and_then(|v| v.as_str().map(String::from))
                     .unwrap_or_default();
+                // A stopped answer is kept as the user saw it.
+                let answer = match &self.running {
+                    Some(r) if r.stopping => r.partial.clone(),
+                    _ => g.text.clone(),
+                };
                 self.history.exchanges.push(Exchange {
                     question: f.question.clone(),
-                    answer: g.text.clone(),
+                    answer,
                     docs: f.docs.iter().map(|d| d.name.clone()).collect(),
                     used_homer: f.answer.used_homer,
                     prompt_tokens: g.prompt_tokens,

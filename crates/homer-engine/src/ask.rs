@@ -288,6 +288,8 @@ impl Engine {
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(&homer::HomerProgress),
     ) -> Result<homer::HomerOutput> {
+        // HOMER's chunks use local positions; dynamic NTK follows them (no whole-prompt length).
+        self.model.set_rope_seq_len(0);
         Ok(homer::homer_prefill(
             &self.model,
             HomerInput {

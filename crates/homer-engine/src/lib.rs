@@ -281,6 +281,8 @@ impl Engine {
         }
         let mut cache = KvCache::new(self.model.n_layers());
         let mut last = None;
+        // Dynamic NTK takes its frequencies from the whole prompt, as one full forward would.
+        self.model.set_rope_seq_len(ids.len());
         for (i, block) in ids.chunks(PREFILL_BLOCK).enumerate() {
             if cancel.load(Ordering::Relaxed) {
                 return Err(EngineError::Cancelled);

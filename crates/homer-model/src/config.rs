@@ -17,11 +17,64 @@ pub enum RopeScaling {
     Linear { factor: f64 },
     /// Static NTK-aware scaling: base' = base * factor^(d / (d - 2)).
     Ntk { factor: f64 },
+    /// Dynamic NTK (transformers' "dynamic"): native RoPE up to the original window, beyond it
+    /// base' = base * (factor * len / original - (factor - 1))^(d / (d - 2)) for a sequence of
+    /// `len` tokens.
+    #[serde(rename = "dynamic")]
+    DynamicNtk {
+        factor: f64,
+        original_max_position_embeddings: usize,
+    },
     /// YaRN (spec §8) with the original window it was computed for.
     Yarn {
         factor: f64,
         original_max_position_embeddings: usize,
     },
+}
+
+impl RopeScaling {
+    /// A scaling chosen on the command line (`--rope-scaling KIND --rope-factor S`) for a model
+    /// whose native window is `native` tokens. KIND: none, pi (or linear), ntk, dynamic-ntk, yarn.
+    pub fn from_choice(
+        kind: &str,
+        factor: f64,
+        native: usize,
+    ) -> std::result::Result<Self, String> {
+        if kind != "none" && !(factor.is_finite() && factor >= 1.0) {
+            return Err(format!(
+                "--rope-factor {factor}: a RoPE scaling factor must be a number >= 1"
+            ));
+        }
+        Ok(match kind {
+            "none" => RopeScaling::None,
+            "pi" | "linear" => RopeScaling::Linear { factor },
+            "ntk" => RopeScaling::Ntk { factor },
+            "dynamic-ntk" | "dynamic" => RopeScaling::DynamicNtk {
+                factor,
+                original_max_position_embeddings: native,
+            },
+            "yarn" => RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: native,
+            },
+            other => {
+                return Err(format!(
+                    "--rope-scaling {other}: expected none, pi, ntk, dynamic-ntk or yarn"
+                ));
+            }
+        })
+    }
+
+    /// The factor (1 for none).
+    pub fn factor(&self) -> f64 {
+        match *self {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor }
+            | RopeScaling::Ntk { factor }
+            | RopeScaling::DynamicNtk { factor, .. }
+            | RopeScaling::Yarn { factor, .. } => factor,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,7 +311,15 @@ fn parse_rope_scaling(
     match (kind, factor) {
         ("default", _) => Ok(RopeScaling::None),
         ("linear", Some(f)) => Ok(RopeScaling::Linear { factor: f }),
-        ("dynamic", Some(f)) | ("ntk", Some(f)) => Ok(RopeScaling::Ntk { factor: f }),
+        ("ntk", Some(f)) => Ok(RopeScaling::Ntk { factor: f }),
+        ("dynamic", Some(f)) => Ok(RopeScaling::DynamicNtk {
+            factor: f,
+            original_max_position_embeddings: v
+                .get("original_max_position_embeddings")
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .unwrap_or(max_pos),
+        }),
         ("yarn", Some(f)) => Ok(RopeScaling::Yarn {
             factor: f,
             original_max_position_embeddings: v

@@ -6,6 +6,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
+use crate::config::RopeScaling;
 use crate::error::{ModelError, Result};
 use crate::layer::{DecoderLayer, rms_norm};
 use crate::load::{HostTensor, WeightSource, llama_tensor_names, load_checked};
@@ -211,6 +212,30 @@ impl Llama {
 
     pub fn n_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Extend the window with a RoPE scaling (the evaluation's PI / NTK / dynamic NTK / YaRN
+    /// baselines, spec §8). The model's native window becomes `native × factor` tokens
+    /// (`config.max_position_embeddings`), so HOMER's default chunk length follows it. Refused
+    /// for a model whose config already scales its RoPE.
+    pub fn set_rope_scaling(&mut self, scaling: RopeScaling) -> Result<()> {
+        if self.config.rope_scaling != RopeScaling::None {
+            return Err(ModelError::Input(format!(
+                "the model already scales its RoPE ({:?}); a second scaling is not supported",
+                self.config.rope_scaling
+            )));
+        }
+        let native = self.config.max_position_embeddings;
+        self.config.max_position_embeddings = (native as f64 * scaling.factor()).round() as usize;
+        self.rope = Rope::new(self.config.head_dim, self.config.rope_theta, &scaling);
+        self.config.rope_scaling = scaling;
+        Ok(())
+    }
+
+    /// The full length of the sequence about to be prefilled (dynamic NTK picks its frequencies
+    /// from it; other RoPE variants ignore it). 0 = use the positions of each call.
+    pub fn set_rope_seq_len(&self, n: usize) {
+        self.rope.set_seq_len(n);
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {

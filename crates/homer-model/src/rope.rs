@@ -5,6 +5,9 @@
 //! f32 angle = position * inv_freq), so positions agree bit-for-bit with the reference before
 //! cos/sin; the cost is n × head_dim/2 values per call.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::config::RopeScaling;
@@ -17,39 +20,47 @@ pub struct Rope {
     /// Position divisor (PI); 1 otherwise.
     pos_scale: f32,
     pub head_dim: usize,
+    /// Dynamic NTK: (factor, original window, theta).
+    dynamic: Option<(f64, usize, f64)>,
+    /// Dynamic NTK: the length of the sequence being run (set before a prefill so every block
+    /// of it uses the frequencies of the whole sequence, as one full forward would).
+    seq_len: Arc<AtomicUsize>,
+}
+
+fn base_inv(base: f32, head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0f32 / base.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
 }
 
 impl Rope {
     pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Self {
         let half = head_dim / 2;
-        let base_inv = |base: f32| -> Vec<f32> {
-            (0..half)
-                .map(|i| 1.0f32 / base.powf((2 * i) as f32 / head_dim as f32))
-                .collect()
+        let plain = |inv_freq: Vec<f32>, mscale: f32, pos_scale: f32| Rope {
+            inv_freq,
+            mscale,
+            pos_scale,
+            head_dim,
+            dynamic: None,
+            seq_len: Arc::new(AtomicUsize::new(0)),
         };
         match *scaling {
-            RopeScaling::None => Rope {
-                inv_freq: base_inv(theta as f32),
-                mscale: 1.0,
-                pos_scale: 1.0,
-                head_dim,
-            },
-            RopeScaling::Linear { factor } => Rope {
-                inv_freq: base_inv(theta as f32),
-                mscale: 1.0,
-                pos_scale: factor as f32,
-                head_dim,
-            },
+            RopeScaling::None => plain(base_inv(theta as f32, head_dim), 1.0, 1.0),
+            RopeScaling::Linear { factor } => {
+                plain(base_inv(theta as f32, head_dim), 1.0, factor as f32)
+            }
             RopeScaling::Ntk { factor } => {
                 let d = head_dim as f64;
                 let base = theta * factor.powf(d / (d - 2.0));
-                Rope {
-                    inv_freq: base_inv(base as f32),
-                    mscale: 1.0,
-                    pos_scale: 1.0,
-                    head_dim,
-                }
+                plain(base_inv(base as f32, head_dim), 1.0, 1.0)
             }
+            RopeScaling::DynamicNtk {
+                factor,
+                original_max_position_embeddings,
+            } => Rope {
+                dynamic: Some((factor, original_max_position_embeddings, theta)),
+                ..plain(base_inv(theta as f32, head_dim), 1.0, 1.0)
+            },
             RopeScaling::Yarn {
                 factor,
                 original_max_position_embeddings,
@@ -80,13 +91,35 @@ impl Rope {
                 } else {
                     0.1 * factor.ln() + 1.0
                 };
-                Rope {
-                    inv_freq,
-                    mscale: mscale as f32,
-                    pos_scale: 1.0,
-                    head_dim,
-                }
+                plain(inv_freq, mscale as f32, 1.0)
             }
+        }
+    }
+
+    /// Dynamic NTK: the full length of the sequence about to run (0 = only the positions seen).
+    pub fn set_seq_len(&self, n: usize) {
+        self.seq_len.store(n, Ordering::Relaxed);
+    }
+
+    /// The inverse frequencies in effect for a sequence of `seq_len` tokens, with the position
+    /// divisor folded in (what transformers' `inv_freq` holds), and the cos/sin multiplier.
+    pub fn effective(&self, seq_len: usize) -> (Vec<f32>, f32) {
+        let inv = self.inv_for(seq_len);
+        (
+            inv.iter().map(|f| f / self.pos_scale).collect(),
+            self.mscale,
+        )
+    }
+
+    fn inv_for(&self, seq_len: usize) -> std::borrow::Cow<'_, [f32]> {
+        match self.dynamic {
+            Some((factor, orig, theta)) if seq_len > orig => {
+                let d = self.head_dim as f64;
+                let base = theta
+                    * (factor * seq_len as f64 / orig as f64 - (factor - 1.0)).powf(d / (d - 2.0));
+                std::borrow::Cow::Owned(base_inv(base as f32, self.head_dim))
+            }
+            _ => std::borrow::Cow::Borrowed(&self.inv_freq),
         }
     }
 
@@ -95,11 +128,16 @@ impl Rope {
         let n = positions.len();
         let hd = self.head_dim;
         let half = hd / 2;
+        let seq_len = self
+            .seq_len
+            .load(Ordering::Relaxed)
+            .max(positions.iter().max().map_or(0, |p| p + 1));
+        let inv_freq = self.inv_for(seq_len);
         let mut cos = vec![0f32; n * hd];
         let mut sin = vec![0f32; n * hd];
         for (r, &p) in positions.iter().enumerate() {
             let p = p as f32 / self.pos_scale;
-            for (i, &f) in self.inv_freq.iter().enumerate() {
+            for (i, &f) in inv_freq.iter().enumerate() {
                 let a = p * f;
                 let (s, c) = (a as f64).sin_cos();
                 let (c, s) = (c as f32 * self.mscale, s as f32 * self.mscale);
@@ -126,4 +164,95 @@ pub fn apply(x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<3> {
     let cos = cos.clone().unsqueeze_dim::<3>(0);
     let sin = sin.clone().unsqueeze_dim::<3>(0);
     x * cos + rotated * sin
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Inverse frequencies and attention factors against `tests/fixtures/rope.json`
+    /// (transformers' ROPE_INIT_FUNCTIONS for linear, dynamic and YaRN; numpy for static NTK,
+    /// which transformers lacks), for the default model's and Llama-2's RoPE.
+    #[test]
+    fn scaled_rope_matches_the_reference() {
+        let path = std::path::Path::new(
+            &std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("../../tests/fixtures/rope.json");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let cases = v["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 42);
+        let mut kinds = std::collections::BTreeSet::new();
+        for c in cases {
+            let m = &v["models"][c["model"].as_str().unwrap()];
+            let (hd, theta, window) = (
+                m["head_dim"].as_u64().unwrap() as usize,
+                m["theta"].as_f64().unwrap(),
+                m["window"].as_u64().unwrap() as usize,
+            );
+            let kind = c["kind"].as_str().unwrap();
+            let factor = c["factor"].as_f64().unwrap();
+            let choice = if kind == "dynamic" {
+                "dynamic-ntk"
+            } else {
+                kind
+            };
+            let scaling = RopeScaling::from_choice(choice, factor, window).unwrap();
+            let rope = Rope::new(hd, theta, &scaling);
+            let seq_len = c["seq_len"].as_u64().map_or(0, |s| s as usize);
+            let (inv, mscale) = rope.effective(seq_len);
+            let want: Vec<f32> = c["inv_freq"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            assert_eq!(inv.len(), want.len());
+            for (i, (a, b)) in inv.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 2e-6 * b.abs(),
+                    "{kind} x{factor} {} seq {seq_len} inv_freq[{i}]: {a} vs {b}",
+                    c["model"]
+                );
+            }
+            let att = c["attention_factor"].as_f64().unwrap() as f32;
+            assert!(
+                (mscale - att).abs() < 1e-6,
+                "{kind} x{factor}: mscale {mscale} vs {att}"
+            );
+            kinds.insert(kind.to_string());
+        }
+        assert_eq!(kinds.len(), 4, "{kinds:?}");
+    }
+
+    #[test]
+    fn dynamic_ntk_follows_the_sequence_length() {
+        let s = RopeScaling::from_choice("dynamic-ntk", 4.0, 8192).unwrap();
+        let rope = Rope::new(64, 1e5, &s);
+        let native = Rope::new(64, 1e5, &RopeScaling::None);
+        // Within the window: native RoPE, bit for bit.
+        assert_eq!(rope.effective(8192), native.effective(8192));
+        // Beyond it the tables follow the longest of the positions and the announced length.
+        #[allow(deprecated)]
+        let dev = Device::ndarray();
+        let at = |r: &Rope, p: usize| {
+            r.tables(&[p], &dev)
+                .0
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap()
+        };
+        assert_eq!(at(&rope, 100), at(&native, 100));
+        rope.set_seq_len(20000);
+        assert_ne!(at(&rope, 100), at(&native, 100));
+        let (inv, _) = rope.effective(20000);
+        assert!(
+            inv[1] < native.effective(0).0[1],
+            "a larger base lowers the frequencies"
+        );
+        assert!(RopeScaling::from_choice("yarn", 0.5, 8192).is_err());
+        assert!(RopeScaling::from_choice("rope", 2.0, 8192).is_err());
+    }
 }
