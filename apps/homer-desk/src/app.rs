@@ -145,7 +145,8 @@ pub struct Running {
     pub first_token: Option<Instant>,
     pub tokens: usize,
     pub progress: Option<(f32, String)>,
-    pub stopping: bool,
+    /// Names of the documents asked about.
+    pub docs: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -196,6 +197,9 @@ pub struct DeskApp {
     pub adapters: Vec<String>,
     pub shared_device: Option<Result<String, String>>,
     kept_view: KeptView,
+    /// Stopped runs whose last events are still to come from the worker, with the history
+    /// entry each one completes (None when it was stopped before its answer began).
+    stale: std::collections::VecDeque<Option<usize>>,
     /// The summary of the model file named in Settings, read once per path.
     model_info: Option<(String, Option<homer_engine::ModelSummary>)>,
     worker: Worker,
@@ -281,6 +285,7 @@ impl DeskApp {
             adapters,
             shared_device,
             kept_view: KeptView::default(),
+            stale: Default::default(),
             model_info: None,
             worker,
             events: erx,
@@ -368,7 +373,7 @@ impl DeskApp {
             first_token: None,
             tokens: 0,
             progress: None,
-            stopping: false,
+            docs: docs.iter().map(|d| d.name.clone()).collect(),
         });
         self.question.clear();
         // Cleared here, not in the worker: a Stop pressed while the question still waits in
@@ -382,11 +387,42 @@ impl DeskApp {
         self.save_settings();
     }
 
+    /// Stop the running question. The UI is free at once: the answer so far goes into the
+    /// history, and the worker's remaining events for that run (it ends within one layer or one
+    /// token) only complete its record.
     pub fn stop(&mut self) {
-        if let Some(r) = &mut self.running {
-            r.stopping = true;
-            self.worker.cancel.store(true, Ordering::Relaxed);
+        let Some(r) = self.running.take() else {
+            return;
+        };
+        self.worker.cancel.store(true, Ordering::Relaxed);
+        if r.partial.is_empty() {
+            self.errors
+                .push(format!("Stopped before the answer began: “{}”", r.question));
+            self.stale.push_back(None);
+        } else {
+            self.history.exchanges.push(Exchange {
+                question: r.question,
+                answer: r.partial,
+                docs: r.docs,
+                used_homer: false,
+                prompt_tokens: 0,
+                cache_len: 0,
+                stop: "cancelled".into(),
+                prefill_secs: r.first_token.map_or(0.0, |t| (t - r.started).as_secs_f64()),
+                decode_tokens_per_sec: r.first_token.map_or(0.0, |t| {
+                    r.tokens.saturating_sub(1) as f64 / t.elapsed().as_secs_f64().max(1e-9)
+                }),
+                citations: vec![],
+                when: homer_engine::history::now(),
+            });
+            self.save_history();
+            self.stale.push_back(Some(self.history.exchanges.len() - 1));
         }
+    }
+
+    /// Whether the worker is still answering (a running question, or a stopped one finishing).
+    pub fn busy(&self) -> bool {
+        self.running.is_some() || !self.stale.is_empty()
     }
 
     pub fn token_total(&self) -> usize {
@@ -394,6 +430,36 @@ impl DeskApp {
     }
 
     fn handle(&mut self, e: Event) {
+        if !self.stale.is_empty() {
+            match e {
+                // Progress of a stopped run: nothing to show.
+                Event::Prefill { .. } | Event::Homer(_) | Event::Token(_) => return,
+                Event::Finished(f) => {
+                    // Complete the stopped exchange's record; keep its trace for the views.
+                    if let Some(Some(i)) = self.stale.pop_front() {
+                        if let Some(ex) = self.history.exchanges.get_mut(i) {
+                            let g = &f.answer.generation;
+                            ex.used_homer = f.answer.used_homer;
+                            ex.prompt_tokens = g.prompt_tokens;
+                            ex.cache_len = f.answer.cache_len;
+                            ex.prefill_secs = g.prefill_secs;
+                            ex.citations = f.citations.clone();
+                        }
+                        self.save_history();
+                        let n = self.last.as_ref().map_or(0, |l| l.0 + 1);
+                        self.last = Some((n, f));
+                        self.selected_node = None;
+                        self.view_doc = 0;
+                    }
+                    return;
+                }
+                Event::Cancelled | Event::Failed(_) => {
+                    self.stale.pop_front();
+                    return;
+                }
+                _ => {}
+            }
+        }
         match e {
             Event::Fetch {
                 message,
@@ -458,8 +524,7 @@ impl DeskApp {
                 }
             }
             Event::Token(t) => {
-                // After Stop the text stops at once; the worker ends within one decode step.
-                if let Some(r) = self.running.as_mut().filter(|r| !r.stopping) {
+                if let Some(r) = &mut self.running {
                     r.first_token.get_or_insert_with(Instant::now);
                     r.tokens += 1;
                     r.partial.push_str(&t);
@@ -471,14 +536,9 @@ impl DeskApp {
                     .ok()
                     .and_then(|v| v.as_str().map(String::from))
                     .unwrap_or_default();
-                // A stopped answer is kept as the user saw it.
-                let answer = match &self.running {
-                    Some(r) if r.stopping => r.partial.clone(),
-                    _ => g.text.clone(),
-                };
                 self.history.exchanges.push(Exchange {
                     question: f.question.clone(),
-                    answer,
+                    answer: g.text.clone(),
                     docs: f.docs.iter().map(|d| d.name.clone()).collect(),
                     used_homer: f.answer.used_homer,
                     prompt_tokens: g.prompt_tokens,
@@ -793,11 +853,7 @@ impl DeskApp {
                 .labelled_by(label.id);
             let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
             if running {
-                let stopping = self.running.as_ref().is_some_and(|r| r.stopping);
-                if ui
-                    .add_enabled(!stopping, egui::Button::new("Stop"))
-                    .clicked()
-                {
+                if ui.button("Stop").clicked() {
                     self.stop();
                 }
             } else if ui
@@ -869,7 +925,7 @@ impl DeskApp {
                     ui.label(RichText::new(format!("Q: {}", r.question)).strong());
                     ui.label(if r.partial.is_empty() { "…" } else { r.partial.as_str() });
                 }
-                if n > 0 && self.running.is_none() && ui.small_button("Clear history").clicked() {
+                if n > 0 && !self.busy() && ui.small_button("Clear history").clicked() {
                     clear = true;
                 }
             });
@@ -1133,7 +1189,7 @@ impl DeskApp {
                     && (d.tokens.is_some() || !matches!(self.model, ModelState::Ready(_))))
         });
         let asked = self.opts.ask.is_none()
-            || (self.asked && self.running.is_none())
+            || (self.asked && !self.busy())
             || matches!(self.model, ModelState::Failed(_));
         model && docs && asked
     }

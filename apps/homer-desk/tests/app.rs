@@ -290,15 +290,40 @@ fn stop_cancels_an_answer_mid_stream() {
         a.running.as_ref().is_some_and(|r| r.tokens >= 3)
     });
     h.get_by_label("Stop").click();
-    let t0 = Instant::now();
-    wait(&mut h, "the stop", |a| a.running.is_none());
-    let took = t0.elapsed();
-    assert!(took < Duration::from_secs(5), "stop took {took:?}");
-    let ex = h.state().history.exchanges.last().unwrap();
+    h.run_steps(2);
+    // The UI is free at once; the worker's tail only completes the record.
+    assert!(
+        h.state().running.is_none(),
+        "Stop frees the UI in the same frame"
+    );
+    h.get_by_label("Ask");
+    let ex = h.state().history.exchanges.last().unwrap().clone();
     assert_eq!(ex.stop, "cancelled");
     assert!(!ex.answer.is_empty());
+    let t0 = Instant::now();
+    wait(&mut h, "the worker to end the stopped run", |a| !a.busy());
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the worker took {took:?} to stop"
+    );
+    let ex = h.state().history.exchanges.last().unwrap().clone();
     assert!(!ex.used_homer);
-    h.get_by_label("Ask");
+    assert!(
+        ex.prompt_tokens > 0,
+        "the record was completed from the worker's result"
+    );
+    // The next question runs normally.
+    h.state_mut().settings.max_tokens = 6;
+    h.state_mut().question = "And again?".into();
+    h.run_steps(1);
+    h.get_by_label("Ask").click();
+    h.run_steps(1);
+    wait(&mut h, "the second answer", |a| !a.busy());
+    let hist = &h.state().history.exchanges;
+    assert_eq!(hist.len(), 2);
+    assert_eq!(hist[1].question, "And again?");
+    assert_ne!(hist[1].stop, "cancelled");
 }
 
 #[test]
