@@ -48,9 +48,11 @@ pub enum EvalCmd {
         /// Trials per (length, depth) cell; each has its own key
         #[arg(long, default_value_t = 4)]
         trials: usize,
-        /// Methods: plain (one prefill, even past the window) and/or homer
+        /// Methods: plain (one prefill, even past the window), truncation (the tail that fits),
+        /// pi, ntk, dynamic-ntk, yarn (RoPE scaling, factor = --rope-factor or the smallest that
+        /// holds the prompt), homer, homer+<scaling> (e.g. homer+yarn)
         #[arg(long, value_delimiter = ',', default_value = "plain,homer")]
-        method: Vec<String>,
+        method: Vec<homer_engine::passkey::Method>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// raw: plain text ending "The pass key is" (default); chat: one turn of the chat template
@@ -408,12 +410,8 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
             homer,
             out,
         } => {
-            for m in &method {
-                if m != "plain" && m != "homer" {
-                    return Err(format!("--method {m}: expected plain or homer"));
-                }
-            }
-            let engine = load(&model)?;
+            let rope_factor = model.rope_factor;
+            let mut engine = load(&model)?;
             let cancel = AtomicBool::new(false);
             let mut rows = vec![];
             let mut table: BTreeMap<(String, usize), Vec<(usize, usize)>> = BTreeMap::new();
@@ -426,13 +424,10 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
                         let sample = engine
                             .passkey_sample(len, depth, s, format)
                             .map_err(|e| e.to_string())?;
-                        for m in &method {
+                        for method in &method {
+                            let m = method.to_string();
                             let params = AskParams {
-                                mode: if m == "homer" {
-                                    HomerMode::Always
-                                } else {
-                                    HomerMode::Never
-                                },
+                                mode: HomerMode::Never,
                                 chunk_len: homer.chunk_len,
                                 warmup_layers: homer.warmup_layers,
                                 bias: homer.bias.clone(),
@@ -444,13 +439,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
                                 },
                             };
                             let a = engine
-                                .answer(
-                                    sample.prompt.clone(),
-                                    &params,
-                                    &cancel,
-                                    &mut |_| {},
-                                    &mut |_| {},
-                                )
+                                .run_passkey(&sample, method, &params, rope_factor, &cancel)
                                 .map_err(|e| e.to_string())?;
                             let got = first_number(&a.generation.text).unwrap_or("").to_string();
                             let ok = got == sample.passkey;

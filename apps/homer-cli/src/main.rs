@@ -44,9 +44,10 @@ struct ModelArgs {
     /// window becomes --rope-factor × native, and HOMER's default chunk half of that
     #[arg(long, global = true, default_value = "none")]
     rope_scaling: String,
-    /// The RoPE scaling factor s (>= 1)
-    #[arg(long, global = true, default_value_t = 2.0)]
-    rope_factor: f64,
+    /// The RoPE scaling factor s (>= 1; default 2, and for `eval passkey` the smallest factor
+    /// whose window holds the prompt)
+    #[arg(long, global = true)]
+    rope_factor: Option<f64>,
 }
 
 #[derive(Args, Clone)]
@@ -333,9 +334,12 @@ fn load(m: &ModelArgs) -> Result<Engine, String> {
         Engine::load(m.model.as_deref(), m.backend, &mut prog).map_err(|e| e.to_string())?;
     engine.homer_ops = m.homer_ops;
     if m.rope_scaling != "none" {
-        let native = engine.model.config.max_position_embeddings;
-        let scaling =
-            homer_model::RopeScaling::from_choice(&m.rope_scaling, m.rope_factor, native)?;
+        let native = engine.model.native_window();
+        let scaling = homer_model::RopeScaling::from_choice(
+            &m.rope_scaling,
+            m.rope_factor.unwrap_or(2.0),
+            native,
+        )?;
         engine
             .model
             .set_rope_scaling(scaling)

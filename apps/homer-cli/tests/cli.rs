@@ -270,3 +270,51 @@ fn rope_scaling_extends_the_window_and_bad_choices_are_refused() {
         homer(&[&base[..], &["--rope-scaling", "pi", "--rope-factor", "0.5"]].concat());
     assert!(!ok && err.contains("--rope-factor 0.5"), "{err}");
 }
+
+#[test]
+fn passkey_runs_every_baseline_method() {
+    let model = fixtures().join("tiny-llama").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pk.json");
+    let out_s = out.display().to_string();
+    let args = [
+        "eval",
+        "passkey",
+        "--model",
+        &model,
+        "--backend",
+        "cpu",
+        "--lengths",
+        "600",
+        "--depths",
+        "0.5",
+        "--trials",
+        "1",
+        "--method",
+        "plain,truncation,yarn,homer+yarn",
+        "--out",
+        &out_s,
+    ];
+    let (ok, stdout, err) = homer(&args);
+    assert!(ok, "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let rows = v["trials"].as_array().unwrap();
+    let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(methods, ["plain", "truncation", "yarn", "homer+yarn"]);
+    // Every method saw the same sample.
+    assert!(rows.iter().all(|r| r["passkey"] == rows[0]["passkey"]));
+    assert!(
+        rows[3]["needle_tokens_kept"].is_u64(),
+        "homer+yarn ran HOMER"
+    );
+    assert!(
+        rows[2]["needle_tokens_kept"].is_null(),
+        "yarn alone did not"
+    );
+    for m in ["plain", "truncation", "yarn", "homer+yarn"] {
+        assert!(stdout.contains(&format!("| {m} | 600 |")), "{stdout}");
+    }
+    let (ok, _, err) = homer(&[&args[..12], &["--method", "bm25"]].concat());
+    assert!(!ok && err.contains("bm25"), "{err}");
+}

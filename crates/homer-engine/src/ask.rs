@@ -51,6 +51,35 @@ impl DocPrompt {
     pub fn concatenated(&self) -> Vec<u32> {
         [&self.prefix[..], &self.context, &self.suffix].concat()
     }
+    /// The prompt cut to `budget` tokens by dropping the start of the context (the truncation
+    /// baseline): prefix and suffix stay whole, the document spans follow the kept tail.
+    pub fn truncated(&self, budget: usize) -> DocPrompt {
+        let keep = budget
+            .saturating_sub(self.prefix.len() + self.suffix.len())
+            .min(self.context.len());
+        let cut = self.context.len() - keep;
+        let docs = self
+            .docs
+            .iter()
+            .filter(|d| d.tokens.end > cut)
+            .map(|d| {
+                let start = d.tokens.start.max(cut);
+                DocSpan {
+                    name: d.name.clone(),
+                    path: d.path.clone(),
+                    tokens: start - cut..d.tokens.end - cut,
+                    offsets: d.offsets[start - d.tokens.start..].to_vec(),
+                }
+            })
+            .collect();
+        DocPrompt {
+            prefix: self.prefix.clone(),
+            context: self.context[cut..].to_vec(),
+            suffix: self.suffix.clone(),
+            docs,
+        }
+    }
+
     /// (document index, byte offset in it) of context token `i`.
     pub fn locate(&self, i: usize) -> Option<(usize, usize)> {
         self.docs
@@ -447,5 +476,36 @@ impl Engine {
             format!("{:?}", self.model.config.rope_scaling),
         );
         Ok(table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_keeps_the_tail_and_follows_the_spans() {
+        let span = |name: &str, tokens: Range<usize>| DocSpan {
+            name: name.into(),
+            path: name.into(),
+            offsets: tokens.clone().map(|i| i * 10).collect(),
+            tokens,
+        };
+        let p = DocPrompt {
+            prefix: vec![1, 2],
+            context: (100..120).collect(),
+            suffix: vec![3],
+            docs: vec![span("a", 0..12), span("b", 12..20)],
+        };
+        let t = p.truncated(10);
+        assert_eq!((t.prefix.clone(), t.suffix.clone()), (vec![1, 2], vec![3]));
+        assert_eq!(t.context, (113..120).collect::<Vec<u32>>());
+        assert_eq!(t.total_len(), 10);
+        assert_eq!(t.docs.len(), 1);
+        assert_eq!((t.docs[0].name.as_str(), t.docs[0].tokens.clone()), ("b", 0..7));
+        assert_eq!(t.docs[0].offsets, (13..20).map(|i| i * 10).collect::<Vec<_>>());
+        // A budget that holds everything changes nothing; one below the affixes keeps no context.
+        assert_eq!(p.truncated(100).context, p.context);
+        assert!(p.truncated(2).context.is_empty());
     }
 }

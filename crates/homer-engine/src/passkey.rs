@@ -136,9 +136,159 @@ impl Engine {
     }
 }
 
+/// How a passkey prompt is run: the baselines of the evaluation and HOMER (spec §8, §9.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    /// One prefill of the whole prompt, even past the window.
+    Plain,
+    /// Keep the prefix, the suffix and the tail of the context that fits the window.
+    Truncation,
+    /// The whole prompt with a RoPE scaling: pi, ntk, dynamic-ntk or yarn.
+    Rope(String),
+    /// HOMER with the native RoPE.
+    Homer,
+    /// HOMER on a RoPE-scaled model (`homer+yarn`, ...): the chunk length becomes half the
+    /// scaled window.
+    HomerRope(String),
+}
+
+const ROPE_KINDS: [&str; 4] = ["pi", "ntk", "dynamic-ntk", "yarn"];
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let rope = |k: &str| ROPE_KINDS.contains(&k).then(|| k.to_string());
+        Ok(match s {
+            "plain" => Method::Plain,
+            "truncation" | "truncate" => Method::Truncation,
+            "homer" => Method::Homer,
+            _ => match s.strip_prefix("homer+") {
+                Some(k) => Method::HomerRope(rope(k).ok_or_else(|| bad(s))?),
+                None => Method::Rope(rope(s).ok_or_else(|| bad(s))?),
+            },
+        })
+    }
+}
+
+fn bad(s: &str) -> String {
+    format!(
+        "method `{s}`: expected plain, truncation, pi, ntk, dynamic-ntk, yarn, homer or homer+<one of the RoPE scalings>"
+    )
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Method::Plain => f.write_str("plain"),
+            Method::Truncation => f.write_str("truncation"),
+            Method::Rope(k) => f.write_str(k),
+            Method::Homer => f.write_str("homer"),
+            Method::HomerRope(k) => write!(f, "homer+{k}"),
+        }
+    }
+}
+
+impl Method {
+    /// The RoPE scaling the method runs a `total`-token prompt with: `factor` when given, else
+    /// the smallest whole factor whose scaled window holds the prompt.
+    pub fn rope_scaling(
+        &self,
+        total: usize,
+        native: usize,
+        factor: Option<f64>,
+    ) -> std::result::Result<homer_model::RopeScaling, String> {
+        match self {
+            Method::Plain | Method::Truncation | Method::Homer => {
+                Ok(homer_model::RopeScaling::None)
+            }
+            Method::Rope(k) | Method::HomerRope(k) => {
+                let s = factor.unwrap_or_else(|| (total as f64 / native as f64).ceil().max(1.0));
+                homer_model::RopeScaling::from_choice(k, s, native)
+            }
+        }
+    }
+
+    pub fn uses_homer(&self) -> bool {
+        matches!(self, Method::Homer | Method::HomerRope(_))
+    }
+}
+
+impl Engine {
+    /// Answer a passkey sample with `method`: sets the model's RoPE scaling for it (and leaves
+    /// it set; the next call sets its own), truncates or runs HOMER as the method says.
+    pub fn run_passkey(
+        &mut self,
+        sample: &PasskeySample,
+        method: &Method,
+        params: &crate::ask::AskParams,
+        rope_factor: Option<f64>,
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> Result<crate::ask::Answer> {
+        let total = sample.prompt.total_len();
+        let native = self.model.native_window();
+        let scaling = method
+            .rope_scaling(total, native, rope_factor)
+            .map_err(EngineError::Setting)?;
+        self.model.set_rope_scaling(scaling)?;
+        let mut p = params.clone();
+        p.mode = if method.uses_homer() {
+            crate::ask::HomerMode::Always
+        } else {
+            crate::ask::HomerMode::Never
+        };
+        let prompt = if *method == Method::Truncation {
+            sample
+                .prompt
+                .truncated(native.saturating_sub(p.generate.max_tokens))
+        } else {
+            sample.prompt.clone()
+        };
+        self.answer(prompt, &p, cancel, &mut |_| {}, &mut |_| {})
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::first_number;
+    use super::*;
+
+    #[test]
+    fn methods_parse_and_pick_their_rope() {
+        use homer_model::RopeScaling;
+        let m: Vec<Method> = [
+            "plain",
+            "truncation",
+            "yarn",
+            "homer",
+            "homer+yarn",
+            "dynamic-ntk",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        assert_eq!(m[2], Method::Rope("yarn".into()));
+        assert_eq!(m[4].to_string(), "homer+yarn");
+        assert!("homer+rope".parse::<Method>().is_err() && "bm25".parse::<Method>().is_err());
+        // 16,400 tokens on an 8K model: factor 3 unless one is given.
+        assert_eq!(
+            m[0].rope_scaling(16400, 8192, None).unwrap(),
+            RopeScaling::None
+        );
+        assert_eq!(
+            m[2].rope_scaling(16400, 8192, None).unwrap(),
+            RopeScaling::Yarn {
+                factor: 3.0,
+                original_max_position_embeddings: 8192
+            }
+        );
+        assert_eq!(
+            m[5].rope_scaling(16400, 8192, Some(2.0)).unwrap(),
+            RopeScaling::DynamicNtk {
+                factor: 2.0,
+                original_max_position_embeddings: 8192
+            }
+        );
+        assert!(m[4].uses_homer() && !m[2].uses_homer());
+    }
 
     #[test]
     fn first_number_is_the_first_digit_run() {

@@ -25,6 +25,9 @@ pub struct Llama {
     pub lm_head: Tensor<2>,
     pub rope: Rope,
     pub device: Device,
+    /// The window and RoPE of the file, before any `set_rope_scaling`.
+    native_window: usize,
+    loaded_scaling: RopeScaling,
 }
 
 /// Which positions' logits a forward pass returns.
@@ -145,6 +148,8 @@ impl Llama {
         let norm = vec1(get("model.norm.weight", &[d])?);
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling);
         Ok(Llama {
+            native_window: cfg.max_position_embeddings,
+            loaded_scaling: cfg.rope_scaling.clone(),
             config: cfg,
             embed,
             layers,
@@ -200,6 +205,8 @@ impl Llama {
             .collect();
         let rope = Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling);
         Llama {
+            native_window: c.max_position_embeddings,
+            loaded_scaling: c.rope_scaling.clone(),
             norm: ones(),
             embed,
             layers,
@@ -214,19 +221,28 @@ impl Llama {
         self.layers.len()
     }
 
+    /// The window of the model file, before any RoPE scaling set here.
+    pub fn native_window(&self) -> usize {
+        self.native_window
+    }
+
     /// Extend the window with a RoPE scaling (the evaluation's PI / NTK / dynamic NTK / YaRN
     /// baselines, spec §8). The model's native window becomes `native × factor` tokens
-    /// (`config.max_position_embeddings`), so HOMER's default chunk length follows it. Refused
-    /// for a model whose config already scales its RoPE.
+    /// (`config.max_position_embeddings`), so HOMER's default chunk length follows it;
+    /// `RopeScaling::None` restores the native RoPE. Refused for a model whose file already
+    /// scales its RoPE.
     pub fn set_rope_scaling(&mut self, scaling: RopeScaling) -> Result<()> {
-        if self.config.rope_scaling != RopeScaling::None {
+        if self.loaded_scaling != RopeScaling::None {
+            if scaling == self.loaded_scaling {
+                return Ok(());
+            }
             return Err(ModelError::Input(format!(
                 "the model already scales its RoPE ({:?}); a second scaling is not supported",
-                self.config.rope_scaling
+                self.loaded_scaling
             )));
         }
-        let native = self.config.max_position_embeddings;
-        self.config.max_position_embeddings = (native as f64 * scaling.factor()).round() as usize;
+        self.config.max_position_embeddings =
+            (self.native_window as f64 * scaling.factor()).round() as usize;
         self.rope = Rope::new(self.config.head_dim, self.config.rope_theta, &scaling);
         self.config.rope_scaling = scaling;
         Ok(())
