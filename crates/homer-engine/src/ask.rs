@@ -502,8 +502,14 @@ mod tests {
         assert_eq!(t.context, (113..120).collect::<Vec<u32>>());
         assert_eq!(t.total_len(), 10);
         assert_eq!(t.docs.len(), 1);
-        assert_eq!((t.docs[0].name.as_str(), t.docs[0].tokens.clone()), ("b", 0..7));
-        assert_eq!(t.docs[0].offsets, (13..20).map(|i| i * 10).collect::<Vec<_>>());
+        assert_eq!(
+            (t.docs[0].name.as_str(), t.docs[0].tokens.clone()),
+            ("b", 0..7)
+        );
+        assert_eq!(
+            t.docs[0].offsets,
+            (13..20).map(|i| i * 10).collect::<Vec<_>>()
+        );
         // A budget that holds everything changes nothing; one below the affixes keeps no context.
         assert_eq!(p.truncated(100).context, p.context);
         assert!(p.truncated(2).context.is_empty());
