@@ -477,7 +477,18 @@ impl DeskApp {
                     fraction: Some(done as f32 / total.max(1) as f32),
                 }
             }
-            Event::Loaded(l) => self.model = ModelState::Ready(l),
+            Event::Loaded(l) => {
+                self.model = ModelState::Ready(l);
+                // Token counts belong to a tokenizer: recount what an earlier model counted.
+                for d in &self.docs {
+                    if let (Some(doc), Some(_)) = (&d.doc, d.tokens) {
+                        self.worker.send(Command::Count {
+                            id: d.id,
+                            doc: doc.clone(),
+                        });
+                    }
+                }
+            }
             Event::LoadFailed(m) => {
                 self.errors
                     .push(format!("The model could not be loaded: {m}"));

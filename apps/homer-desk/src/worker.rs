@@ -30,11 +30,10 @@ pub enum Command {
         id: u64,
         path: PathBuf,
     },
-    /// Text handed over in memory (a drop without a path).
-    IngestText {
+    /// Count the tokens of a document read earlier (after another model was loaded).
+    Count {
         id: u64,
-        name: String,
-        text: String,
+        doc: Arc<Document>,
     },
     Ask {
         question: String,
@@ -199,23 +198,15 @@ fn run(rx: Receiver<Command>, out: Out, cancel: Arc<AtomicBool>) {
                 Ok(doc) => added(&out, engine.as_ref(), &mut uncounted, id, doc),
                 Err(skipped) => out.send(Event::Skipped { id, skipped }),
             },
-            Command::IngestText { id, name, text } => {
-                if text.trim().is_empty() {
-                    out.send(Event::Skipped {
+            Command::Count { id, doc } => {
+                if let Some(Ok(ids)) = engine
+                    .as_ref()
+                    .map(|e| e.tokenizer.encode(&doc.text, false))
+                {
+                    out.send(Event::Counted {
                         id,
-                        skipped: Skipped {
-                            path: name.into(),
-                            reason: homer_engine::SkipReason::Empty,
-                        },
+                        tokens: ids.len(),
                     });
-                } else {
-                    added(
-                        &out,
-                        engine.as_ref(),
-                        &mut uncounted,
-                        id,
-                        Document::from_text(&name, &text),
-                    );
                 }
             }
             Command::Ask {
