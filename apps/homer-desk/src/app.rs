@@ -805,18 +805,37 @@ impl DeskApp {
                 "{total} tokens in {} document(s) · window {window}",
                 self.docs.iter().filter(|d| d.doc.is_some()).count()
             );
-            if total > window {
-                ui.label(text);
-                ui.label(
-                    RichText::new(format!(
-                        "{:.1}× the window: HOMER will merge it",
-                        total as f64 / window as f64
-                    ))
-                    .color(Color32::from_rgb(230, 160, 40)),
-                );
-            } else {
-                ui.label(text);
-                ui.label(RichText::new("fits in the window").weak());
+            // HOMER's auto mode: the documents plus the answer budget must fit the window
+            // (the instruction and question add a few dozen tokens more).
+            let budget = self.settings.max_tokens;
+            ui.label(text);
+            match self.settings.homer.as_str() {
+                "never" => {
+                    ui.label(RichText::new("HOMER off: the prompt is read as one").weak());
+                }
+                "always" => {
+                    ui.label(RichText::new("HOMER on for every question").weak());
+                }
+                _ if total > window => {
+                    ui.label(
+                        RichText::new(format!(
+                            "{:.1}× the window: HOMER will merge it",
+                            total as f64 / window as f64
+                        ))
+                        .color(Color32::from_rgb(230, 160, 40)),
+                    );
+                }
+                _ if total + budget > window => {
+                    ui.label(
+                        RichText::new(format!(
+                            "with a {budget}-token answer it exceeds the window: HOMER will merge it"
+                        ))
+                        .color(Color32::from_rgb(230, 160, 40)),
+                    );
+                }
+                _ => {
+                    ui.label(RichText::new("fits in the window").weak());
+                }
             }
         } else {
             ui.label(format!("{total} tokens"));
