@@ -479,9 +479,9 @@ impl DeskApp {
             }
             Event::Loaded(l) => {
                 self.model = ModelState::Ready(l);
-                // Token counts belong to a tokenizer: recount what an earlier model counted.
+                // Token counts belong to a tokenizer: (re)count every document read so far.
                 for d in &self.docs {
-                    if let (Some(doc), Some(_)) = (&d.doc, d.tokens) {
+                    if let Some(doc) = &d.doc {
                         self.worker.send(Command::Count {
                             id: d.id,
                             doc: doc.clone(),

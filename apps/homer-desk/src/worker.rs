@@ -30,7 +30,7 @@ pub enum Command {
         id: u64,
         path: PathBuf,
     },
-    /// Count the tokens of a document read earlier (after another model was loaded).
+    /// Count the tokens of a document read earlier (sent for every document after a load).
     Count {
         id: u64,
         doc: Arc<Document>,
@@ -143,8 +143,6 @@ impl Out {
 
 fn run(rx: Receiver<Command>, out: Out, cancel: Arc<AtomicBool>) {
     let mut engine: Option<Engine> = None;
-    // Documents read before a model was there, to count once it is.
-    let mut uncounted: Vec<(u64, Arc<Document>)> = vec![];
     while let Ok(cmd) = rx.recv() {
         match cmd {
             Command::Load(choice) => {
@@ -166,26 +164,19 @@ fn run(rx: Receiver<Command>, out: Out, cancel: Arc<AtomicBool>) {
                 }));
                 match result {
                     Ok(Ok(e)) => {
-                        match ModelSummary::of(&e.model_path) {
-                            Ok(summary) => out.send(Event::Loaded(Box::new(Loaded {
-                                name: e
-                                    .model_path
-                                    .file_name()
-                                    .map(|n| n.to_string_lossy().into_owned())
-                                    .unwrap_or_default(),
-                                summary,
-                                device: e.device.clone(),
-                            }))),
-                            Err(err) => out.send(Event::LoadFailed(err.to_string())),
-                        }
-                        for (id, doc) in uncounted.drain(..) {
-                            if let Ok(ids) = e.tokenizer.encode(&doc.text, false) {
-                                out.send(Event::Counted {
-                                    id,
-                                    tokens: ids.len(),
-                                });
-                            }
-                        }
+                        out.send(Event::Loaded(Box::new(Loaded {
+                            name: e
+                                .model_path
+                                .file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default(),
+                            summary: ModelSummary::from_config(
+                                &e.model_path,
+                                e.format.clone(),
+                                &e.model.config,
+                            ),
+                            device: e.device.clone(),
+                        })));
                         engine = Some(e);
                     }
                     Ok(Err(err)) => out.send(Event::LoadFailed(load_hint(&err.to_string()))),
@@ -195,18 +186,17 @@ fn run(rx: Receiver<Command>, out: Out, cancel: Arc<AtomicBool>) {
                 }
             }
             Command::Ingest { id, path } => match homer_engine::ingest(&path) {
-                Ok(doc) => added(&out, engine.as_ref(), &mut uncounted, id, doc),
+                Ok(doc) => {
+                    // Without a model the count comes with the next load (the app asks).
+                    let doc = Arc::new(doc);
+                    let tokens = engine.as_ref().and_then(|e| count(e, &doc));
+                    out.send(Event::Ingested { id, doc, tokens });
+                }
                 Err(skipped) => out.send(Event::Skipped { id, skipped }),
             },
             Command::Count { id, doc } => {
-                if let Some(Ok(ids)) = engine
-                    .as_ref()
-                    .map(|e| e.tokenizer.encode(&doc.text, false))
-                {
-                    out.send(Event::Counted {
-                        id,
-                        tokens: ids.len(),
-                    });
+                if let Some(tokens) = engine.as_ref().and_then(|e| count(e, &doc)) {
+                    out.send(Event::Counted { id, tokens });
                 }
             }
             Command::Ask {
@@ -227,19 +217,11 @@ fn run(rx: Receiver<Command>, out: Out, cancel: Arc<AtomicBool>) {
     }
 }
 
-fn added(
-    out: &Out,
-    engine: Option<&Engine>,
-    uncounted: &mut Vec<(u64, Arc<Document>)>,
-    id: u64,
-    doc: Document,
-) {
-    let doc = Arc::new(doc);
-    let tokens = engine.and_then(|e| e.tokenizer.encode(&doc.text, false).ok().map(|v| v.len()));
-    if tokens.is_none() {
-        uncounted.push((id, doc.clone()));
-    }
-    out.send(Event::Ingested { id, doc, tokens });
+fn count(e: &Engine, doc: &Document) -> Option<usize> {
+    e.tokenizer
+        .encode(&doc.text, false)
+        .ok()
+        .map(|ids| ids.len())
 }
 
 fn ask(
@@ -267,13 +249,13 @@ fn ask(
     }));
     match result {
         Ok(Ok(answer)) => {
-            let (cites, dense) = match &answer.trace {
-                Some(t) => (
-                    citations(&answer.prompt, &owned, t, CITATIONS),
-                    citations(&answer.prompt, &owned, t, DENSE),
-                ),
-                None => (vec![], vec![]),
-            };
+            // The citations are the best of the dense regions (same ranking).
+            let dense = answer
+                .trace
+                .as_ref()
+                .map(|t| citations(&answer.prompt, &owned, t, DENSE))
+                .unwrap_or_default();
+            let cites = dense.iter().take(CITATIONS).cloned().collect();
             let token_bytes = homer_engine::citations::token_bytes(&answer.prompt, &owned);
             out.send(Event::Finished(Box::new(Finished {
                 question,

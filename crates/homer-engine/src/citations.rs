@@ -123,15 +123,15 @@ pub fn citations<D: Borrow<Document>>(
                 .collect();
             let mean_score =
                 (!scored.is_empty()).then(|| scored.iter().sum::<f32>() / scored.len() as f32);
-            let b = bytes[toks.start].1.start..bytes[toks.end - 1].1.end;
+            // Line, page and text (a scan of the document each) only for the passages chosen.
             Some(Citation {
                 doc: k,
                 name: doc.name.clone(),
                 path: doc.path.clone(),
-                line: doc.line_of(b.start),
-                page: doc.page_of(b.start),
-                text: snippet(&doc.text[b.clone()], 240),
-                bytes: b,
+                line: 0,
+                page: None,
+                text: String::new(),
+                bytes: bytes[toks.start].1.start..bytes[toks.end - 1].1.end,
                 tokens: toks,
                 kept: n_kept,
                 mean_score,
@@ -149,6 +149,12 @@ pub fn citations<D: Borrow<Document>>(
             .then(a.tokens.start.cmp(&b.tokens.start))
     });
     all.truncate(n);
+    for c in &mut all {
+        let doc = docs[c.doc].borrow();
+        c.line = doc.line_of(c.bytes.start);
+        c.page = doc.page_of(c.bytes.start);
+        c.text = snippet(&doc.text[c.bytes.clone()], 240);
+    }
     all
 }
 

@@ -185,10 +185,7 @@ fn pdf_text(bytes: &[u8]) -> std::result::Result<(String, Vec<usize>), SkipReaso
             "not a PDF file (no %PDF header)".into(),
         ));
     }
-    // pdf-extract panics on some malformed files; a panic is a skip, not a crash.
-    let pages = std::panic::catch_unwind(|| pdf_extract::extract_text_from_mem_by_pages(bytes))
-        .map_err(|_| SkipReason::Unreadable("the PDF is malformed (its parser gave up)".into()))?
-        .map_err(|e| SkipReason::Unreadable(format!("the PDF could not be parsed: {e}")))?;
+    let pages = parse_guarded("PDF", || pdf_extract::extract_text_from_mem_by_pages(bytes))?;
     if pages.iter().all(|p| p.trim().is_empty()) {
         return Err(SkipReason::NoTextLayer { pages: pages.len() });
     }
@@ -210,10 +207,21 @@ fn docx_text(bytes: &[u8]) -> std::result::Result<String, SkipReason> {
             "not a DOCX file (not a zip container)".into(),
         ));
     }
-    let text = std::panic::catch_unwind(|| docx_lite::extract_text_from_bytes(bytes))
-        .map_err(|_| SkipReason::Unreadable("the DOCX is malformed (its parser gave up)".into()))?
-        .map_err(|e| SkipReason::Unreadable(format!("the DOCX could not be parsed: {e}")))?;
+    let text = parse_guarded("DOCX", || docx_lite::extract_text_from_bytes(bytes))?;
     Ok(text.replace("\r\n", "\n"))
+}
+
+/// Run a format parser; its error or its panic (pdf-extract panics on some malformed files) is a
+/// skip naming the format, not a crash.
+fn parse_guarded<T, E: std::fmt::Display>(
+    format: &str,
+    parse: impl FnOnce() -> std::result::Result<T, E>,
+) -> std::result::Result<T, SkipReason> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse))
+        .map_err(|_| {
+            SkipReason::Unreadable(format!("the {format} is malformed (its parser gave up)"))
+        })?
+        .map_err(|e| SkipReason::Unreadable(format!("the {format} could not be parsed: {e}")))
 }
 
 #[cfg(test)]

@@ -51,10 +51,14 @@ impl ModelSummary {
     /// Read the config of the model at `path` (GGUF file or HF directory) without loading weights.
     pub fn of(path: &Path) -> Result<Self> {
         let src = load::open(path)?;
-        let c = src.config();
-        Ok(ModelSummary {
+        Ok(Self::from_config(path, src.describe(), src.config()))
+    }
+
+    /// The summary of a model whose config is at hand (a loaded engine's, say).
+    pub fn from_config(path: &Path, format: String, c: &homer_model::LlamaConfig) -> Self {
+        ModelSummary {
             path: path.to_path_buf(),
-            format: src.describe(),
+            format,
             params: c.n_params(),
             weights_bytes: c.n_params() as u64 * 4,
             kv_bytes_per_token: (c.num_hidden_layers * 2 * c.kv_dim() * 4) as u64,
@@ -62,7 +66,7 @@ impl ModelSummary {
             layers: c.num_hidden_layers,
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
-        })
+        }
     }
 
     /// Weights plus a KV cache of `tokens` rows.

@@ -308,25 +308,21 @@ fn parse_rope_scaling(
         .and_then(|t| t.as_str())
         .unwrap_or("");
     let factor = v.get("factor").and_then(|f| f.as_f64());
+    let original = v
+        .get("original_max_position_embeddings")
+        .and_then(|x| x.as_u64())
+        .map_or(max_pos, |x| x as usize);
     match (kind, factor) {
         ("default", _) => Ok(RopeScaling::None),
         ("linear", Some(f)) => Ok(RopeScaling::Linear { factor: f }),
         ("ntk", Some(f)) => Ok(RopeScaling::Ntk { factor: f }),
         ("dynamic", Some(f)) => Ok(RopeScaling::DynamicNtk {
             factor: f,
-            original_max_position_embeddings: v
-                .get("original_max_position_embeddings")
-                .and_then(|x| x.as_u64())
-                .map(|x| x as usize)
-                .unwrap_or(max_pos),
+            original_max_position_embeddings: original,
         }),
         ("yarn", Some(f)) => Ok(RopeScaling::Yarn {
             factor: f,
-            original_max_position_embeddings: v
-                .get("original_max_position_embeddings")
-                .and_then(|x| x.as_u64())
-                .map(|x| x as usize)
-                .unwrap_or(max_pos),
+            original_max_position_embeddings: original,
         }),
         _ => Err(format!(
             "rope_scaling {v} is not supported (supported: linear, dynamic/ntk, yarn with a factor); \
