@@ -1,4 +1,4 @@
-//! The HOMER subcommands: `ask`, `prefill`, `calibrate`, `eval passkey`, `bench kernels`. Printing and argument
+//! The HOMER subcommands: `ask`, `prefill`, `calibrate`, `bench kernels`. Printing and argument
 //! plumbing only; the work is in homer-engine.
 
 use std::collections::BTreeMap;
@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use clap::{Args, Subcommand};
-use homer_engine::passkey::first_number;
+use clap::Args;
 use homer_engine::{
     AskParams, BiasChoice, DocPrompt, GenerateParams, HomerMode, SamplingParams, top_k,
 };
@@ -31,39 +30,6 @@ pub struct HomerArgs {
     /// Calibration table: default (shipped for the default model), zeros, or a .safetensors path
     #[arg(long, default_value = "default")]
     pub bias: BiasChoice,
-}
-
-#[derive(Subcommand)]
-pub enum EvalCmd {
-    /// Passkey retrieval: find a 5-digit key hidden at a depth of a long filler text
-    Passkey {
-        #[command(flatten)]
-        model: ModelArgs,
-        /// Prompt lengths in tokens
-        #[arg(long, value_delimiter = ',', default_value = "4096,16384")]
-        lengths: Vec<usize>,
-        /// Needle depths in [0, 1]
-        #[arg(long, value_delimiter = ',', default_value = "0.1,0.5,0.9")]
-        depths: Vec<f64>,
-        /// Trials per (length, depth) cell; each has its own key
-        #[arg(long, default_value_t = 4)]
-        trials: usize,
-        /// Methods: plain (one prefill, even past the window), truncation (the tail that fits),
-        /// pi, ntk, dynamic-ntk, yarn (RoPE scaling, factor = --rope-factor or the smallest that
-        /// holds the prompt), homer, homer+<scaling> (e.g. homer+yarn)
-        #[arg(long, value_delimiter = ',', default_value = "plain,homer")]
-        method: Vec<homer_engine::passkey::Method>,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// raw: plain text ending "The pass key is" (default); chat: one turn of the chat template
-        #[arg(long, default_value = "raw")]
-        format: homer_engine::passkey::PasskeyFormat,
-        #[command(flatten)]
-        homer: HomerArgs,
-        /// Write every trial as JSON here
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
 }
 
 fn read_text(path: &Path) -> Result<String, String> {
@@ -395,108 +361,6 @@ pub fn calibrate(
         t0.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-pub fn eval(cmd: EvalCmd) -> Result<(), String> {
-    match cmd {
-        EvalCmd::Passkey {
-            model,
-            lengths,
-            depths,
-            trials,
-            method,
-            seed,
-            format,
-            homer,
-            out,
-        } => {
-            let rope_factor = model.rope_factor;
-            let mut engine = load(&model)?;
-            let cancel = AtomicBool::new(false);
-            let mut rows = vec![];
-            let mut table: BTreeMap<(String, usize), Vec<(usize, usize)>> = BTreeMap::new();
-            for &len in &lengths {
-                for (di, &depth) in depths.iter().enumerate() {
-                    for t in 0..trials {
-                        let s = seed
-                            .wrapping_mul(1_000_003)
-                            .wrapping_add((len as u64) * 1009 + di as u64 * 101 + t as u64);
-                        let sample = engine
-                            .passkey_sample(len, depth, s, format)
-                            .map_err(|e| e.to_string())?;
-                        for method in &method {
-                            let m = method.to_string();
-                            let params = AskParams {
-                                mode: HomerMode::Never,
-                                chunk_len: homer.chunk_len,
-                                warmup_layers: homer.warmup_layers,
-                                bias: homer.bias.clone(),
-                                system: None,
-                                generate: GenerateParams {
-                                    // "The pass key is " and 5 digits, one token each.
-                                    max_tokens: 16,
-                                    ..Default::default()
-                                },
-                            };
-                            let a = engine
-                                .run_passkey(&sample, method, &params, rope_factor, &cancel)
-                                .map_err(|e| e.to_string())?;
-                            let got = first_number(&a.generation.text).unwrap_or("").to_string();
-                            let ok = got == sample.passkey;
-                            let needle_kept = a.trace.as_ref().map(|tr| {
-                                tr.kept
-                                    .iter()
-                                    .filter(|&&i| {
-                                        i >= sample.needle_token && i < sample.needle_token + 12
-                                    })
-                                    .count()
-                            });
-                            eprintln!(
-                                "{m:>5} len {len:>6} depth {depth:.2} trial {t}: key {} answer {:?} {} ({:.1}s{})",
-                                sample.passkey,
-                                a.generation.text,
-                                if ok { "OK" } else { "wrong" },
-                                a.generation.prefill_secs,
-                                needle_kept.map_or(String::new(), |k| format!(
-                                    ", needle tokens kept {k}/12"
-                                ))
-                            );
-                            let cell = table
-                                .entry((m.clone(), len))
-                                .or_insert(vec![(0, 0); depths.len()]);
-                            cell[di].0 += ok as usize;
-                            cell[di].1 += 1;
-                            rows.push(serde_json::json!({
-                                "method": m, "length": len, "prompt_tokens": sample.prompt.total_len(), "depth": depth, "trial": t,
-                                "passkey": sample.passkey, "answer": a.generation.text, "correct": ok,
-                                "prefill_secs": a.generation.prefill_secs, "needle_tokens_kept": needle_kept,
-                                "peak_rss_bytes": peak_rss_bytes(),
-                            }));
-                        }
-                    }
-                }
-            }
-            let header: Vec<String> = depths.iter().map(|d| format!("depth {d}")).collect();
-            println!("| method | length | {} | all |", header.join(" | "));
-            println!("|---|---|{}---|", "---|".repeat(depths.len()));
-            for ((m, len), cells) in &table {
-                let (ok, n) = cells.iter().fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
-                let cols: Vec<String> = cells.iter().map(|(o, n)| format!("{o}/{n}")).collect();
-                println!(
-                    "| {m} | {len} | {} | {ok}/{n} ({:.0}%) |",
-                    cols.join(" | "),
-                    100.0 * ok as f64 / n.max(1) as f64
-                );
-            }
-            if let Some(path) = out {
-                write_json(
-                    &path,
-                    &serde_json::json!({"model": engine.model_path, "backend": engine.device.backend, "adapter": engine.device.adapter, "trials": rows}),
-                )?;
-            }
-            Ok(())
-        }
-    }
 }
 
 /// `homer bench kernels`: WGSL kernels vs the tensor-op oracle on the wgpu adapter, and with

@@ -7,7 +7,13 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
+mod eval_cmds;
 mod homer_cmds;
+
+/// Counts live heap bytes so `homer eval cost` measures peak memory (a thin wrapper around the
+/// system allocator).
+#[global_allocator]
+static ALLOC: homer_eval::alloc::CountingAlloc = homer_eval::alloc::CountingAlloc;
 
 use clap::{Args, Parser, Subcommand};
 use homer_engine::{Engine, GenerateParams, Message, Progress, SamplingParams, top_k};
@@ -164,7 +170,7 @@ enum Cmd {
     },
     /// Evaluations
     #[command(subcommand)]
-    Eval(homer_cmds::EvalCmd),
+    Eval(eval_cmds::EvalCmd),
     /// Continue a plain-text prompt
     Generate {
         prompt: String,
@@ -391,7 +397,7 @@ fn run(cli: Cli) -> Result<(), String> {
             samples,
             out,
         } => homer_cmds::calibrate(model, text, chunk_len, samples, out)?,
-        Cmd::Eval(cmd) => homer_cmds::eval(cmd)?,
+        Cmd::Eval(cmd) => eval_cmds::eval(cmd)?,
         Cmd::Generate {
             prompt,
             model,

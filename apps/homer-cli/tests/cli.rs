@@ -275,8 +275,7 @@ fn rope_scaling_extends_the_window_and_bad_choices_are_refused() {
 fn passkey_runs_every_baseline_method() {
     let model = fixtures().join("tiny-llama").display().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("pk.json");
-    let out_s = out.display().to_string();
+    let out_s = dir.path().display().to_string();
     let args = [
         "eval",
         "passkey",
@@ -297,9 +296,7 @@ fn passkey_runs_every_baseline_method() {
     ];
     let (ok, stdout, err) = homer(&args);
     assert!(ok, "{err}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    let rows = v["trials"].as_array().unwrap();
+    let rows = jsonl(&dir.path().join("passkey.jsonl"));
     let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
     assert_eq!(methods, ["plain", "truncation", "yarn", "homer+yarn"]);
     // Every method saw the same sample.
@@ -312,9 +309,167 @@ fn passkey_runs_every_baseline_method() {
         rows[2]["needle_tokens_kept"].is_null(),
         "yarn alone did not"
     );
+    // Truncation read at most the window (256) of the 600 tokens.
+    assert!(rows[1]["read_tokens"].as_u64().unwrap() <= 256);
+    assert!(rows[0]["read_tokens"].as_u64().unwrap() > 500);
     for m in ["plain", "truncation", "yarn", "homer+yarn"] {
         assert!(stdout.contains(&format!("| {m} | 600 |")), "{stdout}");
     }
+    assert!(dir.path().join("results.md").exists() && dir.path().join("passkey.png").exists());
+    // A rerun finds every cell done and adds nothing.
+    let (ok, _, err) = homer(&args);
+    assert!(ok, "{err}");
+    assert_eq!(jsonl(&dir.path().join("passkey.jsonl")).len(), 4);
     let (ok, _, err) = homer(&[&args[..12], &["--method", "bm25"]].concat());
     assert!(!ok && err.contains("bm25"), "{err}");
+}
+
+fn jsonl(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `homer eval all --quick` on the tiny model given a 2,048-token window: every task writes its
+/// records, tables and plots; measured values are real (perplexities, allocator peaks); HOMER
+/// settings the 3-layer model cannot plan are recorded as refused, not fatal; a rerun resumes.
+#[test]
+fn eval_all_quick_writes_every_table_and_plot() {
+    let home = tempfile::tempdir().unwrap();
+    let model = home.path().join("tiny2k");
+    std::fs::create_dir(&model).unwrap();
+    for f in std::fs::read_dir(fixtures().join("tiny-llama")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg = std::fs::read_to_string(model.join("config.json")).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        cfg.replace(
+            "\"max_position_embeddings\": 256",
+            "\"max_position_embeddings\": 2048",
+        ),
+    )
+    .unwrap();
+    let out = home.path().join("results");
+    let kjv = fixtures().join("../../assets/kjv-john.txt");
+    let args = [
+        "eval",
+        "all",
+        "--quick",
+        "--model",
+        model.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--chunk-len",
+        "2048",
+        "--warmup-layers",
+        "0",
+        "--text",
+        kjv.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (ok, stdout, err) = homer(&args);
+    assert!(ok, "{err}");
+    assert!(stdout.trim().ends_with("results.md"), "{stdout}");
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    for h in [
+        "## Passkey",
+        "## Long-document perplexity",
+        "## Document QA",
+        "## Cost",
+        "## Ablations",
+    ] {
+        assert!(md.contains(h), "{h} missing:\n{md}");
+    }
+    for png in ["passkey.png", "perplexity.png", "qa.png", "cost.png"] {
+        let b = std::fs::read(out.join(png)).unwrap();
+        assert_eq!(&b[..4], b"\x89PNG", "{png}");
+    }
+    // Passkey: 8 methods × 2 lengths, one sample per length shared by all methods.
+    let pk = jsonl(&out.join("passkey.jsonl"));
+    assert_eq!(pk.len(), 16);
+    for r in &pk {
+        let same = pk.iter().find(|q| q["length"] == r["length"]).unwrap();
+        assert_eq!(r["passkey"], same["passkey"]);
+    }
+    // Perplexity: every token after the first scored once per method; the first window is a
+    // plain pass for plain, truncation and HOMER alike.
+    let ppl = jsonl(&out.join("perplexity.jsonl"));
+    let by = |m: &str| ppl.iter().find(|r| r["method"] == m).unwrap();
+    let nll = |m: &str| -> Vec<f64> {
+        by(m)["nll"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    for m in ["plain", "truncation", "homer"] {
+        let v = nll(m);
+        assert_eq!(v.len(), 4095, "{m}");
+        assert!(v.iter().all(|x| x.is_finite() && *x > 0.0), "{m}");
+        assert!(by(m)["perplexity"].as_f64().unwrap() > 1.0);
+    }
+    let (p, t, h) = (nll("plain"), nll("truncation"), nll("homer"));
+    assert!(
+        p[..2047]
+            .iter()
+            .zip(&t[..2047])
+            .all(|(a, b)| (a - b).abs() < 2e-3)
+    );
+    assert!(
+        p[..2047]
+            .iter()
+            .zip(&h[..2047])
+            .all(|(a, b)| (a - b).abs() < 2e-3)
+    );
+    assert_ne!(
+        p[3000..],
+        h[3000..],
+        "past the window HOMER reads a merged cache"
+    );
+    // QA: truncation, bm25, homer on one question.
+    let qa = jsonl(&out.join("qa.jsonl"));
+    assert_eq!(qa.len(), 3);
+    assert!(
+        qa.iter()
+            .all(|r| r["label"] == qa[0]["label"] && r["f1"].is_f64())
+    );
+    assert!(qa[1]["retrieved"].is_boolean());
+    // Cost: allocator-counted peaks that grow with the prompt.
+    let cost = jsonl(&out.join("cost.jsonl"));
+    let peak = |m: &str, l: u64| {
+        cost.iter()
+            .find(|r| r["method"] == m && r["length"] == l)
+            .unwrap()["peak_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(peak("plain", 1024) > 1 << 20);
+    assert!(peak("plain", 4096) > 2 * peak("plain", 1024));
+    assert!(peak("homer", 4096) > 0);
+    // Ablations: the three scorings ran; W=1 and C=512 cannot be planned on 3 layers.
+    let abl = jsonl(&out.join("ablation.jsonl"));
+    let ran: Vec<&str> = abl
+        .iter()
+        .filter(|r| r.get("refused").is_none())
+        .map(|r| r["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(ran, ["calibrated", "uncalibrated", "random", "W=0"]);
+    assert!(
+        md.contains("homer [C=512] at 4096 tokens: HOMER plan:"),
+        "{md}"
+    );
+    // Resumed: nothing new on a rerun.
+    let before = std::fs::read_to_string(out.join("passkey.jsonl")).unwrap();
+    let (ok, _, err) = homer(&args);
+    assert!(ok, "{err}");
+    assert_eq!(
+        before,
+        std::fs::read_to_string(out.join("passkey.jsonl")).unwrap()
+    );
 }

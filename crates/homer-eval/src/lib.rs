@@ -1,0 +1,254 @@
+//! The evaluation of homer (issue 6): passkey retrieval, long-document perplexity, document QA,
+//! cost (time and peak memory) and HOMER's ablations, each against the baselines of spec §8-§10,
+//! written as JSON-lines records, markdown tables and PNG plots under one results directory.
+//!
+//! Every task appends one record per finished cell to `<out>/<task>.jsonl`, keyed by everything
+//! that determines its result; a rerun skips the keys it already has. A long evaluation can so
+//! be stopped and resumed (and split over sessions), and `report` rebuilds every table and plot
+//! from the records alone.
+
+pub mod alloc;
+pub mod cost;
+pub mod passkey;
+pub mod perplexity;
+pub mod plot;
+pub mod qa;
+pub mod report;
+pub mod store;
+pub mod text;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use homer_engine::passkey::Method;
+use homer_engine::{BiasChoice, DocPrompt, Engine, GenerateParams};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Engine(#[from] homer_engine::EngineError),
+    #[error(transparent)]
+    Model(#[from] homer_model::ModelError),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Setting(String),
+    #[error("plot {path}: {msg}")]
+    Plot { path: PathBuf, msg: String },
+}
+
+pub type Result<T> = std::result::Result<T, EvalError>;
+
+/// What every task shares: where results go, the window the baselines are held to, and HOMER's
+/// settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The results directory (records, tables, plots, results.md).
+    pub out_dir: PathBuf,
+    /// The window the baselines are held to (truncation and retrieval budgets, the RoPE factor
+    /// that stretches it over a prompt, HOMER's default chunk length): the model's native
+    /// window unless a smaller one is asked for (smoke tests, short-window studies).
+    pub window: usize,
+    /// HOMER's C; None = half the window (× s with a RoPE scaling, spec §8).
+    pub chunk_len: Option<usize>,
+    pub warmup_layers: Option<usize>,
+    pub bias: BiasChoice,
+    /// RoPE scaling factor; None = the smallest whole factor whose window holds the prompt.
+    pub rope_factor: Option<f64>,
+    pub seed: u64,
+    /// Print one line per finished cell to stderr.
+    pub verbose: bool,
+}
+
+impl Settings {
+    pub fn log(&self, line: impl AsRef<str>) {
+        if self.verbose {
+            eprintln!("{}", line.as_ref());
+        }
+    }
+}
+
+/// How HOMER itself is varied (the ablations of spec §10); the default is the paper's HOMER.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HomerVariant {
+    /// Replace the settings' bias choice.
+    pub bias: Option<BiasChoice>,
+    /// Random pruning instead of calibrated significance.
+    pub random_scores: bool,
+    pub warmup_layers: Option<usize>,
+    pub chunk_len: Option<usize>,
+}
+
+/// One run of a method on a prompt, with greedy decoding.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub text: String,
+    pub prefill_secs: f64,
+    pub secs: f64,
+    /// Tokens the model actually read (after truncation or retrieval).
+    pub prompt_tokens: usize,
+    /// Context token indices HOMER kept at the root (None: HOMER did not run).
+    pub kept: Option<Vec<usize>>,
+    pub chunks: Option<usize>,
+    pub cache_len: usize,
+}
+
+/// The RoPE scaling `method` runs a `total`-token prompt with, for the settings' window.
+pub fn set_rope(engine: &mut Engine, method: &Method, total: usize, s: &Settings) -> Result<()> {
+    let scaling = method
+        .rope_scaling(total, s.window, s.rope_factor)
+        .map_err(EvalError::Setting)?;
+    engine.model.set_rope_scaling(scaling)?;
+    Ok(())
+}
+
+/// HOMER's chunk length for `method`: the variant's, else the settings', else half the window
+/// (half the scaled window for HOMER + RoPE scaling, spec §8).
+pub fn chunk_len_for(method: &Method, total: usize, s: &Settings, v: &HomerVariant) -> usize {
+    v.chunk_len.or(s.chunk_len).unwrap_or_else(|| {
+        let factor = match method {
+            Method::HomerRope(_) => s
+                .rope_factor
+                .unwrap_or_else(|| (total as f64 / s.window as f64).ceil().max(1.0)),
+            _ => 1.0,
+        };
+        ((s.window as f64 * factor) as usize / 2).max(1)
+    })
+}
+
+/// HOMER's configuration for a method and variant.
+pub fn homer_config(
+    engine: &Engine,
+    method: &Method,
+    total: usize,
+    s: &Settings,
+    v: &HomerVariant,
+) -> Result<homer::HomerConfig> {
+    let c = chunk_len_for(method, total, s, v);
+    let bias = v.bias.as_ref().unwrap_or(&s.bias);
+    let mut cfg = engine.homer_config(Some(c), v.warmup_layers.or(s.warmup_layers), bias)?;
+    if v.random_scores {
+        cfg.scoring = homer::Scoring::Random { seed: s.seed };
+    }
+    Ok(cfg)
+}
+
+/// Run `prompt` with `method` (plain, truncation, a RoPE scaling, HOMER, HOMER + scaling) and
+/// decode greedily up to `max_tokens`, stopping at a newline when `stop_at_newline`.
+pub fn run_method(
+    engine: &mut Engine,
+    prompt: &DocPrompt,
+    method: &Method,
+    s: &Settings,
+    v: &HomerVariant,
+    max_tokens: usize,
+    stop_at_newline: bool,
+    cancel: &AtomicBool,
+) -> Result<Run> {
+    let total = prompt.total_len();
+    set_rope(engine, method, total, s)?;
+    let prompt = if *method == Method::Truncation {
+        prompt.truncated(s.window.saturating_sub(max_tokens))
+    } else {
+        prompt.clone()
+    };
+    let params = GenerateParams {
+        max_tokens,
+        stop_strings: if stop_at_newline {
+            vec!["\n".into()]
+        } else {
+            vec![]
+        },
+        ..Default::default()
+    };
+    let all = prompt.concatenated();
+    let t0 = Instant::now();
+    let (logits, cache, kept, chunks) = if method.uses_homer() {
+        let cfg = homer_config(engine, method, total, s, v)?;
+        let out = engine.homer_prefill(&prompt, &cfg, cancel, &mut |_| {})?;
+        (
+            out.logits,
+            out.cache,
+            Some(out.trace.kept),
+            Some(out.plan.n_chunks),
+        )
+    } else {
+        let (l, c) = engine.prefill(&all, cancel, &mut |_| {})?;
+        (l, c, None, None)
+    };
+    let prefill_secs = t0.elapsed().as_secs_f64();
+    let cache_len = cache.len();
+    let g = engine.decode(logits, cache, &all, &params, cancel, &mut |_| {})?;
+    Ok(Run {
+        text: g.text,
+        prefill_secs,
+        secs: t0.elapsed().as_secs_f64(),
+        prompt_tokens: all.len(),
+        kept,
+        chunks,
+        cache_len,
+    })
+}
+
+/// The message of an error that refuses a cell's settings (HOMER's plan cannot be built for
+/// them: too many chunks for the layers left, no room for the context), as opposed to a failure
+/// of the run. Such cells are recorded as refused and the evaluation goes on.
+pub fn refusal(e: &EvalError) -> Option<String> {
+    match e {
+        EvalError::Engine(homer_engine::EngineError::Homer(h @ homer::HomerError::Plan(_))) => {
+            Some(h.to_string())
+        }
+        _ => None,
+    }
+}
+
+/// Records of cells that ran (not refused).
+pub fn ran(records: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    records
+        .iter()
+        .filter(|r| r.get("refused").is_none_or(|v| v.is_null()))
+        .cloned()
+        .collect()
+}
+
+/// A markdown list of the refused cells, if any.
+pub fn refused_note(records: &[serde_json::Value]) -> String {
+    let mut seen = std::collections::BTreeSet::new();
+    for r in records {
+        if let Some(msg) = r["refused"].as_str() {
+            let m = r["method"].as_str().unwrap_or("?");
+            let v = r["variant"].as_str().unwrap_or("");
+            let name = if v.is_empty() {
+                m.to_string()
+            } else {
+                format!("{m} [{v}]")
+            };
+            seen.insert(format!("- {name} at {} tokens: {msg}\n", r["length"]));
+        }
+    }
+    if seen.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\nRefused (the settings cannot form a HOMER plan for the model):\n\n{}",
+            seen.into_iter().collect::<String>()
+        )
+    }
+}
+
+/// The model's file name, for record keys.
+pub fn model_id(engine: &Engine) -> String {
+    engine
+        .model_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| engine.model_path.display().to_string())
+}
+
+/// Parse a comma list of methods.
+pub fn parse_methods(list: &[String]) -> Result<Vec<Method>> {
+    list.iter()
+        .map(|m| m.parse::<Method>().map_err(EvalError::Setting))
+        .collect()
+}

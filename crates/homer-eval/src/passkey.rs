@@ -1,0 +1,242 @@
+//! Passkey retrieval (spec §9.3) over lengths × depths × trials for every method, and HOMER's
+//! ablations (spec §10) as variants of the same task.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+
+use homer_engine::Engine;
+use homer_engine::passkey::{Method, PasskeyFormat, first_number};
+use serde_json::{Value, json};
+
+use crate::store::Store;
+use crate::{HomerVariant, Result, Settings, model_id, run_method};
+
+/// Tokens of the needle line counted as "the needle" when checking what HOMER kept.
+pub const NEEDLE_TOKENS: usize = 12;
+
+#[derive(Debug, Clone)]
+pub struct PasskeySpec {
+    pub lengths: Vec<usize>,
+    pub depths: Vec<f64>,
+    pub trials: usize,
+    pub methods: Vec<Method>,
+    pub format: PasskeyFormat,
+    /// Named HOMER variants; the empty name is HOMER as configured. Non-HOMER methods run once
+    /// per cell whatever the variants.
+    pub variants: Vec<(String, HomerVariant)>,
+}
+
+/// The sample seed of one cell and trial: the same for every method, so they see one prompt.
+pub fn sample_seed(seed: u64, length: usize, depth_index: usize, trial: usize) -> u64 {
+    seed.wrapping_mul(1_000_003)
+        .wrapping_add(length as u64 * 1009 + depth_index as u64 * 101 + trial as u64)
+}
+
+/// Run every missing cell, appending records to `store`.
+pub fn run(
+    engine: &mut Engine,
+    s: &Settings,
+    spec: &PasskeySpec,
+    store: &mut Store,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let model = model_id(engine);
+    for &len in &spec.lengths {
+        for (di, &depth) in spec.depths.iter().enumerate() {
+            for t in 0..spec.trials {
+                let seed = sample_seed(s.seed, len, di, t);
+                let mut sample = None;
+                for method in &spec.methods {
+                    let variants: Vec<&(String, HomerVariant)> = if method.uses_homer() {
+                        spec.variants.iter().collect()
+                    } else {
+                        spec.variants.iter().take(1).collect()
+                    };
+                    for (vname, variant) in variants {
+                        let vname = if method.uses_homer() {
+                            vname.as_str()
+                        } else {
+                            ""
+                        };
+                        let key = format!(
+                            "{model}|{method}|{vname}|{len}|{depth}|{t}|{}|{:?}|w{}|c{:?}|W{:?}|{}|s{:?}",
+                            s.seed,
+                            spec.format,
+                            s.window,
+                            s.chunk_len,
+                            s.warmup_layers,
+                            bias_name(&s.bias),
+                            s.rope_factor
+                        );
+                        if store.has(&key) {
+                            continue;
+                        }
+                        if sample.is_none() {
+                            sample = Some(engine.passkey_sample(len, depth, seed, spec.format)?);
+                        }
+                        let sample = sample.as_ref().unwrap();
+                        // "The pass key is " and five digits: a few tokens; 16 leave room.
+                        let run = match run_method(
+                            engine,
+                            &sample.prompt,
+                            method,
+                            s,
+                            variant,
+                            16,
+                            false,
+                            cancel,
+                        ) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                let Some(msg) = crate::refusal(&e) else {
+                                    return Err(e);
+                                };
+                                s.log(format!(
+                                    "passkey {method}{} len {len}: refused: {msg}",
+                                    if vname.is_empty() {
+                                        String::new()
+                                    } else {
+                                        format!(" [{vname}]")
+                                    }
+                                ));
+                                store.append(json!({
+                                    "key": key, "model": model, "method": method.to_string(),
+                                    "variant": vname, "length": len, "depth": depth, "trial": t,
+                                    "refused": msg,
+                                }))?;
+                                continue;
+                            }
+                        };
+                        let got = first_number(&run.text).unwrap_or("").to_string();
+                        let ok = got == sample.passkey;
+                        let needle_kept = run.kept.as_ref().map(|k| {
+                            k.iter()
+                                .filter(|&&i| {
+                                    i >= sample.needle_token
+                                        && i < sample.needle_token + NEEDLE_TOKENS
+                                })
+                                .count()
+                        });
+                        let label = if vname.is_empty() {
+                            method.to_string()
+                        } else {
+                            format!("{method} [{vname}]")
+                        };
+                        s.log(format!(
+                            "passkey {label:>14} len {len:>6} depth {depth:.2} trial {t}: key {} answer {:?} {} ({:.1}s{})",
+                            sample.passkey,
+                            run.text,
+                            if ok { "OK" } else { "wrong" },
+                            run.prefill_secs,
+                            needle_kept.map_or(String::new(), |k| format!(
+                                ", needle kept {k}/{NEEDLE_TOKENS}"
+                            ))
+                        ));
+                        store.append(json!({
+                            "key": key, "model": model, "method": method.to_string(), "variant": vname,
+                            "length": len, "depth": depth, "trial": t, "prompt_tokens": sample.prompt.total_len(),
+                            "read_tokens": run.prompt_tokens, "passkey": sample.passkey, "answer": run.text,
+                            "correct": ok, "prefill_secs": run.prefill_secs, "secs": run.secs,
+                            "needle_tokens_kept": needle_kept, "chunks": run.chunks, "window": s.window,
+                        }))?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn bias_name(b: &homer_engine::BiasChoice) -> String {
+    match b {
+        homer_engine::BiasChoice::Default => "default".into(),
+        homer_engine::BiasChoice::Zeros => "zeros".into(),
+        homer_engine::BiasChoice::Path(p) => p.display().to_string(),
+    }
+}
+
+/// Accuracy per (label, length, depth): correct and total.
+pub type Grid = BTreeMap<String, BTreeMap<usize, BTreeMap<String, (usize, usize)>>>;
+
+/// The label of a record: the method, with the variant in brackets when there is one.
+pub fn label(r: &Value) -> String {
+    let m = r["method"].as_str().unwrap_or("?");
+    match r["variant"].as_str() {
+        Some(v) if !v.is_empty() => format!("{m} [{v}]"),
+        _ => m.to_string(),
+    }
+}
+
+pub fn grid(records: &[Value]) -> Grid {
+    let mut g: Grid = BTreeMap::new();
+    for r in &crate::ran(records) {
+        let depth = format!("{:.2}", r["depth"].as_f64().unwrap_or(0.0));
+        let cell = g
+            .entry(label(r))
+            .or_default()
+            .entry(r["length"].as_u64().unwrap_or(0) as usize)
+            .or_default()
+            .entry(depth)
+            .or_default();
+        cell.0 += r["correct"].as_bool().unwrap_or(false) as usize;
+        cell.1 += 1;
+    }
+    g
+}
+
+/// A markdown table: one row per (label, length), one column per depth, and the total.
+pub fn table(all: &[Value], order: &[String]) -> String {
+    let records = &crate::ran(all)[..];
+    let g = grid(records);
+    let mut depths: Vec<String> = g
+        .values()
+        .flat_map(|l| l.values().flat_map(|d| d.keys().cloned()))
+        .collect();
+    depths.sort();
+    depths.dedup();
+    let mut out = format!(
+        "| method | length | {} | all | mean prefill s |\n|---|---|{}---|---|\n",
+        depths
+            .iter()
+            .map(|d| format!("depth {d}"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(depths.len())
+    );
+    for name in ordered(g.keys(), order) {
+        for (len, cells) in &g[&name] {
+            let (ok, n) = cells.values().fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
+            let secs: Vec<f64> = records
+                .iter()
+                .filter(|r| label(r) == name && r["length"].as_u64() == Some(*len as u64))
+                .filter_map(|r| r["prefill_secs"].as_f64())
+                .collect();
+            let cols: Vec<String> = depths
+                .iter()
+                .map(|d| cells.get(d).map_or("–".into(), |(o, n)| format!("{o}/{n}")))
+                .collect();
+            out += &format!(
+                "| {name} | {len} | {} | {ok}/{n} ({:.0}%) | {:.1} |\n",
+                cols.join(" | "),
+                100.0 * ok as f64 / n.max(1) as f64,
+                secs.iter().sum::<f64>() / secs.len().max(1) as f64
+            );
+        }
+    }
+    out + &crate::refused_note(all)
+}
+
+/// Names in the order given first (methods as asked), then the rest sorted.
+pub fn ordered<'a>(names: impl Iterator<Item = &'a String>, order: &[String]) -> Vec<String> {
+    let mut all: Vec<String> = names.cloned().collect();
+    all.sort_by_key(|n| {
+        (
+            order
+                .iter()
+                .position(|o| o == n || n.starts_with(&format!("{o} [")))
+                .unwrap_or(usize::MAX),
+            n.clone(),
+        )
+    });
+    all
+}

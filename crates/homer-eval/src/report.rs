@@ -1,0 +1,543 @@
+//! `results.md` and its plots, rebuilt from the records alone; and the configurations of
+//! `homer eval all` (full and quick).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use homer_engine::passkey::{Method, PasskeyFormat};
+use homer_engine::{BiasChoice, Engine};
+use serde_json::{Value, json};
+
+use crate::passkey::{PasskeySpec, grid, ordered};
+use crate::plot::{Heatmap, Lines, heatmaps, lines};
+use crate::qa::{QaMethod, QaSpec};
+use crate::store::Store;
+use crate::{EvalError, HomerVariant, Result, Settings};
+
+/// Everything `homer eval all` runs.
+#[derive(Debug, Clone)]
+pub struct AllSpec {
+    pub passkey: PasskeySpec,
+    pub perplexity_length: usize,
+    pub perplexity_methods: Vec<Method>,
+    pub qa: QaSpec,
+    pub cost_lengths: Vec<usize>,
+    pub ablation: PasskeySpec,
+}
+
+fn methods(list: &[&str]) -> Vec<Method> {
+    list.iter()
+        .map(|m| m.parse().expect("known method"))
+        .collect()
+}
+
+/// The baselines of the issue, HOMER and HOMER + YaRN.
+pub const ALL_METHODS: [&str; 8] = [
+    "plain",
+    "truncation",
+    "pi",
+    "ntk",
+    "dynamic-ntk",
+    "yarn",
+    "homer",
+    "homer+yarn",
+];
+
+impl AllSpec {
+    /// The full run: lengths ½, 1, 2, 4 windows (4K–32K for an 8K model), 5 depths, `trials`
+    /// per cell; cost up to 8 windows (64K).
+    pub fn full(window: usize, n_layers: usize, trials: usize) -> AllSpec {
+        let w = window;
+        let dflt = homer::default_warmup_layers(n_layers);
+        AllSpec {
+            passkey: PasskeySpec {
+                lengths: vec![w / 2, w, 2 * w, 4 * w],
+                depths: vec![0.1, 0.3, 0.5, 0.7, 0.9],
+                trials,
+                methods: methods(&ALL_METHODS),
+                format: PasskeyFormat::Raw,
+                variants: vec![(String::new(), HomerVariant::default())],
+            },
+            perplexity_length: 4 * w,
+            perplexity_methods: methods(&ALL_METHODS),
+            qa: QaSpec {
+                lengths: vec![w / 2, w, 2 * w, 4 * w],
+                depths: vec![0.1, 0.5, 0.9],
+                trials: trials.div_ceil(4),
+                methods: ["plain", "truncation", "bm25", "yarn", "homer", "homer+yarn"]
+                    .iter()
+                    .map(|m| m.parse().unwrap())
+                    .collect(),
+            },
+            cost_lengths: vec![w / 2, w, 2 * w, 4 * w, 8 * w],
+            ablation: ablation(2 * w, vec![0.1, 0.5, 0.9], trials.div_ceil(2), w, dflt),
+        }
+    }
+
+    /// Minutes, not hours: one trial per cell, short prompts (use a small `--window` with a big
+    /// model).
+    pub fn quick(window: usize, n_layers: usize) -> AllSpec {
+        let w = window;
+        let dflt = homer::default_warmup_layers(n_layers);
+        AllSpec {
+            passkey: PasskeySpec {
+                lengths: vec![w / 2, 2 * w],
+                depths: vec![0.5],
+                trials: 1,
+                methods: methods(&ALL_METHODS),
+                format: PasskeyFormat::Raw,
+                variants: vec![(String::new(), HomerVariant::default())],
+            },
+            perplexity_length: 2 * w,
+            perplexity_methods: methods(&["plain", "truncation", "yarn", "homer", "homer+yarn"]),
+            qa: QaSpec {
+                lengths: vec![2 * w],
+                depths: vec![0.5],
+                trials: 1,
+                methods: vec![
+                    QaMethod::Model(Method::Truncation),
+                    QaMethod::Bm25,
+                    QaMethod::Model(Method::Homer),
+                ],
+            },
+            cost_lengths: vec![w / 2, w, 2 * w],
+            ablation: ablation(2 * w, vec![0.5], 1, w, dflt),
+        }
+    }
+}
+
+/// HOMER's ablations (spec §10) as passkey variants at one length: calibrated / uncalibrated /
+/// random pruning, warm-up layers W around the default, chunk length C.
+fn ablation(
+    length: usize,
+    depths: Vec<f64>,
+    trials: usize,
+    window: usize,
+    w_default: usize,
+) -> PasskeySpec {
+    let v = HomerVariant::default;
+    let mut variants = vec![
+        ("calibrated".to_string(), v()),
+        (
+            "uncalibrated".to_string(),
+            HomerVariant {
+                bias: Some(BiasChoice::Zeros),
+                ..v()
+            },
+        ),
+        (
+            "random".to_string(),
+            HomerVariant {
+                random_scores: true,
+                ..v()
+            },
+        ),
+    ];
+    for w in [w_default / 2, w_default * 3 / 2] {
+        variants.push((
+            format!("W={w}"),
+            HomerVariant {
+                warmup_layers: Some(w),
+                ..v()
+            },
+        ));
+    }
+    variants.push((
+        format!("C={}", window / 4),
+        HomerVariant {
+            chunk_len: Some(window / 4),
+            ..v()
+        },
+    ));
+    PasskeySpec {
+        lengths: vec![length],
+        depths,
+        trials,
+        methods: vec![Method::Homer],
+        format: PasskeyFormat::Raw,
+        variants,
+    }
+}
+
+/// Which tasks `homer eval all` runs.
+pub const TASKS: [&str; 5] = ["passkey", "perplexity", "qa", "cost", "ablation"];
+
+/// Run every task of `spec` (the missing cells only), then write the report.
+#[allow(clippy::too_many_arguments)]
+pub fn run_all(
+    engine: &mut Engine,
+    s: &Settings,
+    spec: &AllSpec,
+    tasks: &[String],
+    kjv: &Path,
+    command: &str,
+    cancel: &AtomicBool,
+) -> Result<PathBuf> {
+    for t in tasks {
+        if !TASKS.contains(&t.as_str()) {
+            return Err(EvalError::Setting(format!(
+                "task `{t}`: expected one of {}",
+                TASKS.join(", ")
+            )));
+        }
+    }
+    write_meta(engine, s, command)?;
+    let verses = crate::text::read_verses(kjv)?;
+    let source = kjv
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let want = |t: &str| tasks.iter().any(|x| x == t);
+    // One token list of the text for perplexity and cost.
+    let needs_tokens = want("perplexity") || want("cost");
+    let max_len = spec
+        .cost_lengths
+        .iter()
+        .copied()
+        .chain([spec.perplexity_length])
+        .max()
+        .unwrap_or(0);
+    let tokens = if needs_tokens {
+        text_tokens(engine, &verses, max_len)?
+    } else {
+        vec![]
+    };
+    if want("passkey") {
+        let mut st = Store::open(&s.out_dir, "passkey")?;
+        crate::passkey::run(engine, s, &spec.passkey, &mut st, cancel)?;
+    }
+    if want("perplexity") {
+        let mut st = Store::open(&s.out_dir, "perplexity")?;
+        crate::perplexity::run(
+            engine,
+            s,
+            &tokens,
+            &source,
+            spec.perplexity_length,
+            &spec.perplexity_methods,
+            &mut st,
+            cancel,
+        )?;
+    }
+    if want("qa") {
+        let mut st = Store::open(&s.out_dir, "qa")?;
+        crate::qa::run(engine, s, &verses, &source, &spec.qa, &mut st, cancel)?;
+    }
+    if want("cost") {
+        let mut st = Store::open(&s.out_dir, "cost")?;
+        crate::cost::run(
+            engine,
+            s,
+            &tokens,
+            &source,
+            &spec.cost_lengths,
+            &[Method::Plain, Method::Homer],
+            &mut st,
+            cancel,
+        )?;
+    }
+    if want("ablation") {
+        let mut st = Store::open(&s.out_dir, "ablation")?;
+        crate::passkey::run(engine, s, &spec.ablation, &mut st, cancel)?;
+    }
+    engine
+        .model
+        .set_rope_scaling(homer_model::RopeScaling::None)?;
+    write(&s.out_dir)
+}
+
+/// The first `max_len` tokens of the verses, as running text ("label text" lines).
+pub fn text_tokens(
+    engine: &Engine,
+    verses: &[crate::text::Verse],
+    max_len: usize,
+) -> Result<Vec<u32>> {
+    let mut ids = vec![];
+    let mut text = String::new();
+    for (i, v) in verses.iter().enumerate() {
+        text.push_str(&v.label);
+        text.push(' ');
+        text.push_str(&v.text);
+        text.push('\n');
+        // Tokenise in pieces of 200 verses (line starts are token boundaries).
+        if (i + 1) % 200 == 0 || i + 1 == verses.len() {
+            let first = ids.is_empty();
+            ids.extend(engine.tokenizer.encode(&text, first)?);
+            text.clear();
+            if ids.len() >= max_len {
+                break;
+            }
+        }
+    }
+    Ok(ids)
+}
+
+fn write_meta(engine: &Engine, s: &Settings, command: &str) -> Result<()> {
+    let v = json!({
+        "model": crate::model_id(engine), "model_path": engine.model_path,
+        "backend": engine.device.backend.to_string(), "adapter": engine.device.adapter,
+        "window": s.window, "native_window": engine.model.native_window(),
+        "chunk_len": s.chunk_len, "warmup_layers": s.warmup_layers,
+        "bias": crate::passkey::bias_name(&s.bias), "rope_factor": s.rope_factor,
+        "seed": s.seed, "command": command,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "counting_allocator": crate::alloc::installed(),
+    });
+    let p = s.out_dir.join("meta.json");
+    std::fs::create_dir_all(&s.out_dir)
+        .and_then(|_| std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()))
+        .map_err(|e| EvalError::Io(format!("{}: cannot write: {e}", p.display())))
+}
+
+fn order() -> Vec<String> {
+    let mut o: Vec<String> = ALL_METHODS.iter().map(|s| s.to_string()).collect();
+    o.insert(2, "bm25".into());
+    o
+}
+
+fn heatmap_panels(records: &[Value], order: &[String]) -> Vec<Heatmap> {
+    let g = grid(records);
+    let mut lengths: Vec<usize> = g.values().flat_map(|l| l.keys().copied()).collect();
+    lengths.sort();
+    lengths.dedup();
+    let mut depths: Vec<String> = g
+        .values()
+        .flat_map(|l| l.values().flat_map(|d| d.keys().cloned()))
+        .collect();
+    depths.sort();
+    depths.dedup();
+    ordered(g.keys(), order)
+        .into_iter()
+        .map(|name| {
+            let cells = depths
+                .iter()
+                .map(|d| {
+                    lengths
+                        .iter()
+                        .map(|l| g[&name].get(l).and_then(|c| c.get(d)).copied())
+                        .collect()
+                })
+                .collect();
+            Heatmap {
+                title: name,
+                lengths: lengths.clone(),
+                depths: depths.clone(),
+                cells,
+            }
+        })
+        .collect()
+}
+
+/// Write `results.md` and the plots from the records in `dir`.
+pub fn write(dir: &Path) -> Result<PathBuf> {
+    let order = order();
+    let meta: Value = std::fs::read_to_string(dir.join("meta.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Value::Null);
+    let mut md = String::from("# homer — evaluation results\n\n");
+    md += "Generated by `homer eval all` from the records (`*.jsonl`) in this directory; rerun \
+           `homer eval report --out DIR` to rebuild this page and the plots from them.\n\n";
+    if !meta.is_null() {
+        md += &format!(
+            "- model: `{}`; window held to {} tokens (native {})\n- backend: {} on {} ({} CPU threads)\n- HOMER: C = {}, W = {}, bias {}; RoPE factor {}\n- command: `{}`\n\n",
+            meta["model"].as_str().unwrap_or("?"),
+            meta["window"],
+            meta["native_window"],
+            meta["backend"].as_str().unwrap_or("?"),
+            meta["adapter"].as_str().unwrap_or("?"),
+            meta["cpus"],
+            meta["chunk_len"]
+                .as_u64()
+                .map_or("half the window".into(), |c| c.to_string()),
+            meta["warmup_layers"]
+                .as_u64()
+                .map_or("default".into(), |c| c.to_string()),
+            meta["bias"].as_str().unwrap_or("?"),
+            meta["rope_factor"]
+                .as_f64()
+                .map_or("smallest that holds the prompt".into(), |c| c.to_string()),
+            meta["command"].as_str().unwrap_or("?"),
+        );
+    }
+    let load = |t: &str| -> Result<Vec<Value>> {
+        if dir.join(format!("{t}.jsonl")).exists() {
+            Ok(Store::open(dir, t)?.records().to_vec())
+        } else {
+            Ok(vec![])
+        }
+    };
+    let pk = load("passkey")?;
+    if !pk.is_empty() {
+        heatmaps(
+            &dir.join("passkey.png"),
+            "Passkey retrieval: keys found per cell",
+            &heatmap_panels(&pk, &order),
+        )?;
+        md += "## Passkey retrieval (spec §9.3)\n\nA 5-digit key hidden at a depth of filler text; \
+               right when the first number of the answer is the key.\n\n";
+        md += &crate::passkey::table(&pk, &order);
+        md += "\n![passkey heatmaps](passkey.png)\n\n";
+    }
+    let ppl_all = load("perplexity")?;
+    let ppl = crate::ran(&ppl_all);
+    if !ppl_all.is_empty() {
+        let maxlen = ppl
+            .iter()
+            .filter_map(|r| r["length"].as_u64())
+            .max()
+            .unwrap_or(0) as usize;
+        let window = ppl.first().and_then(|r| r["window"].as_u64()).unwrap_or(0) as usize;
+        let checkpoints: Vec<usize> = [window / 2, window, 2 * window, 4 * window, 8 * window]
+            .into_iter()
+            .filter(|&c| c > 0 && c < maxlen)
+            .chain([maxlen.saturating_sub(1)])
+            .collect();
+        let mut series = vec![];
+        let mut names: Vec<String> = ppl
+            .iter()
+            .map(|r| r["method"].as_str().unwrap_or("?").to_string())
+            .collect();
+        names.sort();
+        names.dedup();
+        for name in ordered(names.iter(), &order) {
+            if let Some(r) = ppl
+                .iter()
+                .filter(|r| r["method"].as_str() == Some(&name))
+                .max_by_key(|r| r["length"].as_u64())
+            {
+                let nll = crate::perplexity::nll_of(r);
+                let step = (nll.len() / 200).max(1);
+                let xs: Vec<usize> = (step..=nll.len()).step_by(step).collect();
+                let ys = crate::perplexity::cumulative(&nll, &xs);
+                series.push((
+                    name,
+                    xs.iter()
+                        .zip(ys)
+                        .filter_map(|(&x, y)| y.map(|y| (x as f64, y)))
+                        .collect(),
+                ));
+            }
+        }
+        let lo = series
+            .iter()
+            .flat_map(|s: &(String, Vec<(f64, f64)>)| s.1.iter().map(|p| p.1))
+            .fold(f64::MAX, f64::min);
+        lines(
+            &dir.join("perplexity.png"),
+            "Long-document perplexity (KJV)",
+            &[Lines {
+                title: "cumulative perplexity over the first x tokens".into(),
+                x_desc: "tokens scored (x)".into(),
+                y_desc: "perplexity".into(),
+                log_x: false,
+                log_y: true,
+                series,
+                y_range: Some((lo * 0.9, lo * 6.0)),
+            }],
+        )?;
+        md += "## Long-document perplexity (spec §9.4)\n\nEvery token after the first is scored \
+               once; cumulative perplexity exp(mean NLL) over the first x tokens. HOMER condenses \
+               the text before each segment of half a window and scores the segment through the \
+               merged cache.\n\n";
+        md += &crate::perplexity::table(&ppl_all, &checkpoints, &order);
+        md += "\n![perplexity](perplexity.png)\n\n";
+    }
+    let qa = load("qa")?;
+    if !qa.is_empty() {
+        let m = crate::qa::summary(&qa);
+        let series: Vec<(String, Vec<(f64, f64)>)> = ordered(m.keys(), &order)
+            .into_iter()
+            .map(|n| {
+                let pts = m[&n].iter().map(|(&l, e)| (l as f64, e.0)).collect();
+                (n, pts)
+            })
+            .collect();
+        lines(
+            &dir.join("qa.png"),
+            "Document QA: quote a KJV verse",
+            &[Lines {
+                title: "mean token F1 against the verse".into(),
+                x_desc: "document length (tokens)".into(),
+                y_desc: "F1".into(),
+                log_x: true,
+                log_y: false,
+                series,
+                y_range: Some((0.0, 1.0)),
+            }],
+        )?;
+        md += "## Document QA (KJV verse lookup)\n\n\"Quote the verse John11:35\" with the verse at a \
+               depth of a run of KJV verses; token F1 and exact match against the verse. `bm25` \
+               packs the best passages of 4 verses into the window.\n\n";
+        md += &crate::qa::table(&qa, &order);
+        md += "\n![qa](qa.png)\n\n";
+    }
+    let cost_all = load("cost")?;
+    let cost = crate::ran(&cost_all);
+    if !cost_all.is_empty() {
+        let mut by: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
+        for r in &cost {
+            by.entry(r["method"].as_str().unwrap_or("?").to_string())
+                .or_default()
+                .push((
+                    r["length"].as_f64().unwrap_or(0.0),
+                    r["secs"].as_f64().unwrap_or(0.0),
+                    r["peak_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0,
+                ));
+        }
+        let mk = |f: fn(&(f64, f64, f64)) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
+            ordered(by.keys(), &order)
+                .into_iter()
+                .map(|n| {
+                    let mut v: Vec<(f64, f64)> = by[&n].iter().map(|p| (p.0, f(p))).collect();
+                    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    (n, v)
+                })
+                .collect()
+        };
+        lines(
+            &dir.join("cost.png"),
+            "Prefill cost: plain vs HOMER",
+            &[
+                Lines {
+                    title: "wall time".into(),
+                    x_desc: "prompt length (tokens)".into(),
+                    y_desc: "seconds".into(),
+                    log_x: true,
+                    log_y: true,
+                    series: mk(|p| p.1),
+                    y_range: None,
+                },
+                Lines {
+                    title: "peak memory above the model".into(),
+                    x_desc: "prompt length (tokens)".into(),
+                    y_desc: "MiB (allocator peak)".into(),
+                    log_x: true,
+                    log_y: false,
+                    series: mk(|p| p.2),
+                    y_range: None,
+                },
+            ],
+        )?;
+        md += "## Cost: prefill time and peak memory\n\nPeak memory is the peak of live heap \
+               bytes counted by homer's allocator (`homer_eval::alloc::CountingAlloc`) above what \
+               was live before the prefill (the model's weights): measured, not estimated. On the \
+               CPU backend every tensor lives there; device memory of a GPU backend is not \
+               counted.\n\n";
+        md += &crate::cost::table(&cost_all, &order);
+        md += "\n![cost](cost.png)\n\n";
+    }
+    let abl = load("ablation")?;
+    if !abl.is_empty() {
+        md += "## Ablations (spec §10), on passkey\n\nHOMER with calibrated significance (the \
+               default), uncalibrated (zero bias), random pruning, fewer/more warm-up layers W, \
+               and a shorter chunk length C.\n\n";
+        md += &crate::passkey::table(&abl, &[]);
+        md += "\n";
+    }
+    let p = dir.join("results.md");
+    std::fs::write(&p, md)
+        .map_err(|e| EvalError::Io(format!("{}: cannot write: {e}", p.display())))?;
+    Ok(p)
+}

@@ -1,0 +1,104 @@
+//! JSON-lines records, one file per task, appended as cells finish and keyed so that a rerun
+//! skips what is done.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::{EvalError, Result};
+
+pub struct Store {
+    path: PathBuf,
+    keys: HashSet<String>,
+    records: Vec<Value>,
+}
+
+impl Store {
+    /// Open (or start) `<dir>/<task>.jsonl`. A line that does not parse is reported and left in
+    /// the file, not dropped: the error names the file and the line.
+    pub fn open(dir: &Path, task: &str) -> Result<Store> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| EvalError::Io(format!("{}: cannot create: {e}", dir.display())))?;
+        let path = dir.join(format!("{task}.jsonl"));
+        let mut keys = HashSet::new();
+        let mut records = vec![];
+        if path.exists() {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| EvalError::Io(format!("{}: cannot read: {e}", path.display())))?;
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v: Value = serde_json::from_str(line).map_err(|e| {
+                    EvalError::Io(format!(
+                        "{}:{}: not a JSON record ({e}); fix or delete the line to go on",
+                        path.display(),
+                        i + 1
+                    ))
+                })?;
+                if let Some(k) = v["key"].as_str() {
+                    keys.insert(k.to_string());
+                }
+                records.push(v);
+            }
+        }
+        Ok(Store {
+            path,
+            keys,
+            records,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.keys.contains(key)
+    }
+
+    /// Append a record (it must carry its `key`), flushed at once.
+    pub fn append(&mut self, record: Value) -> Result<()> {
+        let key = record["key"]
+            .as_str()
+            .expect("records carry a key")
+            .to_string();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| EvalError::Io(format!("{}: cannot open: {e}", self.path.display())))?;
+        let line = serde_json::to_string(&record).expect("records serialise");
+        writeln!(f, "{line}")
+            .and_then(|_| f.sync_data())
+            .map_err(|e| EvalError::Io(format!("{}: cannot write: {e}", self.path.display())))?;
+        self.keys.insert(key);
+        self.records.push(record);
+        Ok(())
+    }
+
+    pub fn records(&self) -> &[Value] {
+        &self.records
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_a_reopen_and_bad_lines_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), "t").unwrap();
+        s.append(serde_json::json!({"key": "a", "x": 1})).unwrap();
+        s.append(serde_json::json!({"key": "b", "x": 2})).unwrap();
+        let s = Store::open(dir.path(), "t").unwrap();
+        assert!(s.has("a") && s.has("b") && !s.has("c"));
+        assert_eq!(s.records()[1]["x"], 2);
+        std::fs::write(dir.path().join("t.jsonl"), "{\"key\":\"a\"}\nnot json\n").unwrap();
+        let e = Store::open(dir.path(), "t").err().unwrap().to_string();
+        assert!(e.contains("t.jsonl:2"), "{e}");
+    }
+}
