@@ -133,6 +133,27 @@ pub enum EvalCmd {
         /// Perplexity length instead of the plan's
         #[arg(long)]
         perplexity_length: Option<usize>,
+        /// Passkey (and ablation) depths instead of the plan's
+        #[arg(long, value_delimiter = ',')]
+        depths: Option<Vec<f64>>,
+        /// Passkey methods instead of the plan's (all eight)
+        #[arg(long, value_delimiter = ',')]
+        passkey_methods: Option<Vec<Method>>,
+        /// Perplexity methods instead of the plan's
+        #[arg(long, value_delimiter = ',')]
+        perplexity_methods: Option<Vec<Method>>,
+        /// QA methods instead of the plan's
+        #[arg(long, value_delimiter = ',')]
+        qa_methods: Option<Vec<QaMethod>>,
+        /// QA depths instead of the plan's
+        #[arg(long, value_delimiter = ',')]
+        qa_depths: Option<Vec<f64>>,
+        /// QA trials per cell instead of the plan's
+        #[arg(long)]
+        qa_trials: Option<usize>,
+        /// Ablation length instead of the plan's (two windows)
+        #[arg(long)]
+        ablation_length: Option<usize>,
     },
     /// Rebuild results.md and the plots from the records in --out
     Report {
@@ -322,6 +343,13 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
             qa_lengths,
             cost_lengths,
             perplexity_length,
+            depths,
+            passkey_methods,
+            perplexity_methods,
+            qa_methods,
+            qa_depths,
+            qa_trials,
+            ablation_length,
         } => {
             let mut engine = engine_for(&args)?;
             let s = settings(&engine, &args)?;
@@ -342,6 +370,28 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
             }
             if let Some(l) = perplexity_length {
                 spec.perplexity_length = l;
+            }
+            if let Some(d) = depths {
+                spec.passkey.depths = d.clone();
+                spec.ablation.depths = d;
+            }
+            if let Some(m) = passkey_methods {
+                spec.passkey.methods = m;
+            }
+            if let Some(m) = perplexity_methods {
+                spec.perplexity_methods = m;
+            }
+            if let Some(m) = qa_methods {
+                spec.qa.methods = m;
+            }
+            if let Some(d) = qa_depths {
+                spec.qa.depths = d;
+            }
+            if let Some(t) = qa_trials {
+                spec.qa.trials = t;
+            }
+            if let Some(l) = ablation_length {
+                spec.ablation.lengths = vec![l];
             }
             let p = homer_eval::report::run_all(
                 &mut engine,

@@ -107,6 +107,12 @@ pub fn sample(
         context.extend(ids);
         end += 1;
     }
+    if context.len() < budget * 9 / 10 && end == verses.len() {
+        return Err(EvalError::Setting(format!(
+            "the KJV text is too short for a {length}-token question (it ends after {} tokens); use the whole Bible from scripts/fetch-kjv",
+            context.len()
+        )));
+    }
     if end - start < 2 {
         return Err(EvalError::Setting(format!(
             "length {length} holds fewer than two verses"
@@ -372,4 +378,48 @@ pub fn table(all: &[Value], order: &[String]) -> String {
         }
     }
     out + &crate::refused_note(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 40 verses of 10 tokens each; BM25 must pick the passage of the asked verse when the
+    /// budget holds one passage, and fill a larger budget from the end of the document.
+    #[test]
+    fn retrieval_packs_the_passage_of_the_asked_verse() {
+        let verses: Vec<Verse> = (0..40)
+            .map(|i| Verse {
+                label: format!("Ex{}:{}", 1 + i / 10, 1 + i % 10),
+                text: if i == 21 {
+                    "Thou shalt not kill the quail".into()
+                } else {
+                    format!("And the people went unto verse {i}")
+                },
+            })
+            .collect();
+        let lines: Vec<std::ops::Range<usize>> = (0..40).map(|i| i * 10..i * 10 + 10).collect();
+        let q = QaSample {
+            prompt: DocPrompt {
+                prefix: vec![1],
+                context: (0..400).collect(),
+                suffix: vec![2, 3],
+                docs: vec![],
+            },
+            lines,
+            verses: 0..40,
+            target: 21,
+            label: "Ex3:2".into(),
+            reference: verses[21].text.clone(),
+        };
+        // The label's words ("ex3", "2") match verses of chapter 3; one passage fits.
+        let (p, hit) = retrieve(&q, &verses, 40);
+        assert!(hit, "the passage of Ex3:2 (verses 20-23) was retrieved");
+        assert_eq!(p.context, (200..240).collect::<Vec<u32>>());
+        assert_eq!((p.prefix, p.suffix), (vec![1], vec![2, 3]));
+        // Room for three passages: kept in document order, no passage twice.
+        let (p, hit) = retrieve(&q, &verses, 120);
+        assert!(hit && p.context.len() == 120);
+        assert!(p.context.windows(2).all(|w| w[0] < w[1]));
+    }
 }

@@ -274,17 +274,26 @@ pub fn text_tokens(
 }
 
 fn write_meta(engine: &Engine, s: &Settings, command: &str) -> Result<()> {
+    let p = s.out_dir.join("meta.json");
+    // Every command that added records, oldest first.
+    let mut commands: Vec<Value> = std::fs::read_to_string(&p)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v["commands"].as_array().cloned())
+        .unwrap_or_default();
+    if commands.last().and_then(|c| c.as_str()) != Some(command) {
+        commands.push(json!(command));
+    }
     let v = json!({
         "model": crate::model_id(engine), "model_path": engine.model_path,
         "backend": engine.device.backend.to_string(), "adapter": engine.device.adapter,
         "window": s.window, "native_window": engine.model.native_window(),
         "chunk_len": s.chunk_len, "warmup_layers": s.warmup_layers,
         "bias": crate::passkey::bias_name(&s.bias), "rope_factor": s.rope_factor,
-        "seed": s.seed, "command": command,
+        "seed": s.seed, "commands": commands,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "counting_allocator": crate::alloc::installed(),
     });
-    let p = s.out_dir.join("meta.json");
     std::fs::create_dir_all(&s.out_dir)
         .and_then(|_| std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()))
         .map_err(|e| EvalError::Io(format!("{}: cannot write: {e}", p.display())))
@@ -341,7 +350,7 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
            `homer eval report --out DIR` to rebuild this page and the plots from them.\n\n";
     if !meta.is_null() {
         md += &format!(
-            "- model: `{}`; window held to {} tokens (native {})\n- backend: {} on {} ({} CPU threads)\n- HOMER: C = {}, W = {}, bias {}; RoPE factor {}\n- command: `{}`\n\n",
+            "- model: `{}`; window held to {} tokens (native {})\n- backend: {} on {} ({} CPU threads)\n- HOMER: C = {}, W = {}, bias {}; RoPE factor {}\n- commands that made the records:\n{}\n",
             meta["model"].as_str().unwrap_or("?"),
             meta["window"],
             meta["native_window"],
@@ -358,7 +367,13 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
             meta["rope_factor"]
                 .as_f64()
                 .map_or("smallest that holds the prompt".into(), |c| c.to_string()),
-            meta["command"].as_str().unwrap_or("?"),
+            meta["commands"]
+                .as_array()
+                .map(|c| c
+                    .iter()
+                    .map(|c| format!("  - `{}`\n", c.as_str().unwrap_or("?")))
+                    .collect::<String>())
+                .unwrap_or_default(),
         );
     }
     let load = |t: &str| -> Result<Vec<Value>> {
