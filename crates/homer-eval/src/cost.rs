@@ -78,10 +78,7 @@ pub fn run(
             )));
         }
         for method in methods {
-            let key = format!(
-                "{model}|{method}|{len}|{backend}|w{}|c{:?}|W{:?}",
-                s.window, s.chunk_len, s.warmup_layers
-            );
+            let key = format!("{model}|{method}|{len}|{backend}|{}", s.key_tail());
             if store.has(&key) {
                 continue;
             }
@@ -89,14 +86,10 @@ pub fn run(
             let (secs, peak, rows) = match measure(engine, &prompt, method, s, cancel) {
                 Ok(m) => m,
                 Err(e) => {
-                    let Some(msg) = crate::refusal(&e) else {
-                        return Err(e);
-                    };
-                    s.log(format!("cost {method} {len}: refused: {msg}"));
-                    store.append(json!({
+                    let cell = json!({
                         "key": key, "model": model, "method": method.to_string(), "length": len,
-                        "refused": msg,
-                    }))?;
+                    });
+                    crate::refuse(store, s, e, cell)?;
                     continue;
                 }
             };

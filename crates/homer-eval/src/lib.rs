@@ -67,6 +67,43 @@ impl Settings {
             eprintln!("{}", line.as_ref());
         }
     }
+
+    /// The part of every record key that the settings decide: window, C, W, bias, RoPE factor.
+    pub fn key_tail(&self) -> String {
+        format!(
+            "w{}|c{:?}|W{:?}|{}|s{:?}",
+            self.window,
+            self.chunk_len,
+            self.warmup_layers,
+            passkey::bias_name(&self.bias),
+            self.rope_factor
+        )
+    }
+}
+
+/// Record a refused cell (`cell`: its key and coordinates) when `e` is a refusal, so the
+/// evaluation goes on; any other error is returned.
+pub fn refuse(
+    store: &mut store::Store,
+    s: &Settings,
+    e: EvalError,
+    mut cell: serde_json::Value,
+) -> Result<()> {
+    let Some(msg) = refusal(&e) else {
+        return Err(e);
+    };
+    s.log(format!(
+        "{} {} at {}: refused: {msg}",
+        store
+            .path()
+            .file_stem()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        passkey::label(&cell),
+        cell["length"]
+    ));
+    cell["refused"] = serde_json::json!(msg);
+    store.append(cell)
 }
 
 /// How HOMER itself is varied (the ablations of spec §10); the default is the paper's HOMER.

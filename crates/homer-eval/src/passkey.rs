@@ -59,14 +59,10 @@ pub fn run(
                             ""
                         };
                         let key = format!(
-                            "{model}|{method}|{vname}|{len}|{depth}|{t}|{}|{:?}|w{}|c{:?}|W{:?}|{}|s{:?}",
+                            "{model}|{method}|{vname}|{len}|{depth}|{t}|{}|{:?}|{}",
                             s.seed,
                             spec.format,
-                            s.window,
-                            s.chunk_len,
-                            s.warmup_layers,
-                            bias_name(&s.bias),
-                            s.rope_factor
+                            s.key_tail()
                         );
                         if store.has(&key) {
                             continue;
@@ -88,22 +84,11 @@ pub fn run(
                         ) {
                             Ok(r) => r,
                             Err(e) => {
-                                let Some(msg) = crate::refusal(&e) else {
-                                    return Err(e);
-                                };
-                                s.log(format!(
-                                    "passkey {method}{} len {len}: refused: {msg}",
-                                    if vname.is_empty() {
-                                        String::new()
-                                    } else {
-                                        format!(" [{vname}]")
-                                    }
-                                ));
-                                store.append(json!({
+                                let cell = json!({
                                     "key": key, "model": model, "method": method.to_string(),
                                     "variant": vname, "length": len, "depth": depth, "trial": t,
-                                    "refused": msg,
-                                }))?;
+                                });
+                                crate::refuse(store, s, e, cell)?;
                                 continue;
                             }
                         };
@@ -184,16 +169,22 @@ pub fn grid(records: &[Value]) -> Grid {
     g
 }
 
-/// A markdown table: one row per (label, length), one column per depth, and the total.
-pub fn table(all: &[Value], order: &[String]) -> String {
-    let records = &crate::ran(all)[..];
-    let g = grid(records);
+/// Every depth of a grid, sorted.
+pub fn depths_of(g: &Grid) -> Vec<String> {
     let mut depths: Vec<String> = g
         .values()
         .flat_map(|l| l.values().flat_map(|d| d.keys().cloned()))
         .collect();
     depths.sort();
     depths.dedup();
+    depths
+}
+
+/// A markdown table: one row per (label, length), one column per depth, and the total.
+pub fn table(all: &[Value], order: &[String]) -> String {
+    let records = &crate::ran(all)[..];
+    let g = grid(records);
+    let depths = depths_of(&g);
     let mut out = format!(
         "| method | length | {} | all | mean prefill s |\n|---|---|{}---|---|\n",
         depths

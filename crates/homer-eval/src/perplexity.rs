@@ -223,14 +223,7 @@ pub fn run(
     }
     let model = model_id(engine);
     for method in methods {
-        let key = format!(
-            "{model}|{method}|{length}|{source}|w{}|c{:?}|W{:?}|{}|s{:?}",
-            s.window,
-            s.chunk_len,
-            s.warmup_layers,
-            crate::passkey::bias_name(&s.bias),
-            s.rope_factor
-        );
+        let key = format!("{model}|{method}|{length}|{source}|{}", s.key_tail());
         if store.has(&key) {
             continue;
         }
@@ -238,14 +231,10 @@ pub fn run(
         let nll = match score(engine, &tokens[..length], method, s, cancel) {
             Ok(n) => n,
             Err(e) => {
-                let Some(msg) = crate::refusal(&e) else {
-                    return Err(e);
-                };
-                s.log(format!("perplexity {method}: refused: {msg}"));
-                store.append(json!({
+                let cell = json!({
                     "key": key, "model": model, "method": method.to_string(), "length": length,
-                    "refused": msg,
-                }))?;
+                });
+                crate::refuse(store, s, e, cell)?;
                 continue;
             }
         };

@@ -229,13 +229,9 @@ pub fn run(
                 let mut smp = None;
                 for method in &spec.methods {
                     let key = format!(
-                        "{model}|{method}|{len}|{depth}|{t}|{}|{source}|w{}|c{:?}|W{:?}|{}|s{:?}",
+                        "{model}|{method}|{len}|{depth}|{t}|{}|{source}|{}",
                         s.seed,
-                        s.window,
-                        s.chunk_len,
-                        s.warmup_layers,
-                        crate::passkey::bias_name(&s.bias),
-                        s.rope_factor
+                        s.key_tail()
                     );
                     if store.has(&key) {
                         continue;
@@ -278,14 +274,11 @@ pub fn run(
                     let (run, retrieved) = match result {
                         Ok(r) => r,
                         Err(e) => {
-                            let Some(msg) = crate::refusal(&e) else {
-                                return Err(e);
-                            };
-                            s.log(format!("qa {method} len {len}: refused: {msg}"));
-                            store.append(json!({
+                            let cell = json!({
                                 "key": key, "model": model, "method": method.to_string(),
-                                "length": len, "depth": depth, "trial": t, "refused": msg,
-                            }))?;
+                                "length": len, "depth": depth, "trial": t,
+                            });
+                            crate::refuse(store, s, e, cell)?;
                             continue;
                         }
                     };

@@ -310,12 +310,7 @@ fn heatmap_panels(records: &[Value], order: &[String]) -> Vec<Heatmap> {
     let mut lengths: Vec<usize> = g.values().flat_map(|l| l.keys().copied()).collect();
     lengths.sort();
     lengths.dedup();
-    let mut depths: Vec<String> = g
-        .values()
-        .flat_map(|l| l.values().flat_map(|d| d.keys().cloned()))
-        .collect();
-    depths.sort();
-    depths.dedup();
+    let depths = crate::passkey::depths_of(&g);
     ordered(g.keys(), order)
         .into_iter()
         .map(|name| {
