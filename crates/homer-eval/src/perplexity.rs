@@ -269,6 +269,12 @@ pub fn cumulative(nll: &[f64], at: &[usize]) -> Vec<Option<f64>> {
         .collect()
 }
 
+/// Perplexity of the scored tokens in `range` (indices into the NLL list); None when empty.
+pub fn span_perplexity(nll: &[f64], range: Range<usize>) -> Option<f64> {
+    let v = nll.get(range)?;
+    (!v.is_empty()).then(|| (v.iter().sum::<f64>() / v.len() as f64).exp())
+}
+
 pub fn nll_of(r: &Value) -> Vec<f64> {
     r["nll"]
         .as_array()
@@ -280,7 +286,7 @@ pub fn nll_of(r: &Value) -> Vec<f64> {
 pub fn table(all: &[Value], checkpoints: &[usize], order: &[String]) -> String {
     let records = &crate::ran(all)[..];
     let mut out = format!(
-        "| method | {} | seconds |\n|---|{}---|\n",
+        "| method | {} | ppl past the window | seconds |\n|---|{}---|---|\n",
         checkpoints
             .iter()
             .map(|c| format!("ppl @ {c}"))
@@ -307,8 +313,13 @@ pub fn table(all: &[Value], checkpoints: &[usize], order: &[String]) -> String {
             .iter()
             .map(|p| p.map_or("–".into(), |p| format!("{p:.3}")))
             .collect();
+        // Tokens at positions past the window: scored with more text before them than the
+        // window holds.
+        let window = r["window"].as_u64().unwrap_or(0) as usize;
+        let past = span_perplexity(&nll, window.saturating_sub(1)..nll.len())
+            .map_or("–".into(), |p| format!("{p:.3}"));
         out += &format!(
-            "| {name} | {} | {:.0} |\n",
+            "| {name} | {} | {past} | {:.0} |\n",
             cols.join(" | "),
             r["secs"].as_f64().unwrap_or(0.0)
         );
@@ -336,5 +347,8 @@ mod tests {
         assert!((c[1].unwrap() - 2f64.exp()).abs() < 1e-12);
         assert!((c[2].unwrap() - 2f64.exp()).abs() < 1e-12);
         assert_eq!(c[3], None);
+        assert!((span_perplexity(&nll, 1..3).unwrap() - 2.5f64.exp()).abs() < 1e-12);
+        assert_eq!(span_perplexity(&nll, 3..3), None);
+        assert_eq!(span_perplexity(&nll, 2..9), None);
     }
 }

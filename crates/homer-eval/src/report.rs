@@ -404,13 +404,15 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
             .filter(|&c| c > 0 && c < maxlen)
             .chain([maxlen.saturating_sub(1)])
             .collect();
-        let mut series = vec![];
+        let (mut cum, mut spans) = (vec![], vec![]);
         let mut names: Vec<String> = ppl
             .iter()
             .map(|r| r["method"].as_str().unwrap_or("?").to_string())
             .collect();
         names.sort();
         names.dedup();
+        // Spans of 1/24 of the text (512 tokens at 12K) for the second panel.
+        let span = (maxlen / 24).max(1);
         for name in ordered(names.iter(), &order) {
             if let Some(r) = ppl
                 .iter()
@@ -421,31 +423,56 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
                 let step = (nll.len() / 200).max(1);
                 let xs: Vec<usize> = (step..=nll.len()).step_by(step).collect();
                 let ys = crate::perplexity::cumulative(&nll, &xs);
-                series.push((
-                    name,
+                cum.push((
+                    name.clone(),
                     xs.iter()
                         .zip(ys)
                         .filter_map(|(&x, y)| y.map(|y| (x as f64, y)))
                         .collect(),
                 ));
+                spans.push((
+                    name,
+                    (0..nll.len())
+                        .step_by(span)
+                        .filter_map(|a| {
+                            let b = (a + span).min(nll.len());
+                            crate::perplexity::span_perplexity(&nll, a..b)
+                                .map(|p| ((a + b) as f64 / 2.0, p))
+                        })
+                        .collect(),
+                ));
             }
         }
-        let lo = series
-            .iter()
-            .flat_map(|s: &(String, Vec<(f64, f64)>)| s.1.iter().map(|p| p.1))
-            .fold(f64::MAX, f64::min);
+        let range = |series: &[(String, Vec<(f64, f64)>)], cap: f64| {
+            let ys = series.iter().flat_map(|s| s.1.iter().map(|p| p.1));
+            let lo = ys.clone().fold(f64::MAX, f64::min);
+            let hi = ys.fold(f64::MIN, f64::max);
+            (lo * 0.9, hi.min(lo * cap) * 1.05)
+        };
+        let (r1, r2) = (range(&cum, 4.0), range(&spans, 8.0));
         lines(
             &dir.join("perplexity.png"),
             "Long-document perplexity (KJV)",
-            &[Lines {
-                title: "cumulative perplexity over the first x tokens".into(),
-                x_desc: "tokens scored (x)".into(),
-                y_desc: "perplexity".into(),
-                log_x: false,
-                log_y: true,
-                series,
-                y_range: Some((lo * 0.9, lo * 6.0)),
-            }],
+            &[
+                Lines {
+                    title: "cumulative perplexity over the first x tokens".into(),
+                    x_desc: "tokens scored (x)".into(),
+                    y_desc: "perplexity".into(),
+                    log_x: false,
+                    log_y: false,
+                    series: cum,
+                    y_range: Some(r1),
+                },
+                Lines {
+                    title: format!("perplexity of each {span}-token span"),
+                    x_desc: "position in the text (tokens)".into(),
+                    y_desc: "perplexity".into(),
+                    log_x: false,
+                    log_y: false,
+                    series: spans,
+                    y_range: Some(r2),
+                },
+            ],
         )?;
         md += "## Long-document perplexity (spec §9.4)\n\nEvery token after the first is scored \
                once; cumulative perplexity exp(mean NLL) over the first x tokens. HOMER condenses \
