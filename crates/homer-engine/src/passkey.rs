@@ -213,40 +213,6 @@ impl Method {
     }
 }
 
-impl Engine {
-    /// Answer a passkey sample with `method`: sets the model's RoPE scaling for it (and leaves
-    /// it set; the next call sets its own), truncates or runs HOMER as the method says.
-    pub fn run_passkey(
-        &mut self,
-        sample: &PasskeySample,
-        method: &Method,
-        params: &crate::ask::AskParams,
-        rope_factor: Option<f64>,
-        cancel: &std::sync::atomic::AtomicBool,
-    ) -> Result<crate::ask::Answer> {
-        let total = sample.prompt.total_len();
-        let native = self.model.native_window();
-        let scaling = method
-            .rope_scaling(total, native, rope_factor)
-            .map_err(EngineError::Setting)?;
-        self.model.set_rope_scaling(scaling)?;
-        let mut p = params.clone();
-        p.mode = if method.uses_homer() {
-            crate::ask::HomerMode::Always
-        } else {
-            crate::ask::HomerMode::Never
-        };
-        let prompt = if *method == Method::Truncation {
-            sample
-                .prompt
-                .truncated(native.saturating_sub(p.generate.max_tokens))
-        } else {
-            sample.prompt.clone()
-        };
-        self.answer(prompt, &p, cancel, &mut |_| {}, &mut |_| {})
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,15 +15,16 @@ use serde_json::{Value, json};
 use crate::store::Store;
 use crate::{HomerVariant, Result, Settings, alloc, homer_config, model_id, set_rope};
 
-/// Prefill `prompt` with `method` (plain or homer); returns seconds and peak bytes above the
-/// bytes live at the start (None when the counting allocator is not installed).
+/// Prefill `prompt` with `method` (plain or homer); returns seconds, peak bytes above the bytes
+/// live at the start (None when the counting allocator is not installed), the cache rows, and
+/// the bytes live at the start.
 pub fn measure(
     engine: &mut Engine,
     prompt: &DocPrompt,
     method: &Method,
     s: &Settings,
     cancel: &AtomicBool,
-) -> Result<(f64, Option<usize>, usize)> {
+) -> Result<(f64, Option<usize>, usize, usize)> {
     set_rope(engine, method, prompt.total_len(), s)?;
     let base = alloc::reset_peak();
     let t0 = Instant::now();
@@ -43,7 +44,7 @@ pub fn measure(
     };
     let secs = t0.elapsed().as_secs_f64();
     let peak = alloc::installed().then(|| alloc::peak_bytes().saturating_sub(base));
-    Ok((secs, peak, rows))
+    Ok((secs, peak, rows, base))
 }
 
 /// A prompt of `length` tokens cut from `tokens` (prefix 32, suffix 32, the rest context).
@@ -83,7 +84,7 @@ pub fn run(
                 continue;
             }
             let prompt = prompt_of(tokens, len);
-            let (secs, peak, rows) = match measure(engine, &prompt, method, s, cancel) {
+            let (secs, peak, rows, before) = match measure(engine, &prompt, method, s, cancel) {
                 Ok(m) => m,
                 Err(e) => {
                     let cell = json!({
@@ -100,7 +101,7 @@ pub fn run(
             store.append(json!({
                 "key": key, "model": model, "method": method.to_string(), "length": len,
                 "backend": backend, "adapter": engine.device.adapter, "secs": secs,
-                "peak_bytes": peak, "live_before_bytes": alloc::live_bytes(), "cache_rows": rows,
+                "peak_bytes": peak, "live_before_bytes": before, "cache_rows": rows,
                 "window": s.window,
             }))?;
         }

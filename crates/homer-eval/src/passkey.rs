@@ -122,7 +122,8 @@ pub fn run(
                             "length": len, "depth": depth, "trial": t, "prompt_tokens": sample.prompt.total_len(),
                             "read_tokens": run.prompt_tokens, "passkey": sample.passkey, "answer": run.text,
                             "correct": ok, "prefill_secs": run.prefill_secs, "secs": run.secs,
-                            "needle_tokens_kept": needle_kept, "chunks": run.chunks, "window": s.window,
+                            "needle_tokens_kept": needle_kept, "chunks": run.chunks, "cache_rows": run.cache_len,
+                            "window": s.window,
                         }))?;
                     }
                 }

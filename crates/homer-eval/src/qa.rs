@@ -301,7 +301,8 @@ pub fn run(
                         "depth": depth, "trial": t, "label": q.label, "reference": q.reference,
                         "answer": answer, "f1": score, "exact": ex, "prompt_tokens": q.prompt.total_len(),
                         "read_tokens": run.prompt_tokens, "prefill_secs": run.prefill_secs,
-                        "target_kept_share": kept_share, "retrieved": retrieved, "window": s.window,
+                        "target_kept_share": kept_share, "retrieved": retrieved, "cache_rows": run.cache_len,
+                        "window": s.window,
                     }))?;
                 }
             }
