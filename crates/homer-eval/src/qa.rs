@@ -6,8 +6,10 @@
 //! for.
 //!
 //! The prompt is raw text, like the passkey task's: an instruction line, the verses one per line,
-//! then "Quote the verse L from the text above." and the label L again, so the model completes
-//! the verse. SmolLM2-135M follows this form; through its chat template it paraphrases.
+//! then "Quote verses from the text above.", one other verse of the context quoted in full as a
+//! demonstration, and the asked label, so the model completes the verse. Without the
+//! demonstration ("Quote the verse L from the text above.\nL") SmolLM2-135M paraphrased or
+//! answered nothing even at 1K tokens (mean F1 0.1); through its chat template it paraphrases.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
@@ -23,6 +25,12 @@ use crate::text::{Verse, exact, f1, words};
 use crate::{EvalError, HomerVariant, Result, Settings, model_id, run_method};
 
 pub const INSTRUCTION: &str = "Below are verses of the King James Bible, one per line.\n\n";
+/// The longest demonstration verse, in tokens.
+const DEMO_MAX_TOKENS: usize = 64;
+/// Tokens reserved for the suffix: the question line, the demonstration, the label.
+const SUFFIX_ROOM: usize = DEMO_MAX_TOKENS + 32;
+/// Part of every QA record key: the prompt's form (2 = with a demonstration verse).
+const FORM: &str = "qa2";
 /// Verses per retrieval passage.
 pub const PASSAGE_VERSES: usize = 4;
 
@@ -77,21 +85,16 @@ pub fn sample(
     let tok = &engine.tokenizer;
     let prefix = tok.encode(INSTRUCTION, true)?;
     let mut rng = StdRng::seed_from_u64(seed);
-    // Verse lines take ~30 tokens; start where at least the needed lines remain.
+    // Verse lines take ~30 tokens: start where 2.5× the lines the length needs remain (or at
+    // the first verse of a short text; too short a text is refused below).
     let need = length / 12 + 16;
-    if verses.len() < need.min(verses.len()).max(8) {
+    if verses.len() < 8 {
         return Err(EvalError::Setting("the KJV text has too few verses".into()));
     }
     let start = rng.random_range(0..verses.len().saturating_sub(need).max(1));
-    // The suffix depends on the label; size the budget with the longest label's suffix.
-    let suffix_of = |label: &str| -> Result<Vec<u32>> {
-        Ok(tok.encode(
-            &format!("\nQuote the verse {label} from the text above.\n{label}"),
-            false,
-        )?)
-    };
-    let suffix_room = suffix_of("Song10:10")?.len() + 4;
-    let budget = length.saturating_sub(prefix.len() + suffix_room);
+    // The suffix (a demonstration verse and the asked label) is chosen once the verses are:
+    // room for it is reserved.
+    let budget = length.saturating_sub(prefix.len() + SUFFIX_ROOM);
     let mut context = vec![];
     let mut lines = vec![];
     let mut end = start;
@@ -124,12 +127,30 @@ pub fn sample(
     while target + 1 < end && words(&verses[target].text).len() < 6 {
         target += 1;
     }
+    // The demonstration: another verse of the context, half the context away, quoted in full
+    // before the asked label, so the task's form (label, then its text) is shown once.
+    let n_words = |i: usize| words(&verses[i].text).len();
+    let mut demo = start + ((n - 1) as f64 * ((depth + 0.5) % 1.0)).round() as usize;
+    let mut tries = 0;
+    while (demo == target || n_words(demo) < 6 || lines[demo - start].len() > DEMO_MAX_TOKENS)
+        && tries < n
+    {
+        demo = start + (demo - start + 1) % n;
+        tries += 1;
+    }
     let label = verses[target].label.clone();
+    let suffix = tok.encode(
+        &format!(
+            "\nQuote verses from the text above.\n{} {}\n{label}",
+            verses[demo].label, verses[demo].text
+        ),
+        false,
+    )?;
     Ok(QaSample {
         prompt: DocPrompt {
             prefix,
             context,
-            suffix: suffix_of(&label)?,
+            suffix,
             docs: vec![],
         },
         lines,
@@ -229,7 +250,7 @@ pub fn run(
                 let mut smp = None;
                 for method in &spec.methods {
                     let key = format!(
-                        "{model}|{method}|{len}|{depth}|{t}|{}|{source}|{}",
+                        "{FORM}|{model}|{method}|{len}|{depth}|{t}|{}|{source}|{}",
                         s.seed,
                         s.key_tail()
                     );
