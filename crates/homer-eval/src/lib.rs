@@ -274,6 +274,34 @@ pub fn refused_note(records: &[serde_json::Value]) -> String {
     }
 }
 
+/// One (length, depth, trial) cell of a task's grid, with the seed its sample is drawn from (the
+/// same for every method, so they all see one prompt).
+#[derive(Debug, Clone, Copy)]
+pub struct Cell {
+    pub length: usize,
+    pub depth: f64,
+    pub trial: usize,
+    pub seed: u64,
+}
+
+/// Every cell of lengths × depths × trials, lengths outermost; `seed` distinguishes tasks.
+pub fn cells(lengths: &[usize], depths: &[f64], trials: usize, seed: u64) -> Vec<Cell> {
+    let mut out = vec![];
+    for &length in lengths {
+        for (di, &depth) in depths.iter().enumerate() {
+            for trial in 0..trials {
+                out.push(Cell {
+                    length,
+                    depth,
+                    trial,
+                    seed: passkey::sample_seed(seed, length, di, trial),
+                });
+            }
+        }
+    }
+    out
+}
+
 /// The model's file name, for record keys.
 pub fn model_id(engine: &Engine) -> String {
     engine

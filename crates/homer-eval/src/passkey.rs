@@ -41,73 +41,70 @@ pub fn run(
     cancel: &AtomicBool,
 ) -> Result<()> {
     let model = model_id(engine);
-    for &len in &spec.lengths {
-        for (di, &depth) in spec.depths.iter().enumerate() {
-            for t in 0..spec.trials {
-                let seed = sample_seed(s.seed, len, di, t);
-                let mut sample = None;
-                for method in &spec.methods {
-                    let variants: Vec<&(String, HomerVariant)> = if method.uses_homer() {
-                        spec.variants.iter().collect()
-                    } else {
-                        spec.variants.iter().take(1).collect()
-                    };
-                    for (vname, variant) in variants {
-                        let vname = if method.uses_homer() {
-                            vname.as_str()
-                        } else {
-                            ""
-                        };
-                        let key = format!(
-                            "{model}|{method}|{vname}|{len}|{depth}|{t}|{}|{:?}|{}",
-                            s.seed,
-                            spec.format,
-                            s.key_tail()
-                        );
-                        if store.has(&key) {
-                            continue;
-                        }
-                        if sample.is_none() {
-                            sample = Some(engine.passkey_sample(len, depth, seed, spec.format)?);
-                        }
-                        let sample = sample.as_ref().unwrap();
-                        // "The pass key is " and five digits: a few tokens; 16 leave room.
-                        let run = match run_method(
-                            engine,
-                            &sample.prompt,
-                            method,
-                            s,
-                            variant,
-                            16,
-                            false,
-                            cancel,
-                        ) {
-                            Ok(r) => r,
-                            Err(e) => {
-                                let cell = json!({
-                                    "key": key, "model": model, "method": method.to_string(),
-                                    "variant": vname, "length": len, "depth": depth, "trial": t,
-                                });
-                                crate::refuse(store, s, e, cell)?;
-                                continue;
-                            }
-                        };
-                        let got = first_number(&run.text).unwrap_or("").to_string();
-                        let ok = got == sample.passkey;
-                        let needle_kept = run.kept.as_ref().map(|k| {
-                            k.iter()
-                                .filter(|&&i| {
-                                    i >= sample.needle_token
-                                        && i < sample.needle_token + NEEDLE_TOKENS
-                                })
-                                .count()
+    for c in crate::cells(&spec.lengths, &spec.depths, spec.trials, s.seed) {
+        let (len, depth, t, seed) = (c.length, c.depth, c.trial, c.seed);
+        let mut sample = None;
+        for method in &spec.methods {
+            let variants: Vec<&(String, HomerVariant)> = if method.uses_homer() {
+                spec.variants.iter().collect()
+            } else {
+                spec.variants.iter().take(1).collect()
+            };
+            for (vname, variant) in variants {
+                let vname = if method.uses_homer() {
+                    vname.as_str()
+                } else {
+                    ""
+                };
+                let key = format!(
+                    "{model}|{method}|{vname}|{len}|{depth}|{t}|{}|{:?}|{}",
+                    s.seed,
+                    spec.format,
+                    s.key_tail()
+                );
+                if store.has(&key) {
+                    continue;
+                }
+                if sample.is_none() {
+                    sample = Some(engine.passkey_sample(len, depth, seed, spec.format)?);
+                }
+                let sample = sample.as_ref().unwrap();
+                // "The pass key is " and five digits: a few tokens; 16 leave room.
+                let run = match run_method(
+                    engine,
+                    &sample.prompt,
+                    method,
+                    s,
+                    variant,
+                    16,
+                    false,
+                    cancel,
+                ) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let cell = json!({
+                            "key": key, "model": model, "method": method.to_string(),
+                            "variant": vname, "length": len, "depth": depth, "trial": t,
                         });
-                        let label = if vname.is_empty() {
-                            method.to_string()
-                        } else {
-                            format!("{method} [{vname}]")
-                        };
-                        s.log(format!(
+                        crate::refuse(store, s, e, cell)?;
+                        continue;
+                    }
+                };
+                let got = first_number(&run.text).unwrap_or("").to_string();
+                let ok = got == sample.passkey;
+                let needle_kept = run.kept.as_ref().map(|k| {
+                    k.iter()
+                        .filter(|&&i| {
+                            i >= sample.needle_token && i < sample.needle_token + NEEDLE_TOKENS
+                        })
+                        .count()
+                });
+                let label = if vname.is_empty() {
+                    method.to_string()
+                } else {
+                    format!("{method} [{vname}]")
+                };
+                s.log(format!(
                             "passkey {label:>14} len {len:>6} depth {depth:.2} trial {t}: key {} answer {:?} {} ({:.1}s{})",
                             sample.passkey,
                             run.text,
@@ -117,7 +114,7 @@ pub fn run(
                                 ", needle kept {k}/{NEEDLE_TOKENS}"
                             ))
                         ));
-                        store.append(json!({
+                store.append(json!({
                             "key": key, "model": model, "method": method.to_string(), "variant": vname,
                             "length": len, "depth": depth, "trial": t, "prompt_tokens": sample.prompt.total_len(),
                             "read_tokens": run.prompt_tokens, "passkey": sample.passkey, "answer": run.text,
@@ -125,8 +122,6 @@ pub fn run(
                             "needle_tokens_kept": needle_kept, "chunks": run.chunks, "cache_rows": run.cache_len,
                             "window": s.window,
                         }))?;
-                    }
-                }
             }
         }
     }

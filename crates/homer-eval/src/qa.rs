@@ -243,81 +243,78 @@ pub fn run(
     cancel: &AtomicBool,
 ) -> Result<()> {
     let model = model_id(engine);
-    for &len in &spec.lengths {
-        for (di, &depth) in spec.depths.iter().enumerate() {
-            for t in 0..spec.trials {
-                let seed = crate::passkey::sample_seed(s.seed ^ 0x9a, len, di, t);
-                let mut smp = None;
-                for method in &spec.methods {
-                    let key = format!(
-                        "{FORM}|{model}|{method}|{len}|{depth}|{t}|{}|{source}|{}",
-                        s.seed,
-                        s.key_tail()
-                    );
-                    if store.has(&key) {
-                        continue;
-                    }
-                    if smp.is_none() {
-                        smp = Some(sample(engine, verses, len, depth, seed)?);
-                    }
-                    let q = smp.as_ref().unwrap();
-                    let max_tokens = engine.tokenizer.encode(&q.reference, false)?.len() + 8;
-                    let result = match method {
-                        QaMethod::Model(m) => run_method(
-                            engine,
-                            &q.prompt,
-                            m,
-                            s,
-                            &HomerVariant::default(),
-                            max_tokens,
-                            true,
-                            cancel,
-                        )
-                        .map(|r| (r, None)),
-                        QaMethod::Bm25 => {
-                            let budget = s.window.saturating_sub(
-                                q.prompt.prefix.len() + q.prompt.suffix.len() + max_tokens,
-                            );
-                            let (p, hit) = retrieve(q, verses, budget);
-                            run_method(
-                                engine,
-                                &p,
-                                &Method::Plain,
-                                s,
-                                &HomerVariant::default(),
-                                max_tokens,
-                                true,
-                                cancel,
-                            )
-                            .map(|r| (r, Some(hit)))
-                        }
-                    };
-                    let (run, retrieved) = match result {
-                        Ok(r) => r,
-                        Err(e) => {
-                            let cell = json!({
-                                "key": key, "model": model, "method": method.to_string(),
-                                "length": len, "depth": depth, "trial": t,
-                            });
-                            crate::refuse(store, s, e, cell)?;
-                            continue;
-                        }
-                    };
-                    let answer = run.text.trim().to_string();
-                    let score = f1(&answer, &q.reference);
-                    let ex = exact(&answer, &q.reference);
-                    let target = &q.lines[q.target - q.verses.start];
-                    let kept_share = run.kept.as_ref().map(|k| {
-                        k.iter().filter(|&&i| target.contains(&i)).count() as f64
-                            / target.len() as f64
+    for c in crate::cells(&spec.lengths, &spec.depths, spec.trials, s.seed ^ 0x9a) {
+        let (len, depth, t, seed) = (c.length, c.depth, c.trial, c.seed);
+        let mut smp = None;
+        for method in &spec.methods {
+            let key = format!(
+                "{FORM}|{model}|{method}|{len}|{depth}|{t}|{}|{source}|{}",
+                s.seed,
+                s.key_tail()
+            );
+            if store.has(&key) {
+                continue;
+            }
+            if smp.is_none() {
+                smp = Some(sample(engine, verses, len, depth, seed)?);
+            }
+            let q = smp.as_ref().unwrap();
+            let max_tokens = engine.tokenizer.encode(&q.reference, false)?.len() + 8;
+            let result = match method {
+                QaMethod::Model(m) => run_method(
+                    engine,
+                    &q.prompt,
+                    m,
+                    s,
+                    &HomerVariant::default(),
+                    max_tokens,
+                    true,
+                    cancel,
+                )
+                .map(|r| (r, None)),
+                QaMethod::Bm25 => {
+                    let budget = s
+                        .window
+                        .saturating_sub(q.prompt.prefix.len() + q.prompt.suffix.len() + max_tokens);
+                    let (p, hit) = retrieve(q, verses, budget);
+                    run_method(
+                        engine,
+                        &p,
+                        &Method::Plain,
+                        s,
+                        &HomerVariant::default(),
+                        max_tokens,
+                        true,
+                        cancel,
+                    )
+                    .map(|r| (r, Some(hit)))
+                }
+            };
+            let (run, retrieved) = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    let cell = json!({
+                        "key": key, "model": model, "method": method.to_string(),
+                        "length": len, "depth": depth, "trial": t,
                     });
-                    s.log(format!(
+                    crate::refuse(store, s, e, cell)?;
+                    continue;
+                }
+            };
+            let answer = run.text.trim().to_string();
+            let score = f1(&answer, &q.reference);
+            let ex = exact(&answer, &q.reference);
+            let target = &q.lines[q.target - q.verses.start];
+            let kept_share = run.kept.as_ref().map(|k| {
+                k.iter().filter(|&&i| target.contains(&i)).count() as f64 / target.len() as f64
+            });
+            s.log(format!(
                         "qa {method:>12} len {len:>6} depth {depth:.2} trial {t}: {} -> {answer:?} F1 {score:.2}{} ({:.1}s)",
                         q.label,
                         if ex { " exact" } else { "" },
                         run.prefill_secs
                     ));
-                    store.append(json!({
+            store.append(json!({
                         "key": key, "model": model, "method": method.to_string(), "length": len,
                         "depth": depth, "trial": t, "label": q.label, "reference": q.reference,
                         "answer": answer, "f1": score, "exact": ex, "prompt_tokens": q.prompt.total_len(),
@@ -325,8 +322,6 @@ pub fn run(
                         "target_kept_share": kept_share, "retrieved": retrieved, "cache_rows": run.cache_len,
                         "window": s.window,
                     }))?;
-                }
-            }
         }
     }
     Ok(())
