@@ -54,6 +54,9 @@ struct ModelArgs {
     /// whose window holds the prompt)
     #[arg(long, global = true)]
     rope_factor: Option<f64>,
+    /// Weight precision: f32 or f16 (f16 on the CPU backend only; default: the backend's, f32)
+    #[arg(long, global = true)]
+    dtype: Option<homer_model::WeightDtype>,
 }
 
 #[derive(Args, Clone)]
@@ -224,6 +227,9 @@ enum Cmd {
         /// Tokens to decode
         #[arg(long, default_value_t = 32)]
         decode: usize,
+        /// Context lengths (prompt tokens prefilled, untimed) the decode is measured after
+        #[arg(long, value_delimiter = ',', default_value = "128")]
+        decode_context: Vec<usize>,
         /// Timed repetitions (the median is reported)
         #[arg(long, default_value_t = 3)]
         reps: usize,
@@ -336,8 +342,8 @@ fn progress_handler(quiet: bool) -> impl FnMut(Progress) {
 
 fn load(m: &ModelArgs) -> Result<Engine, String> {
     let mut prog = progress_handler(m.quiet);
-    let mut engine =
-        Engine::load(m.model.as_deref(), m.backend, &mut prog).map_err(|e| e.to_string())?;
+    let mut engine = Engine::load_with(m.model.as_deref(), m.backend, m.dtype, &mut prog)
+        .map_err(|e| e.to_string())?;
     engine.homer_ops = m.homer_ops;
     if m.rope_scaling != "none" {
         let native = engine.model.native_window();
@@ -574,6 +580,7 @@ fn run(cli: Cli) -> Result<(), String> {
             model,
             lengths,
             decode,
+            decode_context,
             reps,
             warmup,
             no_decode,
@@ -681,38 +688,45 @@ fn run(cli: Cli) -> Result<(), String> {
                 println!("{}", serde_json::to_string_pretty(&out).unwrap());
                 return Ok(());
             }
-            // Decode: greedy tokens after a 128-token prompt, EOS ignored.
-            let prompt = pseudo(128);
+            // Decode: greedy tokens after a prompt of each context length, EOS ignored.
             let params = GenerateParams {
                 max_tokens: decode + 1,
                 stop_at_eos: false,
                 ..Default::default()
             };
-            let mut tps = Vec::new();
-            for r in 0..warmup + reps {
-                let g = engine
-                    .generate(&prompt, &params, &cancel, &mut |_| {}, &mut |_| {})
-                    .map_err(|e| e.to_string())?;
-                if r >= warmup {
-                    tps.push(g.decode_tokens_per_sec());
+            for &ctx in &decode_context {
+                let prompt = pseudo(ctx.max(1));
+                let mut tps = Vec::new();
+                for r in 0..warmup + reps {
+                    let g = engine
+                        .generate(&prompt, &params, &cancel, &mut |_| {}, &mut |_| {})
+                        .map_err(|e| e.to_string())?;
+                    if r >= warmup {
+                        tps.push(g.decode_tokens_per_sec());
+                    }
+                }
+                tps.sort_by(f64::total_cmp);
+                let med = tps[tps.len() / 2];
+                rows.push(serde_json::json!({"kind": "decode", "tokens": decode, "context": ctx, "tokens_per_sec": med}));
+                if !json {
+                    eprintln!("decode  {decode:>6} tokens: {med:.2} tok/s (context {ctx})");
                 }
             }
-            tps.sort_by(f64::total_cmp);
-            let med = tps[tps.len() / 2];
-            rows.push(serde_json::json!({"kind": "decode", "tokens": decode, "context": 128, "tokens_per_sec": med}));
             let out = serde_json::json!({"backend": engine.device.backend, "adapter": engine.device.adapter, "model": engine.model_path, "results": rows});
             if json {
                 println!("{}", serde_json::to_string_pretty(&out).unwrap());
             } else {
-                eprintln!("decode  {decode:>6} tokens: {med:.2} tok/s (context 128)");
-                println!("| backend | adapter | test | tokens | tok/s |\n|---|---|---|---|---|");
+                println!(
+                    "| backend | adapter | test | tokens | context | tok/s |\n|---|---|---|---|---|---|"
+                );
                 for r in out["results"].as_array().unwrap() {
                     println!(
-                        "| {} | {} | {} | {} | {:.1} |",
+                        "| {} | {} | {} | {} | {} | {:.1} |",
                         engine.device.backend,
                         engine.device.adapter,
                         r["kind"].as_str().unwrap(),
                         r["tokens"],
+                        r.get("context").map_or("".into(), |c| c.to_string()),
                         r["tokens_per_sec"].as_f64().unwrap()
                     );
                 }

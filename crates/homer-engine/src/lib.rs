@@ -20,7 +20,7 @@ use std::time::Instant;
 use homer_model::load;
 use homer_model::load::gguf::GgufModel;
 use homer_model::model::PREFILL_BLOCK;
-use homer_model::{BackendKind, DeviceInfo, KvCache, Llama, Logits, read_f32};
+use homer_model::{BackendKind, DeviceInfo, KvCache, Llama, Logits, WeightDtype, read_f32};
 use serde::Serialize;
 
 pub use ask::{Answer, AskParams, BiasChoice, DocPrompt, HomerMode};
@@ -193,10 +193,22 @@ impl Generation {
 }
 
 impl Engine {
-    /// Load `model` (a GGUF file or HF directory; the default model when None) on `backend`.
+    /// Load `model` (a GGUF file or HF directory; the default model when None) on `backend`
+    /// with the backend's default weight precision.
     pub fn load(
         model: Option<&Path>,
         backend: BackendKind,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Self> {
+        Self::load_with(model, backend, None, progress)
+    }
+
+    /// [`Engine::load`] with a weight precision (`None`: the backend's default,
+    /// [`homer_model::kernels::default_dtype`]).
+    pub fn load_with(
+        model: Option<&Path>,
+        backend: BackendKind,
+        dtype: Option<WeightDtype>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Self> {
         let path = match model {
@@ -218,10 +230,12 @@ impl Engine {
                 Tokenizer::from_hf_dir(&path, cfg.bos_token_id, cfg.eos_token_ids.clone())?
             }
         };
-        let model = Llama::load(
+        let dtype = dtype.unwrap_or_else(|| homer_model::kernels::default_dtype(&device));
+        let model = Llama::load_with(
             src.as_ref(),
             &device,
             info.max_storage_buffer_binding_size,
+            dtype,
             &mut |d, t| progress(Progress::Load { done: d, total: t }),
         )?;
         let bos = tokenizer
@@ -283,7 +297,8 @@ impl Engine {
                 ids.len()
             );
         }
-        let mut cache = KvCache::new(self.model.n_layers());
+        // Buffers sized for the prompt: the blocks append in place, no doubling.
+        let mut cache = KvCache::with_capacity(self.model.n_layers(), ids.len());
         let mut last = None;
         // Dynamic NTK takes its frequencies from the whole prompt, as one full forward would.
         self.model.set_rope_seq_len(ids.len());
@@ -292,7 +307,9 @@ impl Engine {
                 return Err(EngineError::Cancelled);
             }
             let is_last = (i + 1) * PREFILL_BLOCK >= ids.len();
-            let logits = self.model.forward(block, None, &mut cache, Logits::Last)?;
+            // Only the last block's last row needs the LM head.
+            let which = if is_last { Logits::Last } else { Logits::None };
+            let logits = self.model.forward(block, None, &mut cache, which)?;
             if is_last {
                 last = Some(read_f32(logits)?);
             }
@@ -341,6 +358,8 @@ impl Engine {
     ) -> Result<Generation> {
         params.sampling.validate().map_err(EngineError::Setting)?;
         let t1 = Instant::now();
+        // Room for the whole answer: decoding appends in place, one copy of the cache at most.
+        cache.reserve_total(cache.len() + params.max_tokens, &self.model.device);
         let mut sampler = sampling::Sampler::new(params.sampling.clone());
         let mut history = history.to_vec();
         let prompt_tokens = history.len();

@@ -16,8 +16,10 @@ pub enum BackendKind {
     Auto,
     /// burn-wgpu: Vulkan, Metal, DX12 (Mesa lavapipe on machines without a GPU).
     Wgpu,
-    /// burn's ndarray backend on the CPU.
+    /// burn's CPU backend, burn-flex, with the project's CPU kernels.
     Cpu,
+    /// burn's previous CPU backend, ndarray (deprecated in burn 0.22), kept for measurements.
+    Ndarray,
 }
 
 impl std::str::FromStr for BackendKind {
@@ -26,9 +28,10 @@ impl std::str::FromStr for BackendKind {
         match s.to_ascii_lowercase().as_str() {
             "auto" => Ok(BackendKind::Auto),
             "wgpu" | "gpu" => Ok(BackendKind::Wgpu),
-            "cpu" | "ndarray" => Ok(BackendKind::Cpu),
+            "cpu" | "flex" => Ok(BackendKind::Cpu),
+            "ndarray" => Ok(BackendKind::Ndarray),
             other => Err(format!(
-                "unknown backend `{other}` (expected auto, wgpu or cpu)"
+                "unknown backend `{other}` (expected auto, wgpu, cpu or ndarray)"
             )),
         }
     }
@@ -40,6 +43,7 @@ impl std::fmt::Display for BackendKind {
             BackendKind::Auto => "auto",
             BackendKind::Wgpu => "wgpu",
             BackendKind::Cpu => "cpu",
+            BackendKind::Ndarray => "ndarray",
         })
     }
 }
@@ -149,13 +153,29 @@ pub fn device(kind: BackendKind) -> Result<(Device, DeviceInfo)> {
                 device(BackendKind::Cpu)
             }
         },
-        // ndarray is deprecated in burn 0.22 in favour of `flex`, but it is the backend this
-        // project pins as its CPU fallback and oracle.
-        #[allow(deprecated)]
         BackendKind::Cpu => Ok((
-            Device::ndarray(),
+            Device::flex(),
             DeviceInfo {
                 backend: "cpu".into(),
+                adapter: format!(
+                    "burn flex{} on {} CPU threads ({:?})",
+                    if crate::kernels::fast_path(&Device::flex()) { " + homer kernels" } else { "" },
+                    rayon::current_num_threads(),
+                    crate::cpu::simd_level()
+                ),
+                driver: String::new(),
+                graphics_api: "none".into(),
+                device_type: "Cpu".into(),
+                max_storage_buffer_binding_size: None,
+                max_buffer_size: None,
+                shader_f16: false,
+            },
+        )),
+        #[allow(deprecated)]
+        BackendKind::Ndarray => Ok((
+            Device::ndarray(),
+            DeviceInfo {
+                backend: "ndarray".into(),
                 adapter: format!("burn ndarray on {} CPU threads", std::thread::available_parallelism().map_or(1, |n| n.get())),
                 driver: String::new(),
                 graphics_api: "none".into(),

@@ -1,12 +1,16 @@
 //! One Llama decoder layer, split in its two halves so HOMER can drop rows between them
-//! (spec §4.1): [`DecoderLayer::attend`] (norm, attention, residual) and
+//! (spec §4.1): the attention half (norm, attention, residual) and
 //! [`DecoderLayer::feed_forward`] (norm, SwiGLU MLP, residual).
+//!
+//! The q/k/v and the gate/up projections are fused (one weight each, concatenated at load). On
+//! the CPU backend the layer runs the project's kernels ([`crate::kernels`]); elsewhere it runs
+//! burn tensor ops, the kernels' oracle.
 
 use burn::tensor::Tensor;
-use burn::tensor::activation::silu;
 
 use crate::attention::causal_attention;
-use crate::cache::LayerKv;
+use crate::cache::{KvBuffer, LayerKv};
+use crate::kernels::{self, AttnJob, Weight};
 use crate::rope;
 
 /// RMSNorm over the last axis: x / sqrt(mean(x²) + eps) * w.
@@ -19,19 +23,19 @@ pub fn rms_norm(x: Tensor<2>, w: &Tensor<1>, eps: f64) -> Tensor<2> {
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     pub attn_norm: Tensor<1>,
-    /// Projections stored [in, out] so that `x.matmul(w)` applies them.
-    pub wq: Tensor<2>,
-    pub wk: Tensor<2>,
-    pub wv: Tensor<2>,
-    pub wo: Tensor<2>,
+    /// q | k | v projections fused: [(H + 2·KV)·hd] outputs.
+    pub w_qkv: Weight,
+    pub wo: Weight,
     pub ffn_norm: Tensor<1>,
-    pub w_gate: Tensor<2>,
-    pub w_up: Tensor<2>,
-    pub w_down: Tensor<2>,
+    /// gate | up projections fused: [2·ffn] outputs.
+    pub w_gate_up: Weight,
+    pub w_down: Weight,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub eps: f64,
+    /// Run the CPU kernels (the device is burn-flex).
+    pub fast: bool,
 }
 
 /// What [`DecoderLayer::attend`] returns.
@@ -41,15 +45,74 @@ pub struct Attended {
     pub hidden: Tensor<2>,
     /// This layer's keys (post-RoPE) and values for the new rows, each [kv_heads, n, head_dim].
     pub kv: LayerKv,
-    /// `past` ++ `kv`: the layer's whole cache after this step (built once, for the attention).
-    pub kv_all: LayerKv,
     /// Post-RoPE query of the last new row, [heads, head_dim] (HOMER's significance, spec §4.2).
     pub q_last: Tensor<2>,
 }
 
 impl DecoderLayer {
-    /// Norm, attention over `past` ++ the new rows, residual. `cos`/`sin` are the RoPE tables of
-    /// the new rows' position ids, which may be arbitrary (non-monotone, repeated).
+    fn norm(&self, x: Tensor<2>, w: &Tensor<1>) -> Tensor<2> {
+        if self.fast {
+            kernels::rms_norm_fast(x, w, self.eps)
+        } else {
+            rms_norm(x, w, self.eps)
+        }
+    }
+
+    /// Norm, attention of the new rows over the buffer's filled rows and themselves, residual.
+    /// The new rows' K/V are appended to `buf` in place (it must have room for them).
+    /// Returns the residual stream, the buffer, and the last row's post-RoPE query.
+    pub fn attend_into(
+        &self,
+        x: Tensor<2>,
+        cos: &Tensor<2>,
+        sin: &Tensor<2>,
+        buf: KvBuffer,
+    ) -> (Tensor<2>, KvBuffer, Tensor<2>) {
+        let [n, _] = x.dims();
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let past = buf.len();
+        assert!(
+            past + n <= buf.capacity(),
+            "KV buffer of {} rows cannot take {n} more after {past}",
+            buf.capacity()
+        );
+        let xn = self.norm(x.clone(), &self.attn_norm);
+        let qkv = self.w_qkv.apply(xn);
+        let (k_buf, v_buf) = buf.into_parts();
+        let (attn, k_buf, v_buf, q_last) = if self.fast {
+            let job = AttnJob {
+                heads: h,
+                kv_heads: kvh,
+                head_dim: hd,
+                past,
+            };
+            kernels::attention_fast(qkv, cos, sin, k_buf, v_buf, job)
+        } else {
+            let cols = |a: usize, b: usize, heads: usize| {
+                qkv.clone()
+                    .slice([0..n, a * hd..b * hd])
+                    .reshape([n, heads, hd])
+                    .swap_dims(0, 1)
+            };
+            let q = rope::apply(cols(0, h, h), cos, sin);
+            let k = rope::apply(cols(h, h + kvh, kvh), cos, sin);
+            let v = cols(h + kvh, h + 2 * kvh, kvh);
+            let q_last = q.clone().slice([0..h, n - 1..n, 0..hd]).reshape([h, hd]);
+            let k_buf = k_buf.slice_assign([0..kvh, past..past + n, 0..hd], k);
+            let v_buf = v_buf.slice_assign([0..kvh, past..past + n, 0..hd], v);
+            let attn = {
+                let kv = [&k_buf, &v_buf].map(|t| t.clone().slice([0..kvh, 0..past + n, 0..hd]));
+                causal_attention(q, &kv[0], &kv[1])
+            };
+            (attn, k_buf, v_buf, q_last)
+        };
+        let hidden = x + self.wo.apply(attn);
+        (hidden, KvBuffer::from_parts(k_buf, v_buf, past + n), q_last)
+    }
+
+    /// Norm, attention over `past` ++ the new rows, residual (HOMER's nodes run their rows with
+    /// no past). `cos`/`sin` are the RoPE tables of the new rows' position ids, which may be
+    /// arbitrary (non-monotone, repeated).
     pub fn attend(
         &self,
         x: Tensor<2>,
@@ -58,47 +121,44 @@ impl DecoderLayer {
         past: Option<&LayerKv>,
     ) -> Attended {
         let [n, _] = x.dims();
-        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let xn = rms_norm(x.clone(), &self.attn_norm, self.eps);
-        let q = xn
-            .clone()
-            .matmul(self.wq.clone())
-            .reshape([n, h, hd])
-            .swap_dims(0, 1);
-        let k = xn
-            .clone()
-            .matmul(self.wk.clone())
-            .reshape([n, kvh, hd])
-            .swap_dims(0, 1);
-        let v = xn
-            .matmul(self.wv.clone())
-            .reshape([n, kvh, hd])
-            .swap_dims(0, 1);
-        let q = rope::apply(q, cos, sin);
-        let k = rope::apply(k, cos, sin);
-        let q_last = q.clone().slice([0..h, n - 1..n, 0..hd]).reshape([h, hd]);
-        let (k_all, v_all) = match past {
-            Some(p) if !p.is_empty() => (
-                Tensor::cat(vec![p.k.clone(), k.clone()], 1),
-                Tensor::cat(vec![p.v.clone(), v.clone()], 1),
-            ),
-            _ => (k.clone(), v.clone()),
+        let device = x.device();
+        let (kvh, hd) = (self.n_kv_heads, self.head_dim);
+        let buf = match past {
+            Some(p) if !p.is_empty() => {
+                let mut b = KvBuffer::from_rows(p.clone());
+                b.reserve(n, &device);
+                b
+            }
+            _ => KvBuffer::empty(kvh, hd, n, &device),
         };
-        let attn = causal_attention(q, &k_all, &v_all);
-        let hidden = x + attn.matmul(self.wo.clone());
-        Attended {
-            hidden,
-            kv: LayerKv { k, v },
-            kv_all: LayerKv { k: k_all, v: v_all },
-            q_last,
-        }
+        let p = buf.len();
+        let (hidden, buf, q_last) = self.attend_into(x, cos, sin, buf);
+        let all = buf.filled();
+        let kv = if p == 0 {
+            all
+        } else {
+            LayerKv {
+                k: all.k.slice([0..kvh, p..p + n, 0..hd]),
+                v: all.v.slice([0..kvh, p..p + n, 0..hd]),
+            }
+        };
+        Attended { hidden, kv, q_last }
     }
 
     /// Norm, SwiGLU MLP, residual.
     pub fn feed_forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let xn = rms_norm(x.clone(), &self.ffn_norm, self.eps);
-        let gate = silu(xn.clone().matmul(self.w_gate.clone()));
-        let up = xn.matmul(self.w_up.clone());
-        x + (gate * up).matmul(self.w_down.clone())
+        let xn = self.norm(x.clone(), &self.ffn_norm);
+        let gu = self.w_gate_up.apply(xn);
+        let act = if self.fast {
+            kernels::swiglu_fast(gu)
+        } else {
+            let [n, f2] = gu.dims();
+            let f = f2 / 2;
+            let gate = gu.clone().slice([0..n, 0..f]);
+            let up = gu.slice([0..n, f..f2]);
+            // silu(g) = g / (1 + e^-g): one exp (burn's sigmoid takes three transcendentals).
+            gate.clone() / gate.neg().exp().add_scalar(1.0) * up
+        };
+        x + self.w_down.apply(act)
     }
 }

@@ -9,16 +9,19 @@ pub mod attention;
 pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod cpu;
 pub mod error;
+pub mod kernels;
 pub mod layer;
 pub mod load;
 pub mod model;
 pub mod rope;
 
 pub use backend::{BackendKind, DeviceInfo};
-pub use cache::{KvCache, LayerKv};
+pub use cache::{KvBuffer, KvCache, LayerKv};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
+pub use kernels::{Weight, WeightDtype};
 pub use model::{Llama, Logits, read_f32};
 
 pub use burn::tensor::{Device, Tensor};

@@ -2,12 +2,13 @@
 //! blocks (memory linear in the prompt) and the decode step. Backend-generic: only burn's
 //! `Tensor` and `Device` appear here.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
-use crate::cache::KvCache;
+use crate::cache::{KvBuffer, KvCache};
 use crate::config::LlamaConfig;
 use crate::config::RopeScaling;
 use crate::error::{ModelError, Result};
+use crate::kernels::{self, Weight, WeightDtype};
 use crate::layer::{DecoderLayer, rms_norm};
 use crate::load::{HostTensor, WeightSource, llama_tensor_names, load_checked};
 use crate::rope::Rope;
@@ -18,13 +19,17 @@ pub const PREFILL_BLOCK: usize = 512;
 #[derive(Debug, Clone)]
 pub struct Llama {
     pub config: LlamaConfig,
+    /// [vocab, d] (f16 on the CPU kernels' path with `WeightDtype::F16`).
     pub embed: Tensor<2>,
     pub layers: Vec<DecoderLayer>,
     pub norm: Tensor<1>,
-    /// [d, vocab]
-    pub lm_head: Tensor<2>,
+    /// The LM head; with tied embeddings on the CPU kernels' path it is `embed` itself.
+    pub lm_head: Weight,
     pub rope: Rope,
     pub device: Device,
+    /// The layers run the project's CPU kernels (burn-flex).
+    pub fast: bool,
+    pub dtype: WeightDtype,
     /// The window and RoPE of the file, before any `set_rope_scaling`.
     native_window: usize,
     loaded_scaling: RopeScaling,
@@ -35,51 +40,65 @@ pub struct Llama {
 pub enum Logits {
     Last,
     All,
+    /// None (a prefill block whose logits nobody reads): the call returns an empty [0, vocab].
+    None,
 }
 
 /// Progress callback for loading: (tensors done, tensors total).
 pub type LoadProgress<'a> = &'a mut dyn FnMut(usize, usize);
 
-fn upload(t: HostTensor, device: &Device) -> Tensor<2> {
-    let [r, c] = [t.shape[0], t.shape[1]];
-    Tensor::from_data(TensorData::new(t.data, [r, c]), device)
-}
-
-/// Host transpose of a [rows, cols] tensor to [cols, rows].
-fn transposed(t: HostTensor) -> HostTensor {
-    let (r, c) = (t.shape[0], t.shape[1]);
-    let mut out = vec![0f32; r * c];
-    const B: usize = 32;
-    for i0 in (0..r).step_by(B) {
-        for j0 in (0..c).step_by(B) {
-            for i in i0..(i0 + B).min(r) {
-                for j in j0..(j0 + B).min(c) {
-                    out[j * r + i] = t.data[i * c + j];
-                }
-            }
-        }
+/// Concatenate host matrices [r_i, c] along the rows.
+fn stack_rows(parts: Vec<HostTensor>) -> (Vec<f32>, usize, usize) {
+    let c = parts[0].shape[1];
+    let r = parts.iter().map(|p| p.shape[0]).sum();
+    let mut data = Vec::with_capacity(r * c);
+    for p in parts {
+        data.extend_from_slice(&p.data);
     }
-    HostTensor {
-        shape: vec![c, r],
-        data: out,
-    }
+    (data, r, c)
 }
 
 impl Llama {
-    /// Load every tensor from `src` onto `device`. `max_buffer_bytes` is the adapter's largest
-    /// storage binding (None on CPU backends): a tensor above it is refused with a clear error
-    /// rather than crashing the driver.
+    /// Load every tensor from `src` onto `device` with f32 weights.
     pub fn load(
         src: &dyn WeightSource,
         device: &Device,
         max_buffer_bytes: Option<u64>,
         progress: LoadProgress<'_>,
     ) -> Result<Self> {
+        Self::load_with(src, device, max_buffer_bytes, WeightDtype::F32, progress)
+    }
+
+    /// Load every tensor from `src` onto `device`. `max_buffer_bytes` is the adapter's largest
+    /// storage binding (None on CPU backends): a tensor above it is refused with a clear error
+    /// rather than crashing the driver. `dtype` is the precision of the projection and
+    /// embedding weights on the CPU kernels' path (other backends take f32 only).
+    pub fn load_with(
+        src: &dyn WeightSource,
+        device: &Device,
+        max_buffer_bytes: Option<u64>,
+        dtype: WeightDtype,
+        progress: LoadProgress<'_>,
+    ) -> Result<Self> {
         let cfg = src.config().clone();
+        let fast = kernels::fast_path(device);
+        if dtype != WeightDtype::F32 && !fast {
+            return Err(ModelError::Input(format!(
+                "--dtype {dtype} runs on the CPU backend only for now; use --dtype f32 with this backend"
+            )));
+        }
         let names = llama_tensor_names(&cfg);
         let total = names.len();
         for (name, shape) in &names {
-            let bytes = 4 * shape.iter().product::<usize>() as u64;
+            // Fused projections are three (q|k|v) or two (gate|up) of these side by side.
+            let fused = if name.ends_with("q_proj.weight") {
+                (cfg.q_dim() + 2 * cfg.kv_dim()) as f64 / cfg.q_dim() as f64
+            } else if name.ends_with("gate_proj.weight") {
+                2.0
+            } else {
+                1.0
+            };
+            let bytes = (4.0 * fused * shape.iter().product::<usize>() as f64) as u64;
             if let Some(limit) = max_buffer_bytes {
                 if bytes > limit {
                     return Err(ModelError::DeviceLimit {
@@ -101,48 +120,68 @@ impl Llama {
         let vec1 =
             |t: HostTensor| Tensor::<1>::from_data(TensorData::new(t.data, [t.shape[0]]), device);
         let embed_host = get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
-        let lm_head = if cfg.tie_word_embeddings {
-            upload(transposed(embed_host.clone()), device)
+        let (embed, lm_head) = if fast {
+            let wt = |t: HostTensor| {
+                let (r, c) = (t.shape[0], t.shape[1]);
+                Weight::upload(t.data, r, c, true, dtype, device)
+            };
+            let embed = wt(embed_host);
+            let Weight::Rows(table) = &embed else {
+                unreachable!("the fast path uploads rows")
+            };
+            let table = table.clone();
+            let lm_head = if cfg.tie_word_embeddings {
+                embed
+            } else {
+                wt(get("lm_head.weight", &[cfg.vocab_size, d])?)
+            };
+            (table, lm_head)
         } else {
-            upload(
-                transposed(get("lm_head.weight", &[cfg.vocab_size, d])?),
+            let head = if cfg.tie_word_embeddings {
+                embed_host.clone()
+            } else {
+                get("lm_head.weight", &[cfg.vocab_size, d])?
+            };
+            let lm_head = Weight::upload(head.data, cfg.vocab_size, d, false, dtype, device);
+            let embed = Tensor::from_data(
+                TensorData::new(embed_host.data, [cfg.vocab_size, d]),
                 device,
-            )
+            );
+            (embed, lm_head)
         };
-        let embed = upload(embed_host, device);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let ff = cfg.intermediate_size;
-            let mut w = |n: &str, shape: [usize; 2]| -> Result<Tensor<2>> {
-                Ok(upload(
-                    transposed(get(&format!("{p}.{n}"), &shape)?),
-                    device,
-                ))
+            let mut host = |n: &str, shape: [usize; 2]| get(&format!("{p}.{n}"), &shape);
+            let q = host("self_attn.q_proj.weight", [cfg.q_dim(), d])?;
+            let k = host("self_attn.k_proj.weight", [cfg.kv_dim(), d])?;
+            let v = host("self_attn.v_proj.weight", [cfg.kv_dim(), d])?;
+            let o = host("self_attn.o_proj.weight", [d, cfg.q_dim()])?;
+            let gate = host("mlp.gate_proj.weight", [ff, d])?;
+            let up = host("mlp.up_proj.weight", [ff, d])?;
+            let down = host("mlp.down_proj.weight", [d, ff])?;
+            let up_w = |(data, r, c): (Vec<f32>, usize, usize)| {
+                Weight::upload(data, r, c, fast, dtype, device)
             };
-            let wq = w("self_attn.q_proj.weight", [cfg.q_dim(), d])?;
-            let wk = w("self_attn.k_proj.weight", [cfg.kv_dim(), d])?;
-            let wv = w("self_attn.v_proj.weight", [cfg.kv_dim(), d])?;
-            let wo = w("self_attn.o_proj.weight", [d, cfg.q_dim()])?;
-            let w_gate = w("mlp.gate_proj.weight", [ff, d])?;
-            let w_up = w("mlp.up_proj.weight", [ff, d])?;
-            let w_down = w("mlp.down_proj.weight", [d, ff])?;
+            let w_qkv = up_w(stack_rows(vec![q, k, v]));
+            let wo = up_w(stack_rows(vec![o]));
+            let w_gate_up = up_w(stack_rows(vec![gate, up]));
+            let w_down = up_w(stack_rows(vec![down]));
             let attn_norm = vec1(get(&format!("{p}.input_layernorm.weight"), &[d])?);
             let ffn_norm = vec1(get(&format!("{p}.post_attention_layernorm.weight"), &[d])?);
             layers.push(DecoderLayer {
                 attn_norm,
-                wq,
-                wk,
-                wv,
+                w_qkv,
                 wo,
                 ffn_norm,
-                w_gate,
-                w_up,
+                w_gate_up,
                 w_down,
                 n_heads: cfg.num_attention_heads,
                 n_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
                 eps: cfg.rms_norm_eps,
+                fast,
             });
         }
         let norm = vec1(get("model.norm.weight", &[d])?);
@@ -157,12 +196,37 @@ impl Llama {
             lm_head,
             rope,
             device: device.clone(),
+            fast,
+            dtype,
         })
     }
 
     /// A model with uniform random weights, reproducible from `seed` (tests and shape
     /// benchmarks; no file needed). Projections have variance 1/fan_in, norms are 1.
     pub fn random(config: LlamaConfig, seed: u64, device: &Device) -> Llama {
+        Self::random_with(config, seed, device, WeightDtype::F32)
+    }
+
+    /// [`Llama::random`] with the given weight precision (CPU kernels' path only for f16).
+    pub fn random_with(
+        config: LlamaConfig,
+        seed: u64,
+        device: &Device,
+        dtype: WeightDtype,
+    ) -> Llama {
+        Self::random_on_path(config, seed, device, dtype, kernels::fast_path(device))
+    }
+
+    /// [`Llama::random_with`] on a chosen path: `fast` = the CPU kernels (burn-flex devices
+    /// only), else burn tensor ops (the kernels' oracle, on any device).
+    pub fn random_on_path(
+        config: LlamaConfig,
+        seed: u64,
+        device: &Device,
+        dtype: WeightDtype,
+        fast: bool,
+    ) -> Llama {
+        let dtype = if fast { dtype } else { WeightDtype::F32 };
         let mut state = seed ^ 0x2545_F491_4F6C_DD1D;
         let mut next = move || {
             // xorshift64*
@@ -172,37 +236,58 @@ impl Llama {
             let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
             (r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
         };
-        let mut mat = |rows: usize, cols: usize, fan_in: usize| -> Tensor<2> {
+        // Host rows [out, in] (the file orientation).
+        let mut mat = |rows: usize, cols: usize, fan_in: usize| -> Vec<f32> {
             let a = (3.0 / fan_in as f32).sqrt();
-            let data: Vec<f32> = (0..rows * cols).map(|_| next() * a).collect();
-            Tensor::from_data(TensorData::new(data, [rows, cols]), device)
+            (0..rows * cols).map(|_| next() * a).collect()
         };
         let c = &config;
         let d = c.hidden_size;
         let ones = || Tensor::<1>::ones([d], device);
-        let embed = mat(c.vocab_size, d, 1);
-        let lm_head = if c.tie_word_embeddings {
-            embed.clone().transpose()
+        let embed_host = mat(c.vocab_size, d, 1);
+        let head_host = if c.tie_word_embeddings {
+            embed_host.clone()
         } else {
-            mat(d, c.vocab_size, d)
+            mat(c.vocab_size, d, d)
         };
-        let layers = (0..c.num_hidden_layers)
-            .map(|_| DecoderLayer {
+        let (kvd, qd, ff) = (c.kv_dim(), c.q_dim(), c.intermediate_size);
+        let mut layers = Vec::new();
+        for _ in 0..c.num_hidden_layers {
+            let mut qkv = mat(qd, d, d);
+            qkv.extend(mat(kvd, d, d));
+            qkv.extend(mat(kvd, d, d));
+            let o = mat(d, qd, qd);
+            let mut gu = mat(ff, d, d);
+            gu.extend(mat(ff, d, d));
+            let down = mat(d, ff, ff);
+            layers.push(DecoderLayer {
                 attn_norm: ones(),
-                wq: mat(d, c.q_dim(), d),
-                wk: mat(d, c.kv_dim(), d),
-                wv: mat(d, c.kv_dim(), d),
-                wo: mat(c.q_dim(), d, c.q_dim()),
+                w_qkv: Weight::upload(qkv, qd + 2 * kvd, d, fast, dtype, device),
+                wo: Weight::upload(o, d, qd, fast, dtype, device),
                 ffn_norm: ones(),
-                w_gate: mat(d, c.intermediate_size, d),
-                w_up: mat(d, c.intermediate_size, d),
-                w_down: mat(c.intermediate_size, d, c.intermediate_size),
+                w_gate_up: Weight::upload(gu, 2 * ff, d, fast, dtype, device),
+                w_down: Weight::upload(down, d, ff, fast, dtype, device),
                 n_heads: c.num_attention_heads,
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
                 eps: c.rms_norm_eps,
-            })
-            .collect();
+                fast,
+            });
+        }
+        let lm_head = Weight::upload(head_host, c.vocab_size, d, fast, dtype, device);
+        let embed = if fast && c.tie_word_embeddings {
+            match &lm_head {
+                Weight::Rows(t) => t.clone(),
+                Weight::Cols(_) => unreachable!(),
+            }
+        } else if fast {
+            match Weight::upload(embed_host, c.vocab_size, d, true, dtype, device) {
+                Weight::Rows(t) => t,
+                Weight::Cols(_) => unreachable!(),
+            }
+        } else {
+            Tensor::from_data(TensorData::new(embed_host, [c.vocab_size, d]), device)
+        };
         let rope = Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling);
         Llama {
             native_window: c.max_position_embeddings,
@@ -213,6 +298,8 @@ impl Llama {
             lm_head,
             rope,
             device: device.clone(),
+            fast,
+            dtype,
             config,
         }
     }
@@ -269,12 +356,23 @@ impl Llama {
         self.check_ids(ids)?;
         let idx: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
         let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [ids.len()]), &self.device);
-        Ok(self.embed.clone().select(0, idx))
+        let rows = self.embed.clone().select(0, idx);
+        Ok(if rows.dtype() == DType::F32 {
+            rows
+        } else {
+            rows.cast(DType::F32)
+        })
     }
 
     /// Final norm + LM head on hidden rows [n, d] -> [n, vocab].
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
-        rms_norm(hidden, &self.norm, self.config.rms_norm_eps).matmul(self.lm_head.clone())
+        let eps = self.config.rms_norm_eps;
+        let xn = if self.fast {
+            kernels::rms_norm_fast(hidden, &self.norm, eps)
+        } else {
+            rms_norm(hidden, &self.norm, eps)
+        };
+        self.lm_head.apply(xn)
     }
 
     /// RoPE tables for a set of position ids.
@@ -328,19 +426,25 @@ impl Llama {
             let end = (start + PREFILL_BLOCK).min(ids.len());
             let mut x = self.embed(&ids[start..end])?;
             let (cos, sin) = self.rope_tables(&positions[start..end]);
+            let n = end - start;
+            let (kvh, hd) = (self.config.num_key_value_heads, self.config.head_dim);
             for (l, layer) in self.layers.iter().enumerate() {
-                let a = layer.attend(x, &cos, &sin, cache.layers[l].as_ref());
-                cache.layers[l] = Some(a.kv_all);
-                x = layer.feed_forward(a.hidden);
+                let mut buf = cache.layers[l].take().unwrap_or_else(|| {
+                    let cap = cache.initial_capacity.max(ids.len() - start);
+                    KvBuffer::empty(kvh, hd, cap, &self.device)
+                });
+                buf.reserve(n, &self.device);
+                let (h, buf, _) = layer.attend_into(x, &cos, &sin, buf);
+                cache.layers[l] = Some(buf);
+                x = layer.feed_forward(h);
             }
             match which {
                 Logits::All => outs.push(self.logits(x)),
                 Logits::Last if end == ids.len() => {
-                    let n = end - start;
                     let d = self.config.hidden_size;
                     outs.push(self.logits(x.slice([n - 1..n, 0..d])));
                 }
-                Logits::Last => {}
+                Logits::Last | Logits::None => {}
             }
             start = end;
         }
@@ -348,10 +452,10 @@ impl Llama {
             .iter()
             .max()
             .map_or(cache.next_position, |&m| m + 1);
-        Ok(if outs.len() == 1 {
-            outs.pop().unwrap()
-        } else {
-            Tensor::cat(outs, 0)
+        Ok(match outs.len() {
+            0 => Tensor::zeros([0, self.config.vocab_size], &self.device),
+            1 => outs.pop().unwrap(),
+            _ => Tensor::cat(outs, 0),
         })
     }
 

@@ -304,10 +304,7 @@ pub fn homer_prefill(
         NextPosition::AfterLast => plan.last_position_id + 1,
         NextPosition::ReferenceGenerate => plan.last_position_id,
     };
-    let cache = KvCache {
-        layers: root.t.cache.into_iter().map(Some).collect(),
-        next_position,
-    };
+    let cache = KvCache::from_rows(root.t.cache, next_position);
     let scoring = match (&config.scoring, &config.bias) {
         (Scoring::Attention, Some(b)) if !b.is_zero() => "calibrated",
         (Scoring::Attention, _) => "uncalibrated",

@@ -167,10 +167,10 @@ fn t1_final_cache_rows_positions_and_propagation() {
         leaf_caches.push(cache);
     }
     for l in 0..5 {
-        let fin = out.cache.layers[l].as_ref().unwrap();
+        let fin = out.cache.layer(l).unwrap();
         for (which, fk, lk) in [("K", &fin.k, 0), ("V", &fin.v, 1)] {
             let get = |i: usize| {
-                let kv = leaf_caches[i].layers[l].as_ref().unwrap();
+                let kv = leaf_caches[i].layer(l).unwrap();
                 if lk == 0 { kv.k.clone() } else { kv.v.clone() }
             };
             // Leaf 3 rows 10..18 are C56..63; leaf 7 rows 10..18 are C120..127.
@@ -198,8 +198,8 @@ fn t1_final_cache_rows_positions_and_propagation() {
         }
     }
     // The suffix rows really differ between leaves (so the mean above is a real check).
-    let a = take_rows(&leaf_caches[0].layers[2].as_ref().unwrap().k, &[19]);
-    let b = take_rows(&leaf_caches[5].layers[2].as_ref().unwrap().k, &[19]);
+    let a = take_rows(&leaf_caches[0].layer(2).unwrap().k, &[19]);
+    let b = take_rows(&leaf_caches[5].layer(2).unwrap().k, &[19]);
     assert!(max_diff(&a, &b) > 1e-3);
 
     // Keep the earliest instead: C0..7 and C64..71 at positions 2..9.
@@ -448,7 +448,7 @@ fn one_chunk_equals_plain_prefill() {
         assert_eq!(out.positions, (0..46).collect::<Vec<_>>());
         assert_eq!((out.last_position_id, out.cache.next_position), (45, 46));
         for (l, (a, b)) in out.cache.layers.iter().zip(&cache.layers).enumerate() {
-            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            let (a, b) = (a.as_ref().unwrap().filled(), b.as_ref().unwrap().filled());
             let dk = max_diff(
                 &read_f32(a.k.clone()).unwrap(),
                 &read_f32(b.k.clone()).unwrap(),

@@ -1,0 +1,179 @@
+//! The CPU kernels (burn-flex + `homer_model::cpu`) against their oracle, the same model run
+//! with burn tensor ops (on flex and on ndarray), on random weights of awkward shapes: prefill in
+//! several blocks (attention over a partly filled, growing KV buffer), HOMER-style layer calls
+//! with no past, decode steps, and f16 weights.
+
+use burn::tensor::Tensor;
+use homer_model::{
+    BackendKind, Device, KvCache, Llama, LlamaConfig, Logits, WeightDtype, read_f32,
+};
+
+fn device(kind: BackendKind) -> Device {
+    homer_model::backend::device(kind).unwrap().0
+}
+
+fn config(heads: usize, kv: usize, hd: usize, d: usize, ff: usize, tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 301,
+        hidden_size: d,
+        intermediate_size: ff,
+        num_hidden_layers: 3,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: hd,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: tied,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+        rope_scaling: Default::default(),
+    }
+}
+
+fn ids(n: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7919 + 13) % 301).collect()
+}
+
+fn max_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Logits of every row of a prompt run in pieces (past > 0 from the second piece on, the KV
+/// buffer growing past its first capacity), then 3 decode steps.
+fn run(model: &Llama, pieces: &[usize]) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let all = ids(pieces.iter().sum());
+    let mut cache = KvCache::new(model.n_layers());
+    let mut logits = vec![];
+    let mut at = 0;
+    for &p in pieces {
+        let l = model
+            .forward(&all[at..at + p], None, &mut cache, Logits::All)
+            .unwrap();
+        logits.extend(read_f32(l).unwrap());
+        at += p;
+    }
+    let mut steps = vec![];
+    for t in [5u32, 17, 250] {
+        steps.push(model.decode_step(t, &mut cache).unwrap());
+    }
+    (logits, steps)
+}
+
+#[test]
+fn kernels_match_tensor_ops_on_awkward_shapes() {
+    let flex = device(BackendKind::Cpu);
+    let nd = device(BackendKind::Ndarray);
+    // (heads, kv heads, head dim, d_model, ffn, tied, prompt pieces)
+    for &(h, kv, hd, d, ff, tied, pieces) in &[
+        (4, 2, 8, 32, 48, false, &[7usize, 1, 30][..]),
+        (6, 2, 24, 60, 100, true, &[70, 45][..]),
+        (3, 3, 16, 48, 40, false, &[1, 129][..]),
+        (8, 1, 32, 72, 96, true, &[600][..]),
+    ] {
+        let cfg = config(h, kv, hd, d, ff, tied);
+        let fast = Llama::random_on_path(cfg.clone(), 7, &flex, WeightDtype::F32, true);
+        let slow = Llama::random_on_path(cfg.clone(), 7, &flex, WeightDtype::F32, false);
+        let oracle = Llama::random_on_path(cfg.clone(), 7, &nd, WeightDtype::F32, false);
+        let (fl, fs) = run(&fast, pieces);
+        let (sl, ss) = run(&slow, pieces);
+        let (ol, os) = run(&oracle, pieces);
+        let what = format!("h {h} kv {kv} hd {hd} d {d} ff {ff} pieces {pieces:?}");
+        let e = max_err(&fl, &sl);
+        assert!(
+            e < 2e-4,
+            "prefill logits, kernels vs flex tensor ops ({what}): {e}"
+        );
+        assert!(
+            max_err(&sl, &ol) < 2e-4,
+            "flex vs ndarray tensor ops ({what})"
+        );
+        for (i, (a, b)) in fs.iter().zip(&ss).enumerate() {
+            let e = max_err(a, b);
+            assert!(e < 2e-4, "decode step {i} ({what}): {e}");
+            assert!(
+                max_err(b, &os[i]) < 2e-4,
+                "decode step {i}, flex vs ndarray ({what})"
+            );
+        }
+        assert!(fl.iter().all(|x| x.is_finite()));
+    }
+}
+
+#[test]
+fn homer_layer_calls_match_tensor_ops() {
+    // The calls HOMER makes: a node's rows with no past; the K/V, q_last and hidden rows.
+    let flex = device(BackendKind::Cpu);
+    let cfg = config(6, 2, 24, 60, 100, false);
+    let fast = Llama::random_on_path(cfg.clone(), 3, &flex, WeightDtype::F32, true);
+    let slow = Llama::random_on_path(cfg, 3, &flex, WeightDtype::F32, false);
+    let t = ids(77);
+    let positions: Vec<usize> = (0..77).map(|i| (i * 5) % 41).collect();
+    let (cos, sin) = fast.rope_tables(&positions);
+    let x = fast.embed(&t).unwrap();
+    let a = fast.layers[1].attend(x.clone(), &cos, &sin, None);
+    let b = slow.layers[1].attend(x, &cos, &sin, None);
+    let pairs: [(&str, Tensor<2>, Tensor<2>); 2] = [
+        ("hidden", a.hidden.clone(), b.hidden.clone()),
+        ("q_last", a.q_last.clone(), b.q_last.clone()),
+    ];
+    for (what, p, q) in pairs {
+        let e = max_err(&read_f32(p).unwrap(), &read_f32(q).unwrap());
+        assert!(e < 1e-4, "{what}: {e}");
+    }
+    assert_eq!(a.kv.k.dims(), [2, 77, 24]);
+    let e = max_err(&read_f32(a.kv.k).unwrap(), &read_f32(b.kv.k).unwrap());
+    assert!(e < 1e-5, "keys: {e}");
+    let e = max_err(&read_f32(a.kv.v).unwrap(), &read_f32(b.kv.v).unwrap());
+    assert!(e < 1e-5, "values: {e}");
+    let f = fast.layers[1].feed_forward(a.hidden);
+    let g = slow.layers[1].feed_forward(b.hidden);
+    let e = max_err(&read_f32(f).unwrap(), &read_f32(g).unwrap());
+    assert!(e < 1e-4, "feed forward: {e}");
+}
+
+#[test]
+fn f16_weights_stay_close_to_f32() {
+    let flex = device(BackendKind::Cpu);
+    let cfg = config(6, 2, 24, 60, 100, true);
+    let f32m = Llama::random_on_path(cfg.clone(), 11, &flex, WeightDtype::F32, true);
+    let f16m = Llama::random_on_path(cfg, 11, &flex, WeightDtype::F16, true);
+    let (a, sa) = run(&f32m, &[40, 9]);
+    let (b, sb) = run(&f16m, &[40, 9]);
+    let scale = a.iter().map(|x| x.abs()).fold(0.0, f32::max);
+    let e = max_err(&a, &b);
+    // f16 rounds each weight by at most 2^-11 relative; the logits move by about that.
+    assert!(e < 5e-3 * scale, "f16 vs f32 logits: {e} (scale {scale})");
+    assert!(e > 0.0, "the f16 model must actually hold f16 weights");
+    assert!(max_err(&sa[2], &sb[2]) < 5e-3 * scale);
+}
+
+#[test]
+fn kv_buffer_grows_in_place_and_keeps_rows() {
+    let flex = device(BackendKind::Cpu);
+    let cfg = config(4, 2, 8, 32, 48, false);
+    let m = Llama::random(cfg, 5, &flex);
+    let mut cache = KvCache::with_capacity(m.n_layers(), 10);
+    m.forward(&ids(10), None, &mut cache, Logits::None).unwrap();
+    let b = cache.layers[0].as_ref().unwrap();
+    assert_eq!((b.len(), b.capacity()), (10, 10));
+    let before = read_f32(cache.layer(2).unwrap().k).unwrap();
+    m.decode_step(3, &mut cache).unwrap();
+    let b = cache.layers[0].as_ref().unwrap();
+    assert_eq!((b.len(), b.capacity()), (11, 20), "a full buffer doubles");
+    let after = read_f32(cache.layer(2).unwrap().k).unwrap();
+    // The 10 old rows of each KV head are unchanged.
+    for c in 0..2 {
+        assert_eq!(
+            &after[c * 11 * 8..c * 11 * 8 + 80],
+            &before[c * 10 * 8..c * 10 * 8 + 80]
+        );
+    }
+    cache.reserve_total(40, &m.device);
+    assert_eq!(cache.layers[1].as_ref().unwrap().capacity(), 40);
+    assert_eq!(cache.len(), 11);
+}
