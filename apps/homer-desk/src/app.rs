@@ -37,6 +37,9 @@ pub struct DeskOptions {
     pub shot_tabs: Vec<Tab>,
     /// Ask this question once the model and the documents are ready.
     pub ask: Option<String>,
+    /// Hold each streamed answer piece at least this long (the UI tests, whose tiny model
+    /// answers faster than frames are drawn; None in the app).
+    pub token_pace: Option<std::time::Duration>,
 }
 
 impl Default for DeskOptions {
@@ -50,6 +53,7 @@ impl Default for DeskOptions {
             screenshot: None,
             shot_tabs: vec![],
             ask: None,
+            token_pace: None,
         }
     }
 }
@@ -267,7 +271,7 @@ impl DeskApp {
             }
         }
         let (etx, erx) = std::sync::mpsc::channel();
-        let worker = Worker::spawn(cc.egui_ctx.clone(), etx);
+        let worker = Worker::spawn(cc.egui_ctx.clone(), etx, opts.token_pace);
         let (files_tx, files_rx) = std::sync::mpsc::channel();
         let mut app = DeskApp {
             settings,

@@ -111,13 +111,29 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn spawn(ctx: egui::Context, events: Sender<Event>) -> Worker {
+    /// `token_pace`: at least this long between streamed answer pieces (see
+    /// [`crate::DeskOptions::token_pace`]).
+    pub fn spawn(
+        ctx: egui::Context,
+        events: Sender<Event>,
+        token_pace: Option<std::time::Duration>,
+    ) -> Worker {
         let (tx, rx) = std::sync::mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let c = cancel.clone();
         std::thread::Builder::new()
             .name("homer-worker".into())
-            .spawn(move || run(rx, Out { tx: events, ctx }, c))
+            .spawn(move || {
+                run(
+                    rx,
+                    Out {
+                        tx: events,
+                        ctx,
+                        token_pace,
+                    },
+                    c,
+                )
+            })
             .expect("spawning the worker thread");
         Worker { tx, cancel }
     }
@@ -132,6 +148,7 @@ impl Worker {
 struct Out {
     tx: Sender<Event>,
     ctx: egui::Context,
+    token_pace: Option<std::time::Duration>,
 }
 
 impl Out {
@@ -244,7 +261,12 @@ fn ask(
                 Progress::Homer(h) => out.send(Event::Homer(h)),
                 _ => {}
             },
-            &mut |t| out.send(Event::Token(t.to_string())),
+            &mut |t| {
+                out.send(Event::Token(t.to_string()));
+                if let Some(pace) = out.token_pace {
+                    std::thread::sleep(pace);
+                }
+            },
         )
     }));
     match result {

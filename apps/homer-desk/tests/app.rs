@@ -75,6 +75,9 @@ fn harness(data_dir: &Path) -> Harness<'static, DeskApp> {
                     screenshot: None,
                     shot_tabs: vec![],
                     ask: None,
+                    // The tiny model answers within one frame on the CPU kernels; streaming
+                    // and Stop are observed at a human pace.
+                    token_pace: Some(Duration::from_millis(15)),
                 },
             )
         })
@@ -344,6 +347,7 @@ fn a_missing_model_is_reported_not_fatal() {
                     screenshot: None,
                     shot_tabs: vec![],
                     ask: None,
+                    token_pace: None,
                 },
             )
         });

@@ -158,12 +158,11 @@ pub fn device(kind: BackendKind) -> Result<(Device, DeviceInfo)> {
             DeviceInfo {
                 backend: "cpu".into(),
                 adapter: format!(
-                    "burn flex{} on {} CPU threads ({:?})",
+                    "burn flex{} on {} CPU threads",
                     if crate::kernels::fast_path(&Device::flex()) { " + homer kernels" } else { "" },
                     rayon::current_num_threads(),
-                    crate::cpu::simd_level()
                 ),
-                driver: String::new(),
+                driver: format!("SIMD: {:?}", crate::cpu::simd_level()),
                 graphics_api: "none".into(),
                 device_type: "Cpu".into(),
                 max_storage_buffer_binding_size: None,
