@@ -1,4 +1,4 @@
-//! Choosing the compute backend at run time: burn-wgpu (the product) or burn's ndarray CPU
+//! Choosing the compute backend at run time: burn-wgpu (the product) or burn's flex CPU
 //! backend (fallback and oracle). wgpu is initialised once per process and its adapter
 //! described, including the buffer limits the loader checks against.
 
@@ -12,14 +12,12 @@ use crate::error::{ModelError, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendKind {
     /// wgpu when the adapter is a real GPU; burn's CPU backend when there is none or the only
-    /// adapter is a CPU emulation (lavapipe/llvmpipe, ~20× slower than ndarray on the same cores).
+    /// adapter is a CPU emulation (lavapipe/llvmpipe, tens of times slower than the CPU backend on the same cores).
     Auto,
     /// burn-wgpu: Vulkan, Metal, DX12 (Mesa lavapipe on machines without a GPU).
     Wgpu,
     /// burn's CPU backend, burn-flex, with the project's CPU kernels.
     Cpu,
-    /// burn's previous CPU backend, ndarray (deprecated in burn 0.22), kept for measurements.
-    Ndarray,
 }
 
 impl std::str::FromStr for BackendKind {
@@ -29,9 +27,8 @@ impl std::str::FromStr for BackendKind {
             "auto" => Ok(BackendKind::Auto),
             "wgpu" | "gpu" => Ok(BackendKind::Wgpu),
             "cpu" | "flex" => Ok(BackendKind::Cpu),
-            "ndarray" => Ok(BackendKind::Ndarray),
             other => Err(format!(
-                "unknown backend `{other}` (expected auto, wgpu, cpu or ndarray)"
+                "unknown backend `{other}` (expected auto, wgpu or cpu)"
             )),
         }
     }
@@ -43,7 +40,6 @@ impl std::fmt::Display for BackendKind {
             BackendKind::Auto => "auto",
             BackendKind::Wgpu => "wgpu",
             BackendKind::Cpu => "cpu",
-            BackendKind::Ndarray => "ndarray",
         })
     }
 }
@@ -163,20 +159,6 @@ pub fn device(kind: BackendKind) -> Result<(Device, DeviceInfo)> {
                     rayon::current_num_threads(),
                 ),
                 driver: format!("SIMD: {:?}", crate::cpu::simd_level()),
-                graphics_api: "none".into(),
-                device_type: "Cpu".into(),
-                max_storage_buffer_binding_size: None,
-                max_buffer_size: None,
-                shader_f16: false,
-            },
-        )),
-        #[allow(deprecated)]
-        BackendKind::Ndarray => Ok((
-            Device::ndarray(),
-            DeviceInfo {
-                backend: "ndarray".into(),
-                adapter: format!("burn ndarray on {} CPU threads", std::thread::available_parallelism().map_or(1, |n| n.get())),
-                driver: String::new(),
                 graphics_api: "none".into(),
                 device_type: "Cpu".into(),
                 max_storage_buffer_binding_size: None,

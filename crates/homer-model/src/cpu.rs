@@ -263,6 +263,40 @@ fn split_keys(s: AttnShape, g: usize, q: &[f32], k_buf: &[f32], v_buf: &[f32], o
     }
 }
 
+/// max(init, max x), with 16 partial maxima so the loop vectorises (a float reduction in one
+/// accumulator does not).
+#[inline(always)]
+fn max_lanes(x: &[f32], init: f32) -> f32 {
+    let mut acc = [init; 16];
+    let (c, t) = x.as_chunks::<16>();
+    for ch in c {
+        for i in 0..16 {
+            acc[i] = acc[i].max(ch[i]);
+        }
+    }
+    let mut m = init;
+    for &a in acc.iter().chain(t) {
+        m = m.max(a);
+    }
+    m
+}
+
+/// x ← e^(x − m) in place; returns the sum (16 partial sums, vectorised).
+#[inline(always)]
+fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+    for v in x.iter_mut() {
+        *v = exp(*v - m);
+    }
+    let mut acc = [0f32; 16];
+    let (c, t) = x.as_chunks::<16>();
+    for ch in c {
+        for i in 0..16 {
+            acc[i] += ch[i];
+        }
+    }
+    acc.iter().sum::<f32>() + t.iter().sum::<f32>()
+}
+
 #[inline(always)]
 fn dot_tree(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -320,17 +354,9 @@ fn attend_range(
             for j in 0..tk {
                 sc[j] = dot_tree(qv, &k[(j0 + j) * hd..(j0 + j + 1) * hd]);
             }
-            let mut mx = m[i];
-            for &x in &sc[..tk] {
-                mx = mx.max(x);
-            }
+            let mx = max_lanes(&sc[..tk], m[i]);
             let alpha = exp(m[i] - mx);
-            let mut sum = 0.0;
-            for x in sc[..tk].iter_mut() {
-                let p = exp(*x - mx);
-                *x = p;
-                sum += p;
-            }
+            let sum = exp_sub_sum(&mut sc[..tk], mx);
             m[i] = mx;
             l[i] = l[i] * alpha + sum;
             if alpha != 1.0 {
@@ -487,17 +513,9 @@ fn attend_tile(
                     *row = [0.0; KEY_TILE];
                     continue;
                 }
-                let mut mx = m[i];
-                for &x in &row[..vcount] {
-                    mx = mx.max(x);
-                }
+                let mx = max_lanes(&row[..vcount], m[i]);
                 let alpha = exp(m[i] - mx);
-                let mut sum = 0.0;
-                for x in row[..vcount].iter_mut() {
-                    let p = exp(*x - mx);
-                    *x = p;
-                    sum += p;
-                }
+                let sum = exp_sub_sum(&mut row[..vcount], mx);
                 for x in row[vcount..].iter_mut() {
                     *x = 0.0;
                 }

@@ -235,8 +235,7 @@ mod tests {
         // Within the window: native RoPE, bit for bit.
         assert_eq!(rope.effective(8192), native.effective(8192));
         // Beyond it the tables follow the longest of the positions and the announced length.
-        #[allow(deprecated)]
-        let dev = Device::ndarray();
+        let dev = Device::flex();
         let at = |r: &Rope, p: usize| {
             r.tables(&[p], &dev)
                 .0

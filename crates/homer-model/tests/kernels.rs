@@ -1,5 +1,5 @@
 //! The CPU kernels (burn-flex + `homer_model::cpu`) against their oracle, the same model run
-//! with burn tensor ops (on flex and on ndarray), on random weights of awkward shapes: prefill in
+//! with burn tensor ops (on flex and on wgpu), on random weights of awkward shapes: prefill in
 //! several blocks (attention over a partly filled, growing KV buffer), HOMER-style layer calls
 //! with no past, decode steps, and f16 weights.
 
@@ -67,7 +67,7 @@ fn run(model: &Llama, pieces: &[usize]) -> (Vec<f32>, Vec<Vec<f32>>) {
 #[test]
 fn kernels_match_tensor_ops_on_awkward_shapes() {
     let flex = device(BackendKind::Cpu);
-    let nd = device(BackendKind::Ndarray);
+    let gpu = device(BackendKind::Wgpu);
     // (heads, kv heads, head dim, d_model, ffn, tied, prompt pieces)
     for &(h, kv, hd, d, ff, tied, pieces) in &[
         (4, 2, 8, 32, 48, false, &[7usize, 1, 30][..]),
@@ -78,7 +78,7 @@ fn kernels_match_tensor_ops_on_awkward_shapes() {
         let cfg = config(h, kv, hd, d, ff, tied);
         let fast = Llama::random_on_path(cfg.clone(), 7, &flex, WeightDtype::F32, true);
         let slow = Llama::random_on_path(cfg.clone(), 7, &flex, WeightDtype::F32, false);
-        let oracle = Llama::random_on_path(cfg.clone(), 7, &nd, WeightDtype::F32, false);
+        let oracle = Llama::random_on_path(cfg.clone(), 7, &gpu, WeightDtype::F32, false);
         let (fl, fs) = run(&fast, pieces);
         let (sl, ss) = run(&slow, pieces);
         let (ol, os) = run(&oracle, pieces);
@@ -88,16 +88,13 @@ fn kernels_match_tensor_ops_on_awkward_shapes() {
             e < 2e-4,
             "prefill logits, kernels vs flex tensor ops ({what}): {e}"
         );
-        assert!(
-            max_err(&sl, &ol) < 2e-4,
-            "flex vs ndarray tensor ops ({what})"
-        );
+        assert!(max_err(&sl, &ol) < 2e-4, "flex vs wgpu tensor ops ({what})");
         for (i, (a, b)) in fs.iter().zip(&ss).enumerate() {
             let e = max_err(a, b);
             assert!(e < 2e-4, "decode step {i} ({what}): {e}");
             assert!(
                 max_err(b, &os[i]) < 2e-4,
-                "decode step {i}, flex vs ndarray ({what})"
+                "decode step {i}, flex vs wgpu ({what})"
             );
         }
         assert!(fl.iter().all(|x| x.is_finite()));

@@ -1,6 +1,6 @@
 //! Reference parity and loader error paths. The references come from HF transformers via
-//! `tests/fixtures/make_fixtures.py`. Every parity test runs on both backends: burn's ndarray
-//! CPU backend and burn-wgpu (lavapipe on machines without a GPU). The wgpu tests fail, not skip,
+//! `tests/fixtures/make_fixtures.py`. Every parity test runs on both backends: the CPU backend
+//! (burn-flex with homer's CPU kernels) and burn-wgpu (lavapipe on machines without a GPU). The wgpu tests fail, not skip,
 //! when no adapter is found.
 
 use std::path::{Path, PathBuf};
