@@ -358,8 +358,12 @@ impl Engine {
     ) -> Result<Generation> {
         params.sampling.validate().map_err(EngineError::Setting)?;
         let t1 = Instant::now();
-        // Room for the whole answer: decoding appends in place, one copy of the cache at most.
-        cache.reserve_total(cache.len() + params.max_tokens, &self.model.device);
+        // Room for the answer (at most a window of it): decoding appends in place, one copy of
+        // the cache at most; a longer answer doubles the buffers past that.
+        let budget = params
+            .max_tokens
+            .min(self.model.config.max_position_embeddings);
+        cache.reserve_total(cache.len() + budget, &self.model.device);
         let mut sampler = sampling::Sampler::new(params.sampling.clone());
         let mut history = history.to_vec();
         let prompt_tokens = history.len();
