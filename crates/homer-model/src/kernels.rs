@@ -9,7 +9,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Device, Shape, Tensor, TensorData};
-use half::f16;
+use half::{bf16, f16};
 
 use crate::cpu::{self, AttnShape, Rows};
 
@@ -108,6 +108,18 @@ impl CpuKernels for Flex {
                 };
                 cpu::linear(&xd, m, Rows::F16(&wd), out, &mut y);
             }
+            DType::BF16 => {
+                let wd = match w.as_slice::<bf16>() {
+                    Some(s) => std::borrow::Cow::Borrowed(s),
+                    None => std::borrow::Cow::Owned(
+                        w.clone()
+                            .into_data()
+                            .try_into_vec::<bf16>()
+                            .expect("bf16 data"),
+                    ),
+                };
+                cpu::linear(&xd, m, Rows::BF16(&wd), out, &mut y);
+            }
             _ => {
                 let wd = f32_data(&w);
                 cpu::linear(&xd, m, Rows::F32(&wd), out, &mut y);
@@ -185,6 +197,7 @@ pub enum WeightDtype {
     #[default]
     F32,
     F16,
+    BF16,
 }
 
 impl std::str::FromStr for WeightDtype {
@@ -193,7 +206,10 @@ impl std::str::FromStr for WeightDtype {
         match s.to_ascii_lowercase().as_str() {
             "f32" => Ok(WeightDtype::F32),
             "f16" => Ok(WeightDtype::F16),
-            other => Err(format!("unknown dtype `{other}` (expected f32 or f16)")),
+            "bf16" => Ok(WeightDtype::BF16),
+            other => Err(format!(
+                "unknown dtype `{other}` (expected f32, f16 or bf16)"
+            )),
         }
     }
 }
@@ -203,6 +219,7 @@ impl std::fmt::Display for WeightDtype {
         f.write_str(match self {
             WeightDtype::F32 => "f32",
             WeightDtype::F16 => "f16",
+            WeightDtype::BF16 => "bf16",
         })
     }
 }
@@ -246,6 +263,13 @@ impl Weight {
                         [out, inp],
                     ),
                     (device, DType::F16),
+                ),
+                WeightDtype::BF16 => Tensor::from_data(
+                    TensorData::new(
+                        data.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(),
+                        [out, inp],
+                    ),
+                    (device, DType::BF16),
                 ),
             };
             Weight::Rows(t)

@@ -147,6 +147,15 @@ fn f16_weights_stay_close_to_f32() {
     assert!(e < 5e-3 * scale, "f16 vs f32 logits: {e} (scale {scale})");
     assert!(e > 0.0, "the f16 model must actually hold f16 weights");
     assert!(max_err(&sa[2], &sb[2]) < 5e-3 * scale);
+    // bf16 keeps 8 bits of mantissa (f16 keeps 11): about 8× the error, still close.
+    let cfg = config(6, 2, 24, 60, 100, true);
+    let bf16m = Llama::random_on_path(cfg, 11, &flex, WeightDtype::BF16, true);
+    let (c, _) = run(&bf16m, &[40, 9]);
+    let e = max_err(&a, &c);
+    assert!(
+        e < 4e-2 * scale && e > 0.0,
+        "bf16 vs f32 logits: {e} (scale {scale})"
+    );
 }
 
 #[test]
