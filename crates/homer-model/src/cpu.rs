@@ -605,8 +605,8 @@ pub fn linear(x: &[f32], m: usize, w: Rows<'_>, out_dim: usize, y: &mut [f32]) {
     } else {
         match w {
             Rows::F32(w) => gemm_f32(x, m, k, w, 0, out_dim, out_dim, y),
-            Rows::F16(w) => gemm_half(x, m, k, w, out_dim, y, convert_f16),
-            Rows::BF16(w) => gemm_half(x, m, k, w, out_dim, y, convert_bf16),
+            Rows::F16(w) => gemm_half(x, m, k, w, out_dim, y, convert_half),
+            Rows::BF16(w) => gemm_half(x, m, k, w, out_dim, y, convert_half),
         }
     }
 }
@@ -631,15 +631,6 @@ fn gemm_half<T>(
         gemm_f32(x, m, k, buf, o0, o1 - o0, out_dim, y);
         o0 = o1;
     }
-}
-
-fn convert_bf16(src: &[bf16], dst: &mut [f32]) {
-    dst.par_chunks_mut(1 << 16)
-        .zip(src.par_chunks(1 << 16))
-        .for_each(|(d, s)| {
-            use half::slice::HalfFloatSliceExt;
-            s.convert_to_f32_slice(d);
-        });
 }
 
 /// y[:, o0..o0 + rows] = x · wᵀ with w [rows, k] (a slab of the weight rows).
@@ -681,19 +672,16 @@ fn gemm_f32(
     }
 }
 
-fn convert_f16(src: &[f16], dst: &mut [f32]) {
-    dispatch!(convert_f16_body(src, dst));
-}
-
-#[inline(always)]
-fn convert_f16_body(src: &[f16], dst: &mut [f32]) {
+/// 16-bit floats (f16 or bf16) to f32, in parallel slabs; half's slice conversion uses F16C
+/// (8 lanes at a time) where the CPU has it.
+fn convert_half<T: Sync>(src: &[T], dst: &mut [f32])
+where
+    [T]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
     dst.par_chunks_mut(1 << 16)
         .zip(src.par_chunks(1 << 16))
-        .for_each(|(d, s)| {
-            // half's slice conversion: F16C 8 lanes at a time where the CPU has it.
-            use half::slice::HalfFloatSliceExt;
-            s.convert_to_f32_slice(d);
-        });
+        .for_each(|(d, s)| s.convert_to_f32_slice(d));
 }
 
 /// Output rows per work item of the matrix-vector product.

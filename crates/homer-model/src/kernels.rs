@@ -56,12 +56,23 @@ pub trait CpuKernels: Backend {
     );
 }
 
+/// A contiguous view of `t` in its own element type `E` (copied only when it is a strided view).
+fn own_data<E: burn::tensor::Element + bytemuck::Pod>(t: &FlexTensor) -> std::borrow::Cow<'_, [E]> {
+    match t.as_slice::<E>() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(
+            t.clone()
+                .into_data()
+                .try_into_vec::<E>()
+                .expect("data of the tensor's own dtype"),
+        ),
+    }
+}
+
 /// A contiguous f32 view of `t` (copied only when it is a strided view or not f32).
 fn f32_data(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     if t.dtype() == DType::F32 {
-        if let Some(s) = t.as_slice::<f32>() {
-            return std::borrow::Cow::Borrowed(s);
-        }
+        return own_data(t);
     }
     let data = t.clone().into_data().convert::<f32>();
     std::borrow::Cow::Owned(data.try_into_vec::<f32>().expect("f32 data"))
@@ -96,30 +107,8 @@ impl CpuKernels for Flex {
         let xd = f32_data(&x);
         let mut y = vec![0f32; m * out];
         match w.dtype() {
-            DType::F16 => {
-                let wd = match w.as_slice::<f16>() {
-                    Some(s) => std::borrow::Cow::Borrowed(s),
-                    None => std::borrow::Cow::Owned(
-                        w.clone()
-                            .into_data()
-                            .try_into_vec::<f16>()
-                            .expect("f16 data"),
-                    ),
-                };
-                cpu::linear(&xd, m, Rows::F16(&wd), out, &mut y);
-            }
-            DType::BF16 => {
-                let wd = match w.as_slice::<bf16>() {
-                    Some(s) => std::borrow::Cow::Borrowed(s),
-                    None => std::borrow::Cow::Owned(
-                        w.clone()
-                            .into_data()
-                            .try_into_vec::<bf16>()
-                            .expect("bf16 data"),
-                    ),
-                };
-                cpu::linear(&xd, m, Rows::BF16(&wd), out, &mut y);
-            }
+            DType::F16 => cpu::linear(&xd, m, Rows::F16(&own_data(&w)), out, &mut y),
+            DType::BF16 => cpu::linear(&xd, m, Rows::BF16(&own_data(&w)), out, &mut y),
             _ => {
                 let wd = f32_data(&w);
                 cpu::linear(&xd, m, Rows::F32(&wd), out, &mut y);
