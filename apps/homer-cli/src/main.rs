@@ -54,7 +54,8 @@ struct ModelArgs {
     /// whose window holds the prompt)
     #[arg(long, global = true)]
     rope_factor: Option<f64>,
-    /// Weight precision: f32 or f16 (f16 on the CPU backend only; default: the backend's, f32)
+    /// Weight precision: native (the GGUF file's own Q4_0/Q4_1/Q8_0 blocks, f16 for other
+    /// tensors), f16, bf16 or f32. CPU backend: all, default native; wgpu: f32 only
     #[arg(long, global = true)]
     dtype: Option<homer_model::WeightDtype>,
 }
@@ -519,6 +520,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 "format": engine.format,
                 "config": c,
                 "parameters": c.n_params(),
+                "weight_bytes": engine.model.weight_bytes(),
                 "tokenizer": {"vocab": engine.tokenizer.vocab_size(), "bos": engine.tokenizer.bos_id, "eos": engine.tokenizer.eos_ids,
                               "add_bos": engine.tokenizer.add_bos, "chat_template": engine.tokenizer.chat_template.is_some()},
                 "device": engine.device,
@@ -544,7 +546,11 @@ fn run(cli: Cli) -> Result<(), String> {
                     c.rope_theta,
                     c.tie_word_embeddings
                 );
-                println!("params     {:.1} M", c.n_params() as f64 / 1e6);
+                println!(
+                    "params     {:.1} M; resident weights {:.1} MB",
+                    c.n_params() as f64 / 1e6,
+                    engine.model.weight_bytes() as f64 / 1e6
+                );
                 let d = &engine.device;
                 println!(
                     "backend    {} — {} ({}, {}) {}",

@@ -222,6 +222,10 @@ impl Engine {
             })?,
         };
         let (device, info) = homer_model::backend::device(backend)?;
+        if info.backend == "wgpu" {
+            // The model's attention on wgpu runs as the WGSL flash-attention kernel.
+            homer_wgpu::install_attention(&info)?;
+        }
         let src = load::open(&path)?;
         let tokenizer = match src.as_any().downcast_ref::<GgufModel>() {
             Some(g) => Tokenizer::from_gguf(&g.file)?,

@@ -85,3 +85,38 @@ pub fn last_query_logits(q_last: Tensor<2>, k: &Tensor<3>) -> Tensor<2> {
         .mul_scalar(1.0 / (hd as f64).sqrt())
         .reshape([h, t])
 }
+
+/// A device kernel for [`causal_attention`] over a layer's KV buffer, installed at run time by a
+/// backend crate (`homer-wgpu` installs its WGSL flash attention), so that this crate stays free
+/// of shader code. The model calls it on the tensor-op path (not on the CPU kernels' path, which
+/// has its own fused attention) and falls back to [`causal_attention`] when it answers `None`.
+pub trait BufferAttention: Send + Sync + 'static {
+    /// Attention of `q` [H, n, hd] (post-RoPE) over rows `0 .. past + n` of `k_buf`/`v_buf`
+    /// [KV, cap, hd], causal with the queries aligned to the end (as [`causal_attention`]).
+    /// Returns [n, H·hd], or `None` when the kernel does not take this device or shape.
+    fn attend(
+        &self,
+        q: &Tensor<3>,
+        k_buf: &Tensor<3>,
+        v_buf: &Tensor<3>,
+        past: usize,
+    ) -> Option<Tensor<2>>;
+}
+
+static BUFFER_ATTENTION: std::sync::OnceLock<Box<dyn BufferAttention>> = std::sync::OnceLock::new();
+
+/// Install the process's device attention kernel (the first call wins; later ones are ignored and
+/// return false). `HOMER_DEVICE_ATTENTION=0` keeps every call on [`causal_attention`].
+pub fn install_buffer_attention(kernel: Box<dyn BufferAttention>) -> bool {
+    BUFFER_ATTENTION.set(kernel).is_ok()
+}
+
+/// The installed device attention kernel, unless `HOMER_DEVICE_ATTENTION=0`.
+pub fn buffer_attention() -> Option<&'static dyn BufferAttention> {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("HOMER_DEVICE_ATTENTION").as_deref() == Ok("0"));
+    if off {
+        return None;
+    }
+    BUFFER_ATTENTION.get().map(|b| b.as_ref())
+}

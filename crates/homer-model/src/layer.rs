@@ -100,10 +100,12 @@ impl DecoderLayer {
             let q_last = q.clone().slice([0..h, n - 1..n, 0..hd]).reshape([h, hd]);
             let k_buf = k_buf.slice_assign([0..kvh, past..past + n, 0..hd], k);
             let v_buf = v_buf.slice_assign([0..kvh, past..past + n, 0..hd], v);
-            let attn = {
+            let device_kernel = crate::attention::buffer_attention()
+                .and_then(|kernel| kernel.attend(&q, &k_buf, &v_buf, past));
+            let attn = device_kernel.unwrap_or_else(|| {
                 let kv = [&k_buf, &v_buf].map(|t| t.clone().slice([0..kvh, 0..past + n, 0..hd]));
                 causal_attention(q, &kv[0], &kv[1])
-            };
+            });
             (attn, k_buf, v_buf, q_last)
         };
         let hidden = x + self.wo.apply(attn);

@@ -15,6 +15,7 @@ pub mod kernels;
 pub mod layer;
 pub mod load;
 pub mod model;
+pub mod qcpu;
 pub mod rope;
 
 pub use backend::{BackendKind, DeviceInfo};
@@ -22,6 +23,6 @@ pub use cache::{KvBuffer, KvCache, LayerKv};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kernels::{Weight, WeightDtype};
-pub use model::{Llama, Logits, read_f32};
+pub use model::{Embedding, Llama, Logits, read_f32};
 
 pub use burn::tensor::{Device, Tensor};

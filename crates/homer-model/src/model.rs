@@ -11,7 +11,17 @@ use crate::error::{ModelError, Result};
 use crate::kernels::{self, Weight, WeightDtype};
 use crate::layer::{DecoderLayer, rms_norm};
 use crate::load::{HostTensor, WeightSource, llama_tensor_names, load_checked};
+use crate::qcpu::QMatrix;
 use crate::rope::Rope;
+
+/// The token embedding table [vocab, d].
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    /// A tensor (f16/bf16 on the CPU kernels' path with those dtypes, else f32).
+    Table(Tensor<2>),
+    /// The file's GGUF blocks (`--dtype native`); rows are dequantised as they are looked up.
+    Blocks(std::sync::Arc<QMatrix>),
+}
 
 /// Rows per block of a plain prefill.
 pub const PREFILL_BLOCK: usize = 512;
@@ -19,8 +29,8 @@ pub const PREFILL_BLOCK: usize = 512;
 #[derive(Debug, Clone)]
 pub struct Llama {
     pub config: LlamaConfig,
-    /// [vocab, d] (f16 on the CPU kernels' path with `WeightDtype::F16`).
-    pub embed: Tensor<2>,
+    /// The token embedding table [vocab, d].
+    pub embed: Embedding,
     pub layers: Vec<DecoderLayer>,
     pub norm: Tensor<1>,
     /// The LM head; with tied embeddings on the CPU kernels' path it is `embed` itself.
@@ -109,18 +119,73 @@ impl Llama {
                 }
             }
         }
-        let mut done = 0usize;
-        let mut get = |name: &str, shape: &[usize]| -> Result<HostTensor> {
+        let done = std::cell::Cell::new(0usize);
+        let progress = std::cell::RefCell::new(progress);
+        let tick = || {
+            done.set(done.get() + 1);
+            (progress.borrow_mut())(done.get(), total);
+        };
+        let get = |name: &str, shape: &[usize]| -> Result<HostTensor> {
             let t = load_checked(src, name, shape)?;
-            done += 1;
-            progress(done, total);
+            tick();
             Ok(t)
+        };
+        // The file's own blocks of tensors stacked by rows, when every part has blocks of one
+        // type the CPU kernels take (`--dtype native` on the kernels' path); None otherwise.
+        let native = fast && dtype == WeightDtype::Native;
+        let blocks = |parts: &[(String, [usize; 2])]| -> Result<Option<Weight>> {
+            if !native {
+                return Ok(None);
+            }
+            let mut mats = Vec::with_capacity(parts.len());
+            for (name, shape) in parts {
+                let Some(b) = src.load_blocks(name)? else {
+                    return Ok(None);
+                };
+                if b.shape != shape {
+                    return Err(ModelError::ShapeMismatch {
+                        path: src.path().to_path_buf(),
+                        tensor: src.display_name(name),
+                        found: b.shape,
+                        expected: shape.to_vec(),
+                    });
+                }
+                if !QMatrix::supports(b.ty) {
+                    return Ok(None);
+                }
+                let m = QMatrix::from_gguf(b.ty, shape[0], shape[1], &b.bytes)
+                    .map_err(|e| ModelError::Input(format!("{}: {e}", src.display_name(name))))?;
+                mats.push(m);
+            }
+            let Ok(m) = QMatrix::stack(mats) else {
+                return Ok(None); // parts of different types: f16 rows instead
+            };
+            for _ in parts {
+                tick();
+            }
+            Ok(Some(Weight::Quant(std::sync::Arc::new(m))))
         };
         let d = cfg.hidden_size;
         let vec1 =
             |t: HostTensor| Tensor::<1>::from_data(TensorData::new(t.data, [t.shape[0]]), device);
-        let embed_host = get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
-        let (embed, lm_head) = if fast {
+        let embed_name = "model.embed_tokens.weight".to_string();
+        let embed_blocks = blocks(&[(embed_name.clone(), [cfg.vocab_size, d])])?;
+        let (embed, lm_head) = if let Some(Weight::Quant(table)) = embed_blocks {
+            let lm_head = if cfg.tie_word_embeddings {
+                Weight::Quant(table.clone())
+            } else {
+                let name = "lm_head.weight".to_string();
+                match blocks(&[(name.clone(), [cfg.vocab_size, d])])? {
+                    Some(w) => w,
+                    None => {
+                        let t = get(&name, &[cfg.vocab_size, d])?;
+                        Weight::upload(t.data, cfg.vocab_size, d, true, dtype, device)
+                    }
+                }
+            };
+            (Embedding::Blocks(table), lm_head)
+        } else if fast {
+            let embed_host = get(&embed_name, &[cfg.vocab_size, d])?;
             let wt = |t: HostTensor| {
                 let (r, c) = (t.shape[0], t.shape[1]);
                 Weight::upload(t.data, r, c, true, dtype, device)
@@ -133,41 +198,57 @@ impl Llama {
             let lm_head = if cfg.tie_word_embeddings {
                 embed
             } else {
-                wt(get("lm_head.weight", &[cfg.vocab_size, d])?)
+                let name = "lm_head.weight".to_string();
+                match blocks(&[(name.clone(), [cfg.vocab_size, d])])? {
+                    Some(w) => w,
+                    None => wt(get(&name, &[cfg.vocab_size, d])?),
+                }
             };
-            (table, lm_head)
+            (Embedding::Table(table), lm_head)
         } else {
-            let head = if cfg.tie_word_embeddings {
-                embed_host.clone()
-            } else {
-                get("lm_head.weight", &[cfg.vocab_size, d])?
-            };
-            let lm_head = Weight::upload(head.data, cfg.vocab_size, d, false, dtype, device);
+            let embed_host = get(&embed_name, &[cfg.vocab_size, d])?;
             let embed = Tensor::from_data(
                 TensorData::new(embed_host.data, [cfg.vocab_size, d]),
                 device,
             );
-            (embed, lm_head)
+            let lm_head = if cfg.tie_word_embeddings {
+                // One buffer: the head reads the table through a transposed view.
+                Weight::RowsT(embed.clone())
+            } else {
+                let head = get("lm_head.weight", &[cfg.vocab_size, d])?;
+                Weight::upload(head.data, cfg.vocab_size, d, false, dtype, device)
+            };
+            (Embedding::Table(embed), lm_head)
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let ff = cfg.intermediate_size;
-            let mut host = |n: &str, shape: [usize; 2]| get(&format!("{p}.{n}"), &shape);
-            let q = host("self_attn.q_proj.weight", [cfg.q_dim(), d])?;
-            let k = host("self_attn.k_proj.weight", [cfg.kv_dim(), d])?;
-            let v = host("self_attn.v_proj.weight", [cfg.kv_dim(), d])?;
-            let o = host("self_attn.o_proj.weight", [d, cfg.q_dim()])?;
-            let gate = host("mlp.gate_proj.weight", [ff, d])?;
-            let up = host("mlp.up_proj.weight", [ff, d])?;
-            let down = host("mlp.down_proj.weight", [d, ff])?;
-            let up_w = |(data, r, c): (Vec<f32>, usize, usize)| {
-                Weight::upload(data, r, c, fast, dtype, device)
+            let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+            let part = |n: &str, shape: [usize; 2]| (format!("{p}.{n}"), shape);
+            // A projection from its parts (stacked by rows): blocks, else host f32 rows.
+            let weight = |parts: Vec<(String, [usize; 2])>| -> Result<Weight> {
+                if let Some(w) = blocks(&parts)? {
+                    return Ok(w);
+                }
+                let mut host = Vec::with_capacity(parts.len());
+                for (name, shape) in &parts {
+                    host.push(get(name, shape)?);
+                }
+                let (data, r, c) = stack_rows(host);
+                Ok(Weight::upload(data, r, c, fast, dtype, device))
             };
-            let w_qkv = up_w(stack_rows(vec![q, k, v]));
-            let wo = up_w(stack_rows(vec![o]));
-            let w_gate_up = up_w(stack_rows(vec![gate, up]));
-            let w_down = up_w(stack_rows(vec![down]));
+            let w_qkv = weight(vec![
+                part("self_attn.q_proj.weight", [qd, d]),
+                part("self_attn.k_proj.weight", [kvd, d]),
+                part("self_attn.v_proj.weight", [kvd, d]),
+            ])?;
+            let wo = weight(vec![part("self_attn.o_proj.weight", [d, qd])])?;
+            let w_gate_up = weight(vec![
+                part("mlp.gate_proj.weight", [ff, d]),
+                part("mlp.up_proj.weight", [ff, d]),
+            ])?;
+            let w_down = weight(vec![part("mlp.down_proj.weight", [d, ff])])?;
             let attn_norm = vec1(get(&format!("{p}.input_layernorm.weight"), &[d])?);
             let ffn_norm = vec1(get(&format!("{p}.post_attention_layernorm.weight"), &[d])?);
             layers.push(DecoderLayer {
@@ -274,19 +355,24 @@ impl Llama {
                 fast,
             });
         }
-        let lm_head = Weight::upload(head_host, c.vocab_size, d, fast, dtype, device);
-        let embed = if fast && c.tie_word_embeddings {
-            match &lm_head {
-                Weight::Rows(t) => t.clone(),
-                Weight::Cols(_) => unreachable!(),
-            }
-        } else if fast {
-            match Weight::upload(embed_host, c.vocab_size, d, true, dtype, device) {
-                Weight::Rows(t) => t,
-                Weight::Cols(_) => unreachable!(),
-            }
+        let (embed, lm_head) = if fast {
+            let lm_head = Weight::upload(head_host, c.vocab_size, d, fast, dtype, device);
+            let embed = match (&lm_head, c.tie_word_embeddings) {
+                (Weight::Rows(t), true) => t.clone(),
+                _ => match Weight::upload(embed_host, c.vocab_size, d, true, dtype, device) {
+                    Weight::Rows(t) => t,
+                    _ => unreachable!("the fast path uploads rows"),
+                },
+            };
+            (Embedding::Table(embed), lm_head)
         } else {
-            Tensor::from_data(TensorData::new(embed_host, [c.vocab_size, d]), device)
+            let embed = Tensor::from_data(TensorData::new(embed_host, [c.vocab_size, d]), device);
+            let lm_head = if c.tie_word_embeddings {
+                Weight::RowsT(embed.clone())
+            } else {
+                Weight::upload(head_host, c.vocab_size, d, false, dtype, device)
+            };
+            (Embedding::Table(embed), lm_head)
         };
         let rope = Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling);
         Llama {
@@ -351,12 +437,55 @@ impl Llama {
         Ok(())
     }
 
+    /// Resident bytes of the weights (the tied LM head, which shares the embedding's storage,
+    /// counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let vec = |t: &Tensor<1>| t.shape().num_elements() * t.dtype().size();
+        let embed = match &self.embed {
+            Embedding::Table(t) => t.shape().num_elements() * t.dtype().size(),
+            Embedding::Blocks(q) => q.bytes(),
+        };
+        let head = if self.config.tie_word_embeddings {
+            0
+        } else {
+            self.lm_head.bytes()
+        };
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.w_qkv, &l.wo, &l.w_gate_up, &l.w_down]
+                    .iter()
+                    .map(|w| w.bytes())
+                    .sum::<usize>()
+                    + vec(&l.attn_norm)
+                    + vec(&l.ffn_norm)
+            })
+            .sum();
+        embed + head + layers + vec(&self.norm)
+    }
+
     /// Embedding rows for `ids`, [n, d].
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor<2>> {
         self.check_ids(ids)?;
         let idx: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
         let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [ids.len()]), &self.device);
-        let rows = self.embed.clone().select(0, idx);
+        let table = match &self.embed {
+            Embedding::Table(t) => t,
+            Embedding::Blocks(q) => {
+                let d = q.cols();
+                let mut rows = vec![0f32; ids.len() * d];
+                for (i, &t) in ids.iter().enumerate() {
+                    let t = t as usize;
+                    q.dequantize_rows(t, t + 1, &mut rows[i * d..(i + 1) * d]);
+                }
+                return Ok(Tensor::from_data(
+                    TensorData::new(rows, [ids.len(), d]),
+                    &self.device,
+                ));
+            }
+        };
+        let rows = table.clone().select(0, idx);
         Ok(if rows.dtype() == DType::F32 {
             rows
         } else {
@@ -384,6 +513,20 @@ impl Llama {
     /// layers, appending their K/V to `cache`, one block of rows at a time. Returns the logits of
     /// the last row ([1, vocab]) or of every row ([n, vocab]).
     pub fn forward(
+        &self,
+        ids: &[u32],
+        positions: Option<&[usize]>,
+        cache: &mut KvCache,
+        which: Logits,
+    ) -> Result<Tensor<2>> {
+        if self.fast {
+            crate::cpu::on_pool(|| self.forward_here(ids, positions, cache, which))
+        } else {
+            self.forward_here(ids, positions, cache, which)
+        }
+    }
+
+    fn forward_here(
         &self,
         ids: &[u32],
         positions: Option<&[usize]>,

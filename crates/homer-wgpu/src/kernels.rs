@@ -25,6 +25,7 @@ const SIGNIFICANCE: &str = include_str!("../../../shaders/significance.wgsl");
 const GATHER: &str = include_str!("../../../shaders/gather.wgsl");
 const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
 const SELECT: &str = include_str!("../../../shaders/select.wgsl");
+const ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
 
 /// Launch settings shared by every kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,6 +72,16 @@ pub struct GatherJob {
 pub struct SelectJob {
     /// Rows to drop (the k smallest scores).
     pub drop: u32,
+    pub cfg: LaunchCfg,
+}
+
+/// Host inputs of the attention kernel.
+#[derive(Debug, Clone)]
+pub struct AttentionJob {
+    /// Rows of the KV buffers filled before the new rows.
+    pub past: u32,
+    /// Multiplier of q·k (1/√hd).
+    pub scale: f32,
     pub cfg: LaunchCfg,
 }
 
@@ -139,6 +150,19 @@ pub trait HomerKernels: Backend {
     #[fusion(meta = |scores, _job| TensorSpec::new(scores.shape.clone(), DType::F32))]
     fn homer_select_keep(scores: FloatTensor<Self>, job: SelectJob) -> FloatTensor<Self>;
 
+    /// Causal GQA flash attention of `q` [H, n, hd] over rows `0 .. past + n` of the KV buffers
+    /// `k`, `v` [KV, cap, hd] → [n, H·hd] f32 (`shaders/attention.wgsl`).
+    #[fusion(meta = |q, _k, _v, _job| TensorSpec::new(
+        Shape::new([q.shape[1], q.shape[0] * q.shape[2]]),
+        DType::F32,
+    ))]
+    fn homer_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        job: AttentionJob,
+    ) -> FloatTensor<Self>;
+
     /// The §5 merge of one tensor pair.
     #[fusion(meta = |xa, ya, job| TensorSpec::new(
         with_rows(&xa.shape, merged_rows(&xa.shape, &ya.shape, job)),
@@ -158,6 +182,7 @@ enum Shader {
     Gather,
     Merge,
     Select,
+    Attention,
 }
 
 #[derive(Debug)]
@@ -170,6 +195,8 @@ struct WgslKernel {
     vec4: bool,
     /// Row widths of the copy kernels' two tensors, in elements (compile-time constants there).
     inner: (u32, u32),
+    /// The attention kernel's head dim, key tile and query rows per workgroup.
+    attn: (u32, u32, u32),
 }
 
 impl KernelSource for WgslKernel {
@@ -179,6 +206,7 @@ impl KernelSource for WgslKernel {
             Shader::Gather => GATHER,
             Shader::Merge => MERGE,
             Shader::Select => SELECT,
+            Shader::Attention => ATTENTION,
         };
         SourceTemplate::new(text)
             .register("workgroup_size", self.workgroup_size.to_string())
@@ -193,6 +221,9 @@ impl KernelSource for WgslKernel {
             .register("enable", if self.f16 { "enable f16;" } else { "" })
             .register("a_inner", self.inner.0.to_string())
             .register("b_inner", self.inner.1.to_string())
+            .register("head_dim", self.attn.0.to_string())
+            .register("key_tile", self.attn.1.to_string())
+            .register("query_rows", self.attn.2.to_string())
     }
 
     fn id(&self) -> KernelId {
@@ -208,6 +239,7 @@ impl KernelSource for WgslKernel {
                 self.f16,
                 self.vec4,
                 self.inner,
+                self.attn,
             ))
     }
 
@@ -315,6 +347,7 @@ fn launch(
         f16,
         vec4,
         inner,
+        attn: (0, 0, 0),
     };
     like.client.launch(
         Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg))),
@@ -453,7 +486,66 @@ fn merge(
     (a_out, b_out)
 }
 
+/// Key rows per workgroup tile of the attention kernel: K and V tiles together stay within 8 KiB
+/// per 64 head dims (half of WebGPU's default 16 KiB of workgroup memory at head dim 128).
+pub(crate) fn attention_key_tile(head_dim: usize) -> usize {
+    (1024 / head_dim.max(1)).clamp(4, 32)
+}
+
+fn attention(q: CubeTensor, k: CubeTensor, v: CubeTensor, job: &AttentionJob) -> CubeTensor {
+    let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+    let f16 = element_f16(k.dtype);
+    let (sq, sk) = (q.meta.shape().clone(), k.meta.shape().clone());
+    let (h, n, hd) = (sq[0], sq[1], sq[2]);
+    let (kvh, cap) = (sk[0], sk[1]);
+    let out = output(&q, Shape::new([n, h * hd]), DType::F32, job.cfg.poison);
+    if n == 0 {
+        return out;
+    }
+    let wg = job.cfg.workgroup_size.max(1) as usize;
+    let group = h / kvh;
+    let rows = (wg / group).max(1);
+    let info = [
+        n as u32,
+        h as u32,
+        kvh as u32,
+        job.past,
+        cap as u32,
+        job.scale.to_bits(),
+    ];
+    let info = upload_u32(&q, &info);
+    let kernel = WgslKernel {
+        shader: Shader::Attention,
+        workgroup_size: wg as u32,
+        f16,
+        vec4: false, // the shader declares its own vec4s of {{ elem }}
+        inner: (0, 0),
+        attn: (hd as u32, attention_key_tile(hd) as u32, rows as u32),
+    };
+    q.client.launch(
+        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg as u32))),
+        CubeCount::Static(n.div_ceil(rows) as u32, kvh as u32, 1),
+        KernelArguments::new().with_buffers(vec![
+            q.handle.clone().binding(),
+            k.handle.clone().binding(),
+            v.handle.clone().binding(),
+            out.handle.clone().binding(),
+            info.binding(),
+        ]),
+    );
+    out
+}
+
 impl HomerKernels for CubeBackend {
+    fn homer_attention(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        job: AttentionJob,
+    ) -> CubeTensor {
+        attention(q, k, v, &job)
+    }
+
     fn homer_significance(q: CubeTensor, keys: CubeTensor, job: SignificanceJob) -> CubeTensor {
         let q = into_contiguous(q);
         let keys = into_contiguous(keys);

@@ -22,7 +22,9 @@ use homer::ops::{check_gather, check_merge, check_significance_input};
 use homer::{ChunkTensors, HomerError, HomerOps, Result, SignificanceInput};
 use homer_model::{DeviceInfo, LayerKv, read_f32};
 
-pub use kernels::{GatherJob, HomerKernels, LaunchCfg, MergeJob, SelectJob, SignificanceJob};
+pub use kernels::{
+    AttentionJob, GatherJob, HomerKernels, LaunchCfg, MergeJob, SelectJob, SignificanceJob,
+};
 
 /// HOMER's ops as WGSL kernels. Build it for a wgpu device with [`WgslOps::for_device`].
 #[derive(Debug, Clone)]
@@ -348,4 +350,101 @@ impl WgslOps {
         }
         Ok(unflatten(d, out))
     }
+}
+
+/// The model's attention on a wgpu device as `shaders/attention.wgsl` (flash attention over the
+/// layer's KV buffer, GQA by index arithmetic), installed into `homer-model` with
+/// [`install_attention`]. Shapes it does not take fall back to the model's tensor ops.
+#[derive(Debug, Clone)]
+pub struct WgslAttention {
+    max_binding: u64,
+    cfg: LaunchCfg,
+}
+
+impl WgslAttention {
+    /// The kernel for a wgpu device described by `info`.
+    pub fn for_device(info: &DeviceInfo) -> Result<Self> {
+        let ops = WgslOps::for_device(info)?;
+        Ok(Self {
+            max_binding: ops.max_binding,
+            cfg: LaunchCfg {
+                workgroup_size: 64,
+                ..ops.cfg
+            },
+        })
+    }
+
+    /// Launch settings (tests set `poison` and other workgroup sizes).
+    pub fn with_launch(mut self, cfg: LaunchCfg) -> Self {
+        self.cfg = cfg;
+        self
+    }
+
+    /// Why the kernel does not take these shapes, if it does not.
+    pub fn refusal(&self, q: &Tensor<3>, k_buf: &Tensor<3>, past: usize) -> Option<String> {
+        let [h, n, hd] = q.dims();
+        let [kvh, cap, khd] = k_buf.dims();
+        let wg = self.cfg.workgroup_size as usize;
+        let bytes = |t: usize| t as u64 * 4;
+        if q.device() == burn::tensor::Device::flex() {
+            Some("not a wgpu device".into())
+        } else if q.dtype() != DType::F32 || k_buf.dtype() != DType::F32 {
+            Some(format!(
+                "element types {:?}/{:?}, the kernel takes f32",
+                q.dtype(),
+                k_buf.dtype()
+            ))
+        } else if khd != hd || hd % 4 != 0 || hd == 0 || hd > 512 {
+            Some(format!(
+                "head dim {hd} (keys {khd}); the kernel needs a multiple of 4 up to 512"
+            ))
+        } else if kvh == 0 || h % kvh != 0 || h / kvh > wg {
+            Some(format!("{h} query heads over {kvh} KV heads"))
+        } else if past + n > cap {
+            Some(format!("{past} + {n} rows exceed the buffer's {cap}"))
+        } else if [h * n * hd, kvh * cap * hd]
+            .into_iter()
+            .any(|e| bytes(e) > self.max_binding)
+            || u32::try_from(kvh * cap * hd).is_err()
+        {
+            Some("a tensor above the adapter's binding limit".into())
+        } else {
+            None
+        }
+    }
+}
+
+impl homer_model::attention::BufferAttention for WgslAttention {
+    fn attend(
+        &self,
+        q: &Tensor<3>,
+        k_buf: &Tensor<3>,
+        v_buf: &Tensor<3>,
+        past: usize,
+    ) -> Option<Tensor<2>> {
+        if let Some(why) = self.refusal(q, k_buf, past) {
+            tracing::debug!("WGSL attention declined ({why}); tensor ops instead");
+            return None;
+        }
+        let hd = q.dims()[2];
+        let job = AttentionJob {
+            past: past as u32,
+            scale: 1.0 / (hd as f32).sqrt(),
+            cfg: self.cfg,
+        };
+        Some(Tensor::from_dispatch(Dispatch::homer_attention(
+            q.clone().into_dispatch(),
+            k_buf.clone().into_dispatch(),
+            v_buf.clone().into_dispatch(),
+            job,
+        )))
+    }
+}
+
+/// Install [`WgslAttention`] as the model's attention on wgpu devices (once per process; later
+/// calls do nothing). Returns whether this call installed it.
+pub fn install_attention(info: &DeviceInfo) -> Result<bool> {
+    Ok(homer_model::attention::install_buffer_attention(Box::new(
+        WgslAttention::for_device(info)?,
+    )))
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 use super::quant::{self, GgmlType};
-use super::{HostTensor, WeightSource};
+use super::{BlockTensor, HostTensor, WeightSource};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 
@@ -356,6 +356,15 @@ impl GgufFile {
         })
     }
 
+    /// Tensor `name` as its stored bytes and type, or None when the file has no such tensor.
+    pub fn tensor_bytes(&self, name: &str) -> Option<(GgmlType, Vec<usize>, &[u8])> {
+        let t = self.tensors.get(name)?;
+        let ty = GgmlType::from_id(t.type_id)?;
+        let bytes = ty.bytes_for(t.n_elements() as usize)?;
+        let start = (self.data_start + t.offset) as usize;
+        Some((ty, t.shape(), &self.mmap[start..start + bytes]))
+    }
+
     /// The most common weight type among 2-D tensors (e.g. "Q4_1"), for display.
     pub fn dominant_type(&self) -> String {
         let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
@@ -391,6 +400,24 @@ pub fn unpermute_rows(t: &mut HostTensor, n_heads: usize) {
     t.data = dst;
 }
 
+/// [`unpermute_rows`] on rows of `row_bytes` raw bytes (whole rows of blocks move together).
+pub fn unpermute_byte_rows(src: &[u8], rows: usize, row_bytes: usize, n_heads: usize) -> Vec<u8> {
+    let hd = rows / n_heads;
+    let half = hd / 2;
+    let mut dst = vec![0u8; src.len()];
+    for h in 0..n_heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let from = h * hd + 2 * i + j;
+                let to = h * hd + j * half + i;
+                dst[to * row_bytes..(to + 1) * row_bytes]
+                    .copy_from_slice(&src[from * row_bytes..(from + 1) * row_bytes]);
+            }
+        }
+    }
+    dst
+}
+
 /// A Llama model stored in a GGUF file.
 pub struct GgufModel {
     pub file: GgufFile,
@@ -405,6 +432,27 @@ impl GgufModel {
     }
 
     /// GGUF tensor name for a Hugging Face name.
+    /// The head count whose RoPE row permutation llama.cpp applied to GGUF tensor `g` (q and k
+    /// projections), checked against its shape; None for every other tensor.
+    fn permuted_heads(&self, g: &str, shape: &[usize]) -> Result<Option<usize>> {
+        let heads = if g.ends_with("attn_q.weight") {
+            self.config.num_attention_heads
+        } else if g.ends_with("attn_k.weight") {
+            self.config.num_key_value_heads
+        } else {
+            return Ok(None);
+        };
+        if shape.len() != 2 || heads == 0 || shape[0] % heads != 0 || (shape[0] / heads) % 2 != 0 {
+            return Err(ModelError::ShapeMismatch {
+                path: self.file.path.clone(),
+                tensor: g.to_string(),
+                found: shape.to_vec(),
+                expected: vec![heads * self.config.head_dim, self.config.hidden_size],
+            });
+        }
+        Ok(Some(heads))
+    }
+
     fn gguf_name(hf: &str) -> Option<String> {
         if hf == "model.embed_tokens.weight" {
             return Some("token_embd.weight".into());
@@ -452,23 +500,28 @@ impl WeightSource for GgufModel {
             tensor: name.to_string(),
         })?;
         let mut t = self.file.tensor_f32(&g)?;
-        if g.ends_with("attn_q.weight") || g.ends_with("attn_k.weight") {
-            let heads = if g.ends_with("attn_q.weight") {
-                self.config.num_attention_heads
-            } else {
-                self.config.num_key_value_heads
-            };
-            if t.shape.len() != 2 || t.shape[0] % heads != 0 || (t.shape[0] / heads) % 2 != 0 {
-                return Err(ModelError::ShapeMismatch {
-                    path: self.file.path.clone(),
-                    tensor: g,
-                    found: t.shape,
-                    expected: vec![heads * self.config.head_dim, self.config.hidden_size],
-                });
-            }
+        if let Some(heads) = self.permuted_heads(&g, &t.shape)? {
             unpermute_rows(&mut t, heads);
         }
         Ok(t)
+    }
+    fn load_blocks(&self, name: &str) -> Result<Option<BlockTensor>> {
+        let Some(g) = Self::gguf_name(name) else {
+            return Ok(None);
+        };
+        let Some((ty, shape, bytes)) = self.file.tensor_bytes(&g) else {
+            return Ok(None);
+        };
+        let (bw, _) = ty.block();
+        if bw == 1 || shape.len() != 2 || shape[1] % bw != 0 {
+            return Ok(None);
+        }
+        let row_bytes = bytes.len() / shape[0];
+        let bytes = match self.permuted_heads(&g, &shape)? {
+            Some(heads) => unpermute_byte_rows(bytes, shape[0], row_bytes, heads),
+            None => bytes.to_vec(),
+        };
+        Ok(Some(BlockTensor { ty, shape, bytes }))
     }
     fn display_name(&self, name: &str) -> String {
         match Self::gguf_name(name) {

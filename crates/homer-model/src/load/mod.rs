@@ -18,6 +18,14 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
+/// A 2-D tensor's GGUF blocks as stored, rows in Hugging Face order ([out, in]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockTensor {
+    pub ty: quant::GgmlType,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
 /// Something that hands out a model's config and its tensors by Hugging Face name
 /// (`model.layers.3.self_attn.q_proj.weight`, ...), one at a time so that loading never holds
 /// two f32 copies of the whole model.
@@ -29,6 +37,11 @@ pub trait WeightSource: Send + Sync + std::any::Any {
     fn config(&self) -> &LlamaConfig;
     fn contains(&self, name: &str) -> bool;
     fn load(&self, name: &str) -> Result<HostTensor>;
+    /// Tensor `name` as the file's own blocks when it stores a block type (GGUF), rows in the
+    /// order [`WeightSource::load`] gives them; `None` for plain float storage.
+    fn load_blocks(&self, _name: &str) -> Result<Option<BlockTensor>> {
+        Ok(None)
+    }
     /// Short description of the storage format (e.g. "GGUF v3, Q4_1").
     fn describe(&self) -> String;
     /// How the file itself names tensor `name`, for error messages.

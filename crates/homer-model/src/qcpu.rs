@@ -1,0 +1,694 @@
+//! GGUF block weights kept as blocks on the CPU (Q4_0, Q4_1, Q8_0) and the products on them.
+//!
+//! Storage: each weight row's blocks repacked losslessly into two arrays, the packed quants
+//! (16 bytes a block for the 4-bit types, 32 for Q8_0, 16-byte aligned runs) and the f16 scale
+//! bits (d, and m for Q4_1), so the resident size is the file's own.
+//!
+//! Matrix-vector products (decode: m ≤ [`crate::cpu::GEMV_MAX_ROWS`] activation rows) read each
+//! block once and dequantise it in registers — q·d + m by one FMA (Q4_1; −8·d for Q4_0's offset),
+//! equal to the host dequantiser's values — straight into f32 FMAs with the activations (AVX-512,
+//! AVX2 or portable, picked at run time like [`crate::cpu`]); threads split the output rows.
+//! The activations stay f32, so the only difference from f32 weights is the summation order.
+//! Larger products (prefill) dequantise a slab of rows to f32 and run the `gemm` crate.
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::load::quant::{GgmlType, dequantize};
+
+/// Weights per block.
+pub const QK: usize = 32;
+
+/// A weight matrix [rows, cols] of GGUF blocks, rows in the file's (`[out, in]`) orientation.
+#[derive(Clone)]
+pub struct QMatrix {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    /// Packed quants, `qbytes()` per block, row-major over (row, block).
+    qs: Vec<u8>,
+    /// f16 bits of the block scales: d (Q4_0, Q8_0) or d, m (Q4_1) per block.
+    dm: Vec<u16>,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QMatrix({} [{}, {}], {} bytes)",
+            self.ty.name(),
+            self.rows,
+            self.cols,
+            self.bytes()
+        )
+    }
+}
+
+impl QMatrix {
+    /// Whether the CPU kernels take blocks of `ty`.
+    pub fn supports(ty: GgmlType) -> bool {
+        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    }
+
+    fn qbytes(ty: GgmlType) -> usize {
+        if ty == GgmlType::Q8_0 { 32 } else { 16 }
+    }
+
+    fn scales(ty: GgmlType) -> usize {
+        if ty == GgmlType::Q4_1 { 2 } else { 1 }
+    }
+
+    /// Repack `blocks` (GGUF layout, `rows` rows of `cols / 32` blocks each).
+    pub fn from_gguf(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        blocks: &[u8],
+    ) -> Result<Self, String> {
+        if !Self::supports(ty) {
+            return Err(format!("{} blocks have no CPU kernel", ty.name()));
+        }
+        if cols % QK != 0 {
+            return Err(format!("{cols} columns are not whole blocks of {QK}"));
+        }
+        let (_, bb) = ty.block();
+        let nb = rows * cols / QK;
+        if blocks.len() != nb * bb {
+            return Err(format!(
+                "{} bytes of {} blocks for [{rows}, {cols}], expected {}",
+                blocks.len(),
+                ty.name(),
+                nb * bb
+            ));
+        }
+        let (qb, ns) = (Self::qbytes(ty), Self::scales(ty));
+        let mut qs = Vec::with_capacity(nb * qb);
+        let mut dm = Vec::with_capacity(nb * ns);
+        for b in blocks.chunks_exact(bb) {
+            for s in 0..ns {
+                dm.push(u16::from_le_bytes([b[2 * s], b[2 * s + 1]]));
+            }
+            qs.extend_from_slice(&b[2 * ns..]);
+        }
+        Ok(Self {
+            ty,
+            rows,
+            cols,
+            qs,
+            dm,
+        })
+    }
+
+    /// The rows of several matrices of one type and width, stacked (fused projections).
+    pub fn stack(parts: Vec<QMatrix>) -> Result<Self, String> {
+        let mut it = parts.into_iter();
+        let mut out = it.next().ok_or("nothing to stack")?;
+        for p in it {
+            if p.ty != out.ty || p.cols != out.cols {
+                return Err(format!(
+                    "cannot stack {} [.., {}] under {} [.., {}]",
+                    p.ty.name(),
+                    p.cols,
+                    out.ty.name(),
+                    out.cols
+                ));
+            }
+            out.rows += p.rows;
+            out.qs.extend_from_slice(&p.qs);
+            out.dm.extend_from_slice(&p.dm);
+        }
+        Ok(out)
+    }
+
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Resident bytes (the file's own size for these blocks).
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + 2 * self.dm.len()
+    }
+
+    fn blocks_per_row(&self) -> usize {
+        self.cols / QK
+    }
+
+    /// Dequantise rows `r0..r1` into `out` [(r1 − r0) · cols].
+    pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        assert!(r0 <= r1 && r1 <= self.rows && out.len() == (r1 - r0) * self.cols);
+        let (nb, qb, ns) = (
+            self.blocks_per_row(),
+            Self::qbytes(self.ty),
+            Self::scales(self.ty),
+        );
+        let (_, bb) = self.ty.block();
+        let work = |(i, o): (usize, &mut [f32])| {
+            let r = r0 + i;
+            #[cfg(target_arch = "x86_64")]
+            if crate::cpu::simd_level() == crate::cpu::SimdLevel::Avx512 {
+                // SAFETY: the level was detected on this CPU; r < rows, o is one row.
+                unsafe { x86::dequant_row_avx512(self, r, o) };
+                return;
+            }
+            let mut block = [0u8; 34];
+            for b in 0..nb {
+                let g = r * nb + b;
+                for s in 0..ns {
+                    block[2 * s..2 * s + 2].copy_from_slice(&self.dm[g * ns + s].to_le_bytes());
+                }
+                block[2 * ns..bb].copy_from_slice(&self.qs[g * qb..(g + 1) * qb]);
+                dequantize(self.ty, &block[..bb], &mut o[b * QK..(b + 1) * QK]);
+            }
+        };
+        if (r1 - r0) * self.cols < 1 << 16 {
+            out.chunks_mut(self.cols).enumerate().for_each(work);
+        } else {
+            out.par_chunks_mut(self.cols).enumerate().for_each(work);
+        }
+    }
+}
+
+/// The instruction set the block kernels use here.
+pub fn level_name() -> &'static str {
+    match crate::cpu::simd_level() {
+        crate::cpu::SimdLevel::Avx512 => "avx512",
+        crate::cpu::SimdLevel::Avx2 => "avx2",
+        crate::cpu::SimdLevel::Portable => "portable",
+    }
+}
+
+/// Output rows per work item of the matrix-vector product.
+const CHUNK: usize = 32;
+
+/// y [m, out] = x [m, in] · Wᵀ on blocks: the quantised dot products for m ≤ `gemv_rows`,
+/// dequantised slabs + `gemm` above.
+pub fn linear(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
+    let (k, out) = (w.cols, w.rows);
+    assert_eq!(x.len(), m * k, "activations [{m}, {k}]");
+    assert_eq!(y.len(), m * out);
+    if m == 0 || out == 0 {
+        return;
+    }
+    if m > crate::cpu::GEMV_MAX_ROWS {
+        const SLAB: usize = 1024;
+        let mut scratch = vec![0f32; SLAB.min(out) * k];
+        let mut o0 = 0;
+        while o0 < out {
+            let o1 = (o0 + SLAB).min(out);
+            let buf = &mut scratch[..(o1 - o0) * k];
+            w.dequantize_rows(o0, o1, buf);
+            crate::cpu::gemm_f32(x, m, k, buf, o0, o1 - o0, out, y);
+            o0 = o1;
+        }
+        return;
+    }
+    // y transposed ([out, m], contiguous per output row), then scattered.
+    let mut yt = vec![0f32; out * m];
+    let work = |(ci, chunk): (usize, &mut [f32])| {
+        let o0 = ci * CHUNK;
+        for (i, yo) in chunk.chunks_mut(m).enumerate() {
+            dot_row(w, o0 + i, x, m, yo);
+        }
+    };
+    if out * k < 1 << 16 {
+        yt.chunks_mut(CHUNK * m).enumerate().for_each(work);
+    } else {
+        yt.par_chunks_mut(CHUNK * m).enumerate().for_each(work);
+    }
+    for o in 0..out {
+        for r in 0..m {
+            y[r * out + o] = yt[o * m + r];
+        }
+    }
+}
+
+/// out[r] = W[row] · x[r] for the m activation rows of `x` [m, cols].
+fn dot_row(w: &QMatrix, row: usize, x: &[f32], m: usize, out: &mut [f32]) {
+    let mut r = 0;
+    while r < m {
+        let take = (m - r).min(4);
+        let xs = &x[r * w.cols..(r + take) * w.cols];
+        let o = &mut out[r..r + take];
+        match take {
+            1 => dot_rows::<1>(w, row, xs, o),
+            2 => dot_rows::<2>(w, row, xs, o),
+            3 => dot_rows::<3>(w, row, xs, o),
+            _ => dot_rows::<4>(w, row, xs, o),
+        }
+        r += take;
+    }
+}
+
+fn dot_rows<const R: usize>(w: &QMatrix, row: usize, x: &[f32], out: &mut [f32]) {
+    assert!(row < w.rows && x.len() == R * w.cols && out.len() == R);
+    use crate::cpu::{SimdLevel, simd_level};
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level was detected on this CPU; shapes asserted above.
+        SimdLevel::Avx512 => unsafe { x86::dot_avx512::<R>(w, row, x, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        SimdLevel::Avx2 => unsafe { x86::dot_avx2::<R>(w, row, x, out) },
+        _ => dot_portable::<R>(w, row, x, out),
+    }
+}
+
+/// The per-weight offset c of a block with scale d and (Q4_1) minimum m: w = q·d + c.
+#[inline(always)]
+fn offset(ty: GgmlType, d: f32, m: impl Fn() -> f32) -> f32 {
+    match ty {
+        GgmlType::Q4_0 => -8.0 * d,
+        GgmlType::Q4_1 => m(),
+        _ => 0.0,
+    }
+}
+
+/// Every level's semantics, scalar: w = q·d + c in f32 by one fused multiply-add.
+fn dot_portable<const R: usize>(w: &QMatrix, row: usize, x: &[f32], out: &mut [f32]) {
+    let (nb, k) = (w.blocks_per_row(), w.cols);
+    let (qb, ns) = (QMatrix::qbytes(w.ty), QMatrix::scales(w.ty));
+    let mut acc = [0f32; R];
+    let mut wf = [0f32; QK];
+    for b in 0..nb {
+        let g = row * nb + b;
+        let q = &w.qs[g * qb..(g + 1) * qb];
+        let d = f16::from_bits(w.dm[g * ns]).to_f32();
+        let c = offset(w.ty, d, || f16::from_bits(w.dm[g * ns + 1]).to_f32());
+        if w.ty == GgmlType::Q8_0 {
+            for j in 0..QK {
+                wf[j] = (q[j] as i8 as f32).mul_add(d, c);
+            }
+        } else {
+            for j in 0..16 {
+                wf[j] = ((q[j] & 15) as f32).mul_add(d, c);
+                wf[j + 16] = ((q[j] >> 4) as f32).mul_add(d, c);
+            }
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xb = &x[r * k + b * QK..r * k + (b + 1) * QK];
+            *a += wf.iter().zip(xb).map(|(p, q)| p * q).sum::<f32>();
+        }
+    }
+    out.copy_from_slice(&acc);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{GgmlType, QK, QMatrix};
+
+    #[inline(always)]
+    unsafe fn h2f(bits: u16) -> f32 {
+        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
+    }
+
+    /// Scale and offset of block `g` (w = q·d + c).
+    #[inline(always)]
+    unsafe fn dc(w: &QMatrix, g: usize) -> (f32, f32) {
+        unsafe {
+            let ns = QMatrix::scales(w.ty);
+            let d = h2f(*w.dm.get_unchecked(g * ns));
+            match w.ty {
+                GgmlType::Q4_0 => (d, -8.0 * d),
+                GgmlType::Q4_1 => (d, h2f(*w.dm.get_unchecked(g * ns + 1))),
+                _ => (d, 0.0),
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F, FMA and F16C; `x` holds R rows of `w.cols`, `out` R values, `row < w.rows`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn dot_avx512<const R: usize>(w: &QMatrix, row: usize, x: &[f32], out: &mut [f32]) {
+        unsafe {
+            match w.ty {
+                GgmlType::Q4_0 => dot512::<R, 0>(w, row, x, out),
+                GgmlType::Q4_1 => dot512::<R, 1>(w, row, x, out),
+                _ => dot512::<R, 2>(w, row, x, out),
+            }
+        }
+    }
+
+    /// The block's 32 weights dequantised as two vectors of 16 (element order). T: 0 = Q4_0,
+    /// 1 = Q4_1, 2 = Q8_0.
+    #[inline(always)]
+    unsafe fn block512<const T: u8>(qs: *const u8, dm: *const u16, b: usize) -> (__m512, __m512) {
+        unsafe {
+            let (d, c) = match T {
+                0 => {
+                    let d = h2f(*dm.add(b));
+                    (d, -8.0 * d)
+                }
+                1 => (h2f(*dm.add(2 * b)), h2f(*dm.add(2 * b + 1))),
+                _ => (h2f(*dm.add(b)), 0.0),
+            };
+            let (dv, cv) = (_mm512_set1_ps(d), _mm512_set1_ps(c));
+            let (q0, q1) = if T == 2 {
+                let p = qs.add(b * 32);
+                (
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)),
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i)),
+                )
+            } else {
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.add(b * 16) as *const __m128i));
+                (
+                    _mm512_and_si512(v, _mm512_set1_epi32(15)),
+                    _mm512_srli_epi32(v, 4),
+                )
+            };
+            (
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(q0), dv, cv),
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(q1), dv, cv),
+            )
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot512<const R: usize, const T: u8>(
+        w: &QMatrix,
+        row: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) {
+        unsafe {
+            let nb = w.cols / QK;
+            let k = w.cols;
+            let (qb, ns) = if T == 2 {
+                (32, 1)
+            } else {
+                (16, 1 + (T == 1) as usize)
+            };
+            // four independent accumulator chains per row: two blocks a trip, two halves each
+            let mut acc = [[_mm512_setzero_ps(); 4]; R];
+            let qs = w.qs.as_ptr().add(row * nb * qb);
+            let dm = w.dm.as_ptr().add(row * nb * ns);
+            let xp = x.as_ptr();
+            let mut b = 0;
+            while b + 2 <= nb {
+                let (w0, w1) = block512::<T>(qs, dm, b);
+                let (w2, w3) = block512::<T>(qs, dm, b + 1);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xb = xp.add(r * k + b * QK);
+                    a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), a[0]);
+                    a[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb.add(16)), a[1]);
+                    a[2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xb.add(32)), a[2]);
+                    a[3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xb.add(48)), a[3]);
+                }
+                b += 2;
+            }
+            if b < nb {
+                let (w0, w1) = block512::<T>(qs, dm, b);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xb = xp.add(r * k + b * QK);
+                    a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), a[0]);
+                    a[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb.add(16)), a[1]);
+                }
+            }
+            for (o, a) in out.iter_mut().zip(&acc) {
+                let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+                *o = _mm512_reduce_add_ps(s);
+            }
+        }
+    }
+
+    /// Row `row` of `w` dequantised into `out` [cols] (the host dequantiser's values; a zero may
+    /// come out +0 where the host's product gives −0).
+    ///
+    /// # Safety
+    /// AVX-512F, FMA and F16C; `row < w.rows`, `out.len() == w.cols`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn dequant_row_avx512(w: &QMatrix, row: usize, out: &mut [f32]) {
+        unsafe {
+            match w.ty {
+                GgmlType::Q4_0 => dequant512::<0>(w, row, out),
+                GgmlType::Q4_1 => dequant512::<1>(w, row, out),
+                _ => dequant512::<2>(w, row, out),
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dequant512<const T: u8>(w: &QMatrix, row: usize, out: &mut [f32]) {
+        unsafe {
+            let nb = w.cols / QK;
+            let (qb, ns) = if T == 2 {
+                (32, 1)
+            } else {
+                (16, 1 + (T == 1) as usize)
+            };
+            let qs = w.qs.as_ptr().add(row * nb * qb);
+            let dm = w.dm.as_ptr().add(row * nb * ns);
+            let o = out.as_mut_ptr();
+            for b in 0..nb {
+                let (w0, w1) = block512::<T>(qs, dm, b);
+                _mm512_storeu_ps(o.add(b * QK), w0);
+                _mm512_storeu_ps(o.add(b * QK + 16), w1);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C; shapes as [`dot_avx512`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_avx2<const R: usize>(w: &QMatrix, row: usize, x: &[f32], out: &mut [f32]) {
+        unsafe {
+            let nb = w.cols / QK;
+            let k = w.cols;
+            let qb = QMatrix::qbytes(w.ty);
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            let low = _mm256_set1_epi32(15);
+            let qs = w.qs.as_ptr().add(row * nb * qb);
+            let xp = x.as_ptr();
+            for b in 0..nb {
+                let (d, c) = dc(w, row * nb + b);
+                let (dv, cv) = (_mm256_set1_ps(d), _mm256_set1_ps(c));
+                // four vectors of 8 weights, in element order
+                let q: [__m256i; 4] = if w.ty == GgmlType::Q8_0 {
+                    let p = qs.add(b * 32);
+                    let ld = |o: usize| {
+                        _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(o) as *const __m128i))
+                    };
+                    [ld(0), ld(8), ld(16), ld(24)]
+                } else {
+                    let p = qs.add(b * 16);
+                    let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+                    let h = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const __m128i));
+                    [
+                        _mm256_and_si256(a, low),
+                        _mm256_and_si256(h, low),
+                        _mm256_srli_epi32(a, 4),
+                        _mm256_srli_epi32(h, 4),
+                    ]
+                };
+                for (i, qi) in q.iter().enumerate() {
+                    let wv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*qi), dv, cv);
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_ps(xp.add(r * k + b * QK + 8 * i));
+                        a[i & 1] = _mm256_fmadd_ps(wv, xv, a[i & 1]);
+                    }
+                }
+            }
+            for r in 0..R {
+                out[r] = hsum256(_mm256_add_ps(acc[r][0], acc[r][1]));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GGUF blocks of `ty` for [rows, cols] from a seeded generator, with edge values mixed in:
+    /// an all-zero block, the largest and smallest normal f16 scales, subnormal and negative-zero
+    /// scales, extreme quants.
+    fn blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let (_, bb) = ty.block();
+        let nb = rows * cols / QK;
+        let mut out = Vec::with_capacity(nb * bb);
+        for i in 0..nb {
+            let mut b = vec![0u8; bb];
+            for x in b.iter_mut() {
+                *x = next() as u8;
+            }
+            let scale = |v: u64| -> u16 {
+                match v % 9 {
+                    0 => 0x0000, // zero
+                    1 => 0x8000, // negative zero
+                    2 => 0x0001, // smallest subnormal
+                    3 => 0x7BFF, // largest finite (65504)
+                    4 => 0x0400, // smallest normal
+                    _ => f16::from_f32((v % 2000) as f32 / 1000.0 - 1.0).to_bits(),
+                }
+            };
+            let ns = if ty == GgmlType::Q4_1 { 2 } else { 1 };
+            for k in 0..ns {
+                let v = scale(next());
+                // keep the huge scale rare enough that sums stay finite
+                let v = if v == 0x7BFF && i % 5 != 0 { 0x3C00 } else { v };
+                b[2 * k..2 * k + 2].copy_from_slice(&v.to_le_bytes());
+            }
+            if i % 7 == 3 {
+                for x in b[2 * ns..].iter_mut() {
+                    *x = 0;
+                }
+            }
+            if i % 11 == 5 {
+                for x in b[2 * ns..].iter_mut() {
+                    *x = if ty == GgmlType::Q8_0 { 0x80 } else { 0xFF };
+                }
+            }
+            out.extend(b);
+        }
+        out
+    }
+
+    fn acts(m: usize, k: usize, seed: u32) -> Vec<f32> {
+        (0..m * k)
+            .map(|i| {
+                let v = ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32
+                    / (1u32 << 24) as f32;
+                if i % 97 == 13 { 0.0 } else { (v - 0.5) * 4.0 }
+            })
+            .collect()
+    }
+
+    /// f64 reference on the dequantised weights, with Σ|terms| of each output for the
+    /// rounding tolerance.
+    fn reference(w: &QMatrix, x: &[f32], m: usize) -> Vec<(f64, f64)> {
+        let (k, out) = (w.cols, w.rows);
+        let mut wf = vec![0f32; out * k];
+        w.dequantize_rows(0, out, &mut wf);
+        let mut y = vec![(0f64, 0f64); m * out];
+        for r in 0..m {
+            for o in 0..out {
+                let terms = (0..k).map(|j| wf[o * k + j] as f64 * x[r * k + j] as f64);
+                y[r * out + o] = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn repack_is_lossless() {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let (rows, cols) = (5, 96);
+            let raw = blocks(ty, rows, cols, 3);
+            let w = QMatrix::from_gguf(ty, rows, cols, &raw).unwrap();
+            assert_eq!(w.bytes(), raw.len());
+            let mut a = vec![0f32; rows * cols];
+            let mut b = vec![0f32; rows * cols];
+            dequantize(ty, &raw, &mut a);
+            w.dequantize_rows(0, rows, &mut b);
+            // equal values (an FMA's zero may be +0 where the host's product is −0), and the
+            // repacked blocks themselves are the file's bytes
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!(x == y && !y.is_nan(), "{} element {i}: {x} vs {y}", ty.name());
+            }
+            let (_, bb) = ty.block();
+            let ns = QMatrix::scales(ty);
+            for (g, blk) in raw.chunks_exact(bb).enumerate() {
+                let qb = QMatrix::qbytes(ty);
+                assert_eq!(&w.qs[g * qb..(g + 1) * qb], &blk[2 * ns..]);
+                for k in 0..ns {
+                    assert_eq!(w.dm[g * ns + k].to_le_bytes(), [blk[2 * k], blk[2 * k + 1]]);
+                }
+            }
+            // stacking keeps rows in order
+            let s = QMatrix::stack(vec![w.clone(), w.clone()]).unwrap();
+            let mut c = vec![0f32; 2 * rows * cols];
+            s.dequantize_rows(0, 2 * rows, &mut c);
+            assert_eq!(&c[rows * cols..], &b[..]);
+        }
+        assert!(QMatrix::from_gguf(GgmlType::Q4K, 1, 256, &[0; 144]).is_err());
+        assert!(QMatrix::from_gguf(GgmlType::Q4_0, 2, 32, &[0; 18]).is_err());
+    }
+
+    #[test]
+    fn block_products_match_the_f64_reference() {
+        let mut checked = 0;
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            // awkward shapes: output rows that are not multiples of the chunk, 1..4 rows and more
+            for &(out, k) in &[(1usize, 32usize), (33, 96), (70, 576), (129, 160)] {
+                let w = QMatrix::from_gguf(ty, out, k, &blocks(ty, out, k, out as u64)).unwrap();
+                for m in [1usize, 2, 3, 4] {
+                    let x = acts(m, k, (m * 31 + out) as u32);
+                    let want = reference(&w, &x, m);
+                    let mut y = vec![f32::NAN; m * out];
+                    linear(&x, m, &w, &mut y);
+                    // the portable level too, one row at a time
+                    let mut yp = vec![f32::NAN; m * out];
+                    for o in 0..out {
+                        for r in 0..m {
+                            let mut v = [0f32];
+                            dot_portable::<1>(&w, o, &x[r * k..(r + 1) * k], &mut v);
+                            yp[r * out + o] = v[0];
+                        }
+                    }
+                    for (i, &(wv, abs)) in want.iter().enumerate() {
+                        // f32 rounding of the products and their sums
+                        let tol = 1e-6 * abs + 1e-30;
+                        for (name, got) in [("dispatched", y[i]), ("portable", yp[i])] {
+                            assert!(
+                                got.is_finite() && (got as f64 - wv).abs() <= tol,
+                                "{} [{out}, {k}] m {m} ({name}, {}): element {i}: {got} vs {wv}",
+                                ty.name(),
+                                level_name()
+                            );
+                        }
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 48);
+    }
+
+    #[test]
+    fn prefill_products_match_the_dequantised_weights() {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let (out, k, m) = (1100, 64, 9); // more rows than one slab
+            let w = QMatrix::from_gguf(ty, out, k, &blocks(ty, out, k, 5)).unwrap();
+            let x = acts(m, k, 4);
+            let mut wf = vec![0f32; out * k];
+            w.dequantize_rows(0, out, &mut wf);
+            let mut y = vec![f32::NAN; m * out];
+            linear(&x, m, &w, &mut y);
+            for r in 0..m {
+                for o in 0..out {
+                    let terms = (0..k).map(|j| wf[o * k + j] as f64 * x[r * k + j] as f64);
+                    let (want, abs) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                    let got = y[r * out + o] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-6 * abs + 1e-30,
+                        "{} row {r} out {o}: {got} vs {want}",
+                        ty.name()
+                    );
+                }
+            }
+        }
+    }
+}

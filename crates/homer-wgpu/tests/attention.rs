@@ -1,0 +1,210 @@
+//! `shaders/attention.wgsl` (the model's attention on wgpu) against the tensor-op oracle
+//! (`homer_model::attention::causal_attention`) on random inputs of awkward shapes: GQA groups of
+//! 1 to 64 heads, head dims 4 to 128, query blocks that are not multiples of a workgroup's rows,
+//! a past in the buffer, a NaN-filled unfilled tail (never read into a sum) and NaN-poisoned
+//! outputs (every element written); then whole models, installed as the process's attention,
+//! against the CPU kernels.
+
+use burn::tensor::{Tensor, TensorData};
+use homer_model::attention::{BufferAttention, causal_attention};
+use homer_model::{
+    BackendKind, Device, DeviceInfo, KvCache, Llama, LlamaConfig, Logits, WeightDtype, read_f32,
+};
+use homer_wgpu::{LaunchCfg, WgslAttention};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn wgpu() -> (Device, DeviceInfo) {
+    homer_model::backend::device(BackendKind::Wgpu).unwrap_or_else(|e| {
+        panic!("these tests need a wgpu adapter (install mesa-vulkan-drivers on a machine without a GPU): {e}")
+    })
+}
+
+fn max_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A [kv, cap, hd] buffer whose rows past `filled` are NaN.
+fn buffer(
+    rng: &mut StdRng,
+    kv: usize,
+    cap: usize,
+    hd: usize,
+    filled: usize,
+    dev: &Device,
+) -> Tensor<3> {
+    let mut data = Vec::with_capacity(kv * cap * hd);
+    for _ in 0..kv {
+        for r in 0..cap {
+            for _ in 0..hd {
+                data.push(if r < filled {
+                    rng.random_range(-2.0f32..2.0)
+                } else {
+                    f32::NAN
+                });
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [kv, cap, hd]), dev)
+}
+
+#[test]
+fn wgsl_attention_matches_oracle() {
+    let (dev, info) = wgpu();
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut checked = 0;
+    // (heads, kv heads, head dim)
+    for &(h, kv, hd) in &[
+        (9, 3, 64),
+        (8, 8, 128),
+        (4, 1, 12),
+        (6, 2, 4),
+        (64, 1, 8),
+        (5, 5, 36),
+    ] {
+        for &wg in &[64u32, 32] {
+            let kernel = WgslAttention::for_device(&info)
+                .unwrap()
+                .with_launch(LaunchCfg {
+                    workgroup_size: wg,
+                    max_workgroups: 4096,
+                    poison: true,
+                });
+            for &(past, n, spare) in &[
+                (0usize, 1usize, 0usize),
+                (0, 2, 3),
+                (1, 23, 9),
+                (77, 130, 0),
+                (300, 1, 5),
+            ] {
+                let cap = past + n + spare;
+                let q: Tensor<3> = Tensor::from_data(
+                    TensorData::new(
+                        (0..h * n * hd)
+                            .map(|_| rng.random_range(-2.0f32..2.0))
+                            .collect::<Vec<_>>(),
+                        [h, n, hd],
+                    ),
+                    &dev,
+                );
+                let k = buffer(&mut rng, kv, cap, hd, past + n, &dev);
+                let v = buffer(&mut rng, kv, cap, hd, past + n, &dev);
+                let what = format!("h {h} kv {kv} hd {hd} wg {wg} past {past} n {n} cap {cap}");
+                if h / kv > wg as usize {
+                    let why = kernel.refusal(&q, &k, past);
+                    assert!(
+                        why.is_some(),
+                        "{what}: a group above the workgroup must be declined"
+                    );
+                    assert!(kernel.attend(&q, &k, &v, past).is_none());
+                    continue;
+                }
+                let got = read_f32(kernel.attend(&q, &k, &v, past).expect(&what)).unwrap();
+                let filled = |t: &Tensor<3>| t.clone().slice([0..kv, 0..past + n, 0..hd]);
+                let want = read_f32(causal_attention(q.clone(), &filled(&k), &filled(&v))).unwrap();
+                assert_eq!(got.len(), n * h * hd, "{what}");
+                assert!(
+                    got.iter().all(|x| x.is_finite()),
+                    "{what}: unwritten or NaN output"
+                );
+                let e = max_err(&got, &want);
+                assert!(e < 1e-4, "{what}: max error {e}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 50, "only {checked} cases ran");
+}
+
+#[test]
+fn wgsl_attention_declines_what_it_cannot_take() {
+    let (dev, info) = wgpu();
+    let kernel = WgslAttention::for_device(&info).unwrap();
+    let zeros = |s: [usize; 3], d: &Device| Tensor::<3>::zeros(s, d);
+    // head dim not a multiple of 4
+    assert!(
+        kernel
+            .refusal(&zeros([2, 3, 6], &dev), &zeros([1, 8, 6], &dev), 0)
+            .is_some()
+    );
+    // more rows than the buffer holds
+    assert!(
+        kernel
+            .refusal(&zeros([2, 3, 8], &dev), &zeros([1, 8, 8], &dev), 6)
+            .is_some()
+    );
+    // not a wgpu device
+    let flex = homer_model::backend::device(BackendKind::Cpu).unwrap().0;
+    assert!(
+        kernel
+            .refusal(&zeros([2, 3, 8], &flex), &zeros([1, 8, 8], &flex), 0)
+            .is_some()
+    );
+    // and a shape it takes
+    assert_eq!(
+        kernel.refusal(&zeros([2, 3, 8], &dev), &zeros([1, 8, 8], &dev), 5),
+        None
+    );
+}
+
+fn config(heads: usize, kv: usize, hd: usize, d: usize, tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 301,
+        hidden_size: d,
+        intermediate_size: 2 * d,
+        num_hidden_layers: 3,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: hd,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: tied,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+        rope_scaling: Default::default(),
+    }
+}
+
+/// Logits of a prompt run in pieces (attention over a partly filled, growing buffer), then 3
+/// decode steps.
+fn run(model: &Llama, pieces: &[usize]) -> Vec<f32> {
+    let total: usize = pieces.iter().sum();
+    let all: Vec<u32> = (0..total as u32).map(|i| (i * 7919 + 13) % 301).collect();
+    let mut cache = KvCache::new(model.n_layers());
+    let mut logits = vec![];
+    let mut at = 0;
+    for &p in pieces {
+        let l = model
+            .forward(&all[at..at + p], None, &mut cache, Logits::All)
+            .unwrap();
+        logits.extend(read_f32(l).unwrap());
+        at += p;
+    }
+    for t in [5u32, 17, 250] {
+        logits.extend(model.decode_step(t, &mut cache).unwrap());
+    }
+    logits
+}
+
+#[test]
+fn model_with_wgsl_attention_matches_cpu_kernels() {
+    let (gpu, info) = wgpu();
+    homer_wgpu::install_attention(&info).unwrap();
+    assert!(homer_model::attention::buffer_attention().is_some());
+    let flex = homer_model::backend::device(BackendKind::Cpu).unwrap().0;
+    for &(h, kv, hd, d, tied, pieces) in &[
+        (9, 3, 16, 48, true, &[7usize, 1, 70][..]),
+        (4, 4, 12, 40, false, &[150][..]),
+    ] {
+        let cfg = config(h, kv, hd, d, tied);
+        let cpu = Llama::random_on_path(cfg.clone(), 5, &flex, WeightDtype::F32, true);
+        let gpu_model = Llama::random_on_path(cfg, 5, &gpu, WeightDtype::F32, false);
+        let e = max_err(&run(&gpu_model, pieces), &run(&cpu, pieces));
+        assert!(e < 2e-4, "h {h} kv {kv} hd {hd} pieces {pieces:?}: {e}");
+    }
+}
