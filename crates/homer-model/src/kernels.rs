@@ -235,16 +235,51 @@ impl std::fmt::Display for WeightDtype {
     }
 }
 
-/// The weight precision a device runs by default: on the CPU kernels' path the file's own GGUF
-/// blocks where the kernels take them (Q4_0, Q4_1, Q8_0: the resident size is the file's, decode
-/// reads 4–5 bits a weight) and f16 for the rest; f32 elsewhere (wgpu computes in f32 only for
-/// now). The README states the measured logit error of each choice.
+/// The weight precision a device runs by default: the file's own GGUF blocks where kernels take
+/// them (Q4_0, Q4_1, Q8_0: the resident size is the file's, decode reads 4.5–8.5 bits a weight,
+/// and the products equal f32 weights' up to summation order) — on the CPU kernels' path, and
+/// on devices for which a backend crate installed a [`BlockUploader`] (homer-wgpu); other
+/// tensors f16 on the CPU, f32 on devices. Without an uploader a device computes in f32.
 pub fn default_dtype(device: &Device) -> WeightDtype {
-    if fast_path(device) {
+    if fast_path(device) || block_uploader().is_some() {
         WeightDtype::Native
     } else {
         WeightDtype::F32
     }
+}
+
+/// A projection of GGUF blocks on a device, applied by a backend crate's kernels (`homer-wgpu`
+/// installs a [`BlockUploader`] whose weights run `shaders/qgemv.wgsl` and `dequant.wgsl`).
+pub trait DeviceBlocks: Send + Sync + std::fmt::Debug {
+    /// x [m, in] → [m, out] (f32).
+    fn apply(&self, x: Tensor<2>) -> Tensor<2>;
+    /// Output rows.
+    fn rows(&self) -> usize;
+    /// Resident device bytes.
+    fn bytes(&self) -> usize;
+}
+
+/// Puts a [`QMatrix`] on a device as [`DeviceBlocks`]; installed once per process by a backend
+/// crate, so that this crate stays free of shader code.
+pub trait BlockUploader: Send + Sync {
+    /// The blocks on `device`, or why they cannot go there.
+    fn upload(
+        &self,
+        w: &QMatrix,
+        device: &Device,
+    ) -> std::result::Result<std::sync::Arc<dyn DeviceBlocks>, String>;
+}
+
+static BLOCK_UPLOADER: std::sync::OnceLock<Box<dyn BlockUploader>> = std::sync::OnceLock::new();
+
+/// Install the process's block uploader (the first call wins; returns whether this one did).
+pub fn install_block_uploader(u: Box<dyn BlockUploader>) -> bool {
+    BLOCK_UPLOADER.set(u).is_ok()
+}
+
+/// The installed block uploader, if any.
+pub fn block_uploader() -> Option<&'static dyn BlockUploader> {
+    BLOCK_UPLOADER.get().map(|u| u.as_ref())
 }
 
 /// A projection's weight, stored the way its device applies it.
@@ -256,6 +291,8 @@ pub enum Weight {
     Cols(Tensor<2>),
     /// [out, in] GGUF blocks for the CPU kernels ([`crate::qcpu`]).
     Quant(std::sync::Arc<QMatrix>),
+    /// [out, in] GGUF blocks on a device ([`DeviceBlocks`]).
+    Device(std::sync::Arc<dyn DeviceBlocks>),
     /// [out, in] f32 applied as `x.matmul(wᵀ)` through a transposed view (any backend): a tied
     /// LM head that shares the embedding table's buffer.
     RowsT(Tensor<2>),
@@ -311,6 +348,7 @@ impl Weight {
                 x.into_dispatch(),
                 QWeight(w.clone()),
             )),
+            Weight::Device(w) => w.apply(x),
         }
     }
 
@@ -320,6 +358,7 @@ impl Weight {
         match self {
             Weight::Rows(w) | Weight::Cols(w) | Weight::RowsT(w) => t(w),
             Weight::Quant(w) => w.bytes(),
+            Weight::Device(w) => w.bytes(),
         }
     }
 
@@ -329,6 +368,7 @@ impl Weight {
             Weight::Cols(w) => w.dims()[1],
             Weight::RowsT(w) => w.dims()[0],
             Weight::Quant(w) => w.rows(),
+            Weight::Device(w) => w.rows(),
         }
     }
 }

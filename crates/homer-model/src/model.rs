@@ -92,9 +92,11 @@ impl Llama {
     ) -> Result<Self> {
         let cfg = src.config().clone();
         let fast = kernels::fast_path(device);
-        if dtype != WeightDtype::F32 && !fast {
+        let native = dtype == WeightDtype::Native;
+        if dtype != WeightDtype::F32 && !fast && !(native && kernels::block_uploader().is_some()) {
             return Err(ModelError::Input(format!(
-                "--dtype {dtype} runs on the CPU backend only for now; use --dtype f32 with this backend"
+                "--dtype {dtype} runs on the CPU backend only for now; use --dtype f32 (or native \
+                 through homer-wgpu's block kernels) with this backend"
             )));
         }
         let names = llama_tensor_names(&cfg);
@@ -109,7 +111,8 @@ impl Llama {
                 1.0
             };
             let bytes = (4.0 * fused * shape.iter().product::<usize>() as f64) as u64;
-            if let Some(limit) = max_buffer_bytes {
+            // (GGUF blocks on a device are uploaded in row chunks below the limit.)
+            if let Some(limit) = max_buffer_bytes.filter(|_| !native) {
                 if bytes > limit {
                     return Err(ModelError::DeviceLimit {
                         what: format!("{}: tensor `{name}` {shape:?} (f32)", src.path().display()),
@@ -131,9 +134,8 @@ impl Llama {
             Ok(t)
         };
         // The file's own blocks of tensors stacked by rows, when every part has blocks of one
-        // type the CPU kernels take (`--dtype native` on the kernels' path); None otherwise.
-        let native = fast && dtype == WeightDtype::Native;
-        let blocks = |parts: &[(String, [usize; 2])]| -> Result<Option<Weight>> {
+        // type the block kernels take (`--dtype native`); None otherwise.
+        let blocks = |parts: &[(String, [usize; 2])]| -> Result<Option<QMatrix>> {
             if !native {
                 return Ok(None);
             }
@@ -158,28 +160,56 @@ impl Llama {
                 mats.push(m);
             }
             let Ok(m) = QMatrix::stack(mats) else {
-                return Ok(None); // parts of different types: f16 rows instead
+                return Ok(None); // parts of different types: float weights instead
             };
             for _ in parts {
                 tick();
             }
-            Ok(Some(Weight::Quant(std::sync::Arc::new(m))))
+            Ok(Some(m))
+        };
+        // Blocks as a weight: the CPU kernels read them in place; another device gets them
+        // through the installed uploader.
+        let block_weight = |m: std::sync::Arc<QMatrix>| -> Result<Weight> {
+            if fast {
+                return Ok(Weight::Quant(m));
+            }
+            let up = kernels::block_uploader().ok_or_else(|| {
+                ModelError::Input("no block kernels are installed for this device".into())
+            })?;
+            up.upload(&m, device)
+                .map(Weight::Device)
+                .map_err(|e| ModelError::Input(format!("{}: {e}", src.path().display())))
+        };
+        // With `native`, the float tensors that stay f32 on a device with a binding limit are
+        // checked here (the check above skips native loads).
+        let fits = |name: &str, shape: [usize; 2]| -> Result<()> {
+            let bytes = 4 * (shape[0] * shape[1]) as u64;
+            match max_buffer_bytes {
+                Some(limit) if native && !fast && bytes > limit => Err(ModelError::DeviceLimit {
+                    what: format!("{}: tensor `{name}` {shape:?} (f32)", src.path().display()),
+                    needed: bytes,
+                    limit,
+                }),
+                _ => Ok(()),
+            }
         };
         let d = cfg.hidden_size;
         let vec1 =
             |t: HostTensor| Tensor::<1>::from_data(TensorData::new(t.data, [t.shape[0]]), device);
         let embed_name = "model.embed_tokens.weight".to_string();
+        let head_name = "lm_head.weight".to_string();
         let embed_blocks = blocks(&[(embed_name.clone(), [cfg.vocab_size, d])])?;
-        let (embed, lm_head) = if let Some(Weight::Quant(table)) = embed_blocks {
+        let (embed, lm_head) = if let Some(table) = embed_blocks {
+            let table = std::sync::Arc::new(table);
             let lm_head = if cfg.tie_word_embeddings {
-                Weight::Quant(table.clone())
+                block_weight(table.clone())?
             } else {
-                let name = "lm_head.weight".to_string();
-                match blocks(&[(name.clone(), [cfg.vocab_size, d])])? {
-                    Some(w) => w,
+                match blocks(&[(head_name.clone(), [cfg.vocab_size, d])])? {
+                    Some(m) => block_weight(std::sync::Arc::new(m))?,
                     None => {
-                        let t = get(&name, &[cfg.vocab_size, d])?;
-                        Weight::upload(t.data, cfg.vocab_size, d, true, dtype, device)
+                        fits(&head_name, [cfg.vocab_size, d])?;
+                        let t = get(&head_name, &[cfg.vocab_size, d])?;
+                        Weight::upload(t.data, cfg.vocab_size, d, fast, dtype, device)
                     }
                 }
             };
@@ -198,14 +228,14 @@ impl Llama {
             let lm_head = if cfg.tie_word_embeddings {
                 embed
             } else {
-                let name = "lm_head.weight".to_string();
-                match blocks(&[(name.clone(), [cfg.vocab_size, d])])? {
-                    Some(w) => w,
-                    None => wt(get(&name, &[cfg.vocab_size, d])?),
+                match blocks(&[(head_name.clone(), [cfg.vocab_size, d])])? {
+                    Some(m) => Weight::Quant(std::sync::Arc::new(m)),
+                    None => wt(get(&head_name, &[cfg.vocab_size, d])?),
                 }
             };
             (Embedding::Table(table), lm_head)
         } else {
+            fits(&embed_name, [cfg.vocab_size, d])?;
             let embed_host = get(&embed_name, &[cfg.vocab_size, d])?;
             let embed = Tensor::from_data(
                 TensorData::new(embed_host.data, [cfg.vocab_size, d]),
@@ -215,8 +245,14 @@ impl Llama {
                 // One buffer: the head reads the table through a transposed view.
                 Weight::RowsT(embed.clone())
             } else {
-                let head = get("lm_head.weight", &[cfg.vocab_size, d])?;
-                Weight::upload(head.data, cfg.vocab_size, d, false, dtype, device)
+                match blocks(&[(head_name.clone(), [cfg.vocab_size, d])])? {
+                    Some(m) => block_weight(std::sync::Arc::new(m))?,
+                    None => {
+                        fits(&head_name, [cfg.vocab_size, d])?;
+                        let head = get(&head_name, &[cfg.vocab_size, d])?;
+                        Weight::upload(head.data, cfg.vocab_size, d, false, dtype, device)
+                    }
+                }
             };
             (Embedding::Table(embed), lm_head)
         };
@@ -228,9 +264,11 @@ impl Llama {
             let part = |n: &str, shape: [usize; 2]| (format!("{p}.{n}"), shape);
             // A projection from its parts (stacked by rows): blocks, else host f32 rows.
             let weight = |parts: Vec<(String, [usize; 2])>| -> Result<Weight> {
-                if let Some(w) = blocks(&parts)? {
-                    return Ok(w);
+                if let Some(m) = blocks(&parts)? {
+                    return block_weight(std::sync::Arc::new(m));
                 }
+                let rows: usize = parts.iter().map(|(_, s)| s[0]).sum();
+                fits(&parts[0].0, [rows, parts[0].1[1]])?;
                 let mut host = Vec::with_capacity(parts.len());
                 for (name, shape) in &parts {
                     host.push(get(name, shape)?);

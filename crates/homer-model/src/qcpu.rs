@@ -134,6 +134,18 @@ impl QMatrix {
         self.qs.len() + 2 * self.dm.len()
     }
 
+    /// Rows `r0..r1` as (quant bytes, f16 scale bits): the repacked layout the device kernels
+    /// take (`shaders/qgemv.wgsl`).
+    pub fn rows_raw(&self, r0: usize, r1: usize) -> (&[u8], &[u16]) {
+        assert!(r0 <= r1 && r1 <= self.rows);
+        let nb = self.blocks_per_row();
+        let (qb, ns) = (Self::qbytes(self.ty), Self::scales(self.ty));
+        (
+            &self.qs[r0 * nb * qb..r1 * nb * qb],
+            &self.dm[r0 * nb * ns..r1 * nb * ns],
+        )
+    }
+
     fn blocks_per_row(&self) -> usize {
         self.cols / QK
     }
@@ -606,7 +618,11 @@ mod tests {
             // equal values (an FMA's zero may be +0 where the host's product is −0), and the
             // repacked blocks themselves are the file's bytes
             for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-                assert!(x == y && !y.is_nan(), "{} element {i}: {x} vs {y}", ty.name());
+                assert!(
+                    x == y && !y.is_nan(),
+                    "{} element {i}: {x} vs {y}",
+                    ty.name()
+                );
             }
             let (_, bb) = ty.block();
             let ns = QMatrix::scales(ty);

@@ -188,6 +188,41 @@ fn tiny_gguf_all_dtypes_match_transformers_wgpu() {
     gguf_variants(BackendKind::Wgpu);
 }
 
+/// `--dtype native` on the CPU backend: the Q4_0 / Q4_1 / Q8_0 fixtures stay blocks (every
+/// projection and the tied head) and still match transformers at the f32 tolerance.
+#[test]
+fn tiny_gguf_native_blocks_match_transformers_cpu() {
+    let dir = fixtures().join("tiny-gguf");
+    let (dev, limit) = device(BackendKind::Cpu);
+    for ty in ["q8_0", "q4_0", "q4_1"] {
+        let src = load::open(&dir.join(format!("tiny-{ty}.gguf"))).unwrap();
+        let model = Llama::load_with(
+            src.as_ref(),
+            &dev,
+            limit,
+            homer_model::WeightDtype::Native,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        for l in &model.layers {
+            for w in [&l.w_qkv, &l.wo, &l.w_gate_up, &l.w_down] {
+                assert!(
+                    matches!(w, homer_model::Weight::Quant(_)),
+                    "tiny-{ty}: a projection was not kept as blocks: {w:?}"
+                );
+            }
+        }
+        let f32_model = load_model(&dir.join(format!("tiny-{ty}.gguf")), BackendKind::Cpu);
+        assert!(model.weight_bytes() * 3 < f32_model.weight_bytes());
+        check_cases(
+            &model,
+            &reference(&dir.join(format!("reference-{ty}.json"))),
+            1e-4,
+            &format!("tiny-{ty}/native"),
+        );
+    }
+}
+
 #[test]
 fn blocked_attention_equals_one_block_and_cpu_equals_wgpu() {
     // A prompt longer than one prefill block, fed in one call and in uneven pieces, gives the same

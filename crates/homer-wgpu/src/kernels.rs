@@ -26,6 +26,8 @@ const GATHER: &str = include_str!("../../../shaders/gather.wgsl");
 const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
 const SELECT: &str = include_str!("../../../shaders/select.wgsl");
 const ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
+const QGEMV: &str = include_str!("../../../shaders/qgemv.wgsl");
+const DEQUANT: &str = include_str!("../../../shaders/dequant.wgsl");
 
 /// Launch settings shared by every kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,6 +86,20 @@ pub struct AttentionJob {
     pub scale: f32,
     pub cfg: LaunchCfg,
 }
+
+/// Host inputs of the block kernels (`qgemv`, `dequant`).
+#[derive(Debug, Clone)]
+pub struct BlockJob {
+    /// 0 = Q4_0, 1 = Q4_1, 2 = Q8_0 (the shaders' TYPE).
+    pub qtype: u32,
+    /// Output rows and input columns of the weight (a multiple of 32).
+    pub rows: u32,
+    pub cols: u32,
+    pub cfg: LaunchCfg,
+}
+
+/// Output rows per workgroup of `qgemv.wgsl`.
+pub const QGEMV_ROWS: u32 = 4;
 
 /// Host inputs of the merge kernel.
 #[derive(Debug, Clone)]
@@ -163,6 +179,26 @@ pub trait HomerKernels: Backend {
         job: AttentionJob,
     ) -> FloatTensor<Self>;
 
+    /// `x` [m ≤ 4, cols] · the block weight (`qs`, `dm` u32 words) ᵀ → [m, rows] f32
+    /// (`shaders/qgemv.wgsl`).
+    #[fusion(meta = |x, _qs, _dm, job| TensorSpec::new(
+        Shape::new([x.shape[0], job.rows as usize]),
+        DType::F32,
+    ))]
+    fn homer_qgemv(
+        x: FloatTensor<Self>,
+        qs: IntTensor<Self>,
+        dm: IntTensor<Self>,
+        job: BlockJob,
+    ) -> FloatTensor<Self>;
+
+    /// The block weight dequantised → [rows, cols] f32 (`shaders/dequant.wgsl`).
+    #[fusion(meta = |_qs, _dm, job| TensorSpec::new(
+        Shape::new([job.rows as usize, job.cols as usize]),
+        DType::F32,
+    ))]
+    fn homer_dequant(qs: IntTensor<Self>, dm: IntTensor<Self>, job: BlockJob) -> FloatTensor<Self>;
+
     /// The §5 merge of one tensor pair.
     #[fusion(meta = |xa, ya, job| TensorSpec::new(
         with_rows(&xa.shape, merged_rows(&xa.shape, &ya.shape, job)),
@@ -183,6 +219,8 @@ enum Shader {
     Merge,
     Select,
     Attention,
+    Qgemv,
+    Dequant,
 }
 
 #[derive(Debug)]
@@ -197,6 +235,8 @@ struct WgslKernel {
     inner: (u32, u32),
     /// The attention kernel's head dim, key tile and query rows per workgroup.
     attn: (u32, u32, u32),
+    /// The block kernels' quant type.
+    qtype: u32,
 }
 
 impl KernelSource for WgslKernel {
@@ -207,6 +247,8 @@ impl KernelSource for WgslKernel {
             Shader::Merge => MERGE,
             Shader::Select => SELECT,
             Shader::Attention => ATTENTION,
+            Shader::Qgemv => QGEMV,
+            Shader::Dequant => DEQUANT,
         };
         SourceTemplate::new(text)
             .register("workgroup_size", self.workgroup_size.to_string())
@@ -224,6 +266,8 @@ impl KernelSource for WgslKernel {
             .register("head_dim", self.attn.0.to_string())
             .register("key_tile", self.attn.1.to_string())
             .register("query_rows", self.attn.2.to_string())
+            .register("qtype", self.qtype.to_string())
+            .register("rows_per_group", QGEMV_ROWS.to_string())
     }
 
     fn id(&self) -> KernelId {
@@ -240,6 +284,7 @@ impl KernelSource for WgslKernel {
                 self.vec4,
                 self.inner,
                 self.attn,
+                self.qtype,
             ))
     }
 
@@ -348,6 +393,7 @@ fn launch(
         vec4,
         inner,
         attn: (0, 0, 0),
+        qtype: 0,
     };
     like.client.launch(
         Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg))),
@@ -521,6 +567,7 @@ fn attention(q: CubeTensor, k: CubeTensor, v: CubeTensor, job: &AttentionJob) ->
         vec4: false, // the shader declares its own vec4s of {{ elem }}
         inner: (0, 0),
         attn: (hd as u32, attention_key_tile(hd) as u32, rows as u32),
+        qtype: 0,
     };
     q.client.launch(
         Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg as u32))),
@@ -536,7 +583,88 @@ fn attention(q: CubeTensor, k: CubeTensor, v: CubeTensor, job: &AttentionJob) ->
     out
 }
 
+fn block_kernel(shader: Shader, wg: u32, qtype: u32) -> WgslKernel {
+    WgslKernel {
+        shader,
+        workgroup_size: wg,
+        f16: false,
+        vec4: false,
+        inner: (0, 0),
+        attn: (0, 0, 0),
+        qtype,
+    }
+}
+
+fn qgemv(x: CubeTensor, qs: CubeTensor, dm: CubeTensor, job: &BlockJob) -> CubeTensor {
+    let (x, qs, dm) = (into_contiguous(x), into_contiguous(qs), into_contiguous(dm));
+    let m = x.meta.shape()[0];
+    let rows = job.rows as usize;
+    let out = output(&x, Shape::new([m, rows]), DType::F32, job.cfg.poison);
+    if m == 0 || rows == 0 {
+        return out;
+    }
+    // Whole groups of 4 rows per workgroup, never capped (each workgroup finishes its rows).
+    let wg = 64u32;
+    let cfg = LaunchCfg {
+        workgroup_size: 1,
+        max_workgroups: u32::MAX,
+        ..job.cfg
+    };
+    let (gx, gy) = grid(rows.div_ceil(QGEMV_ROWS as usize), cfg);
+    let info = upload_u32(&x, &[m as u32, job.rows, job.cols]);
+    x.client.launch(
+        Box::new(SourceKernel::new(
+            block_kernel(Shader::Qgemv, wg, job.qtype),
+            CubeDim::new_1d(wg),
+        )),
+        CubeCount::Static(gx, gy, 1),
+        KernelArguments::new().with_buffers(vec![
+            x.handle.clone().binding(),
+            qs.handle.clone().binding(),
+            dm.handle.clone().binding(),
+            out.handle.clone().binding(),
+            info.binding(),
+        ]),
+    );
+    out
+}
+
+fn dequant(qs: CubeTensor, dm: CubeTensor, job: &BlockJob) -> CubeTensor {
+    let (qs, dm) = (into_contiguous(qs), into_contiguous(dm));
+    let (rows, cols) = (job.rows as usize, job.cols as usize);
+    let out = output(&qs, Shape::new([rows, cols]), DType::F32, job.cfg.poison);
+    let words = rows * cols / 32 * if job.qtype == 2 { 8 } else { 4 };
+    if words == 0 {
+        return out;
+    }
+    let wg = job.cfg.workgroup_size.max(1);
+    let (gx, gy) = grid(words, job.cfg);
+    let info = upload_u32(&qs, &[job.rows, job.cols]);
+    qs.client.launch(
+        Box::new(SourceKernel::new(
+            block_kernel(Shader::Dequant, wg, job.qtype),
+            CubeDim::new_1d(wg),
+        )),
+        CubeCount::Static(gx, gy, 1),
+        KernelArguments::new().with_buffers(vec![
+            qs.handle.clone().binding(),
+            dm.handle.clone().binding(),
+            out.handle.clone().binding(),
+            info.binding(),
+        ]),
+    );
+    out
+}
+
 impl HomerKernels for CubeBackend {
+    fn homer_qgemv(x: CubeTensor, qs: CubeTensor, dm: CubeTensor, job: BlockJob) -> CubeTensor {
+        qgemv(x, qs, dm, &job)
+    }
+
+    fn homer_dequant(qs: CubeTensor, dm: CubeTensor, job: BlockJob) -> CubeTensor {
+        dequant(qs, dm, &job)
+    }
+
     fn homer_attention(
         q: CubeTensor,
         k: CubeTensor,

@@ -23,7 +23,8 @@ use homer::{ChunkTensors, HomerError, HomerOps, Result, SignificanceInput};
 use homer_model::{DeviceInfo, LayerKv, read_f32};
 
 pub use kernels::{
-    AttentionJob, GatherJob, HomerKernels, LaunchCfg, MergeJob, SelectJob, SignificanceJob,
+    AttentionJob, BlockJob, GatherJob, HomerKernels, LaunchCfg, MergeJob, SelectJob,
+    SignificanceJob,
 };
 
 /// HOMER's ops as WGSL kernels. Build it for a wgpu device with [`WgslOps::for_device`].
@@ -441,10 +442,206 @@ impl homer_model::attention::BufferAttention for WgslAttention {
     }
 }
 
-/// Install [`WgslAttention`] as the model's attention on wgpu devices (once per process; later
-/// calls do nothing). Returns whether this call installed it.
+/// Install [`WgslAttention`] as the model's attention on wgpu devices and [`WgslBlockUploader`]
+/// for GGUF block weights (`--dtype native`), once per process (later calls do nothing).
+/// Returns whether this call installed them.
 pub fn install_attention(info: &DeviceInfo) -> Result<bool> {
-    Ok(homer_model::attention::install_buffer_attention(Box::new(
+    let blocks = homer_model::kernels::install_block_uploader(Box::new(
+        WgslBlockUploader::for_device(info)?,
+    ));
+    let attention = homer_model::attention::install_buffer_attention(Box::new(
         WgslAttention::for_device(info)?,
-    )))
+    ));
+    Ok(attention || blocks)
+}
+
+/// A weight of GGUF blocks on a wgpu device (`shaders/qgemv.wgsl` for up to 4 activation rows,
+/// `dequant.wgsl` into an f32 scratch + burn's matmul above), stored in row chunks that each fit
+/// the adapter's binding limit.
+#[derive(Debug)]
+pub struct WgslBlocks {
+    qtype: u32,
+    rows: usize,
+    cols: usize,
+    chunks: Vec<BlockChunk>,
+    bytes: usize,
+    cfg: LaunchCfg,
+}
+
+#[derive(Debug)]
+struct BlockChunk {
+    rows: usize,
+    qs: Tensor<1, Int>,
+    dm: Tensor<1, Int>,
+}
+
+/// Rows of activations up to which a block weight runs the matrix-vector kernel.
+pub const QGEMV_MAX_ROWS: usize = 4;
+
+impl WgslBlocks {
+    /// Upload `w` to `device`, in row chunks whose quant words, scale words and f32 dequantised
+    /// scratch each stay within `max_binding` bytes.
+    pub fn upload(
+        w: &homer_model::qcpu::QMatrix,
+        device: &homer_model::Device,
+        max_binding: u64,
+        cfg: LaunchCfg,
+    ) -> std::result::Result<Self, String> {
+        use homer_model::load::quant::GgmlType;
+        let qtype = match w.ty() {
+            GgmlType::Q4_0 => 0,
+            GgmlType::Q4_1 => 1,
+            GgmlType::Q8_0 => 2,
+            other => return Err(format!("{} blocks have no WGSL kernel", other.name())),
+        };
+        let (rows, cols) = (w.rows(), w.cols());
+        // The prefill path's f32 scratch [chunk, cols] is the largest buffer of a chunk.
+        let per_row = 4 * cols as u64;
+        let chunk_rows = (max_binding / per_row.max(1)).min(rows as u64) as usize;
+        if chunk_rows == 0 {
+            return Err(format!(
+                "one row of {cols} f32 values exceeds the adapter's binding limit of {max_binding} bytes"
+            ));
+        }
+        let mut chunks = Vec::new();
+        let mut bytes = 0;
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + chunk_rows).min(rows);
+            let (qs, dm) = w.rows_raw(r0, r1);
+            let qwords: Vec<u32> = qs
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let mut dwords: Vec<u32> = dm
+                .chunks(2)
+                .map(|c| c[0] as u32 | (c.get(1).copied().unwrap_or(0) as u32) << 16)
+                .collect();
+            if dwords.is_empty() {
+                dwords.push(0);
+            }
+            bytes += 4 * (qwords.len() + dwords.len());
+            let up = |v: Vec<u32>| {
+                let n = v.len();
+                Tensor::<1, Int>::from_data(TensorData::new(v, [n]), (device, DType::U32))
+            };
+            chunks.push(BlockChunk {
+                rows: r1 - r0,
+                qs: up(qwords),
+                dm: up(dwords),
+            });
+            r0 = r1;
+        }
+        Ok(Self {
+            qtype,
+            rows,
+            cols,
+            chunks,
+            bytes,
+            cfg,
+        })
+    }
+
+    fn job(&self, rows: usize) -> BlockJob {
+        BlockJob {
+            qtype: self.qtype,
+            rows: rows as u32,
+            cols: self.cols as u32,
+            cfg: self.cfg,
+        }
+    }
+
+    /// The weight dequantised [rows, cols] (tests; prefill uses it chunk by chunk).
+    pub fn dequantize(&self) -> Tensor<2> {
+        let parts: Vec<Tensor<2>> = self
+            .chunks
+            .iter()
+            .map(|c| {
+                Tensor::from_dispatch(Dispatch::homer_dequant(
+                    c.qs.clone().into_dispatch(),
+                    c.dm.clone().into_dispatch(),
+                    self.job(c.rows),
+                ))
+            })
+            .collect();
+        Tensor::cat(parts, 0)
+    }
+}
+
+impl homer_model::kernels::DeviceBlocks for WgslBlocks {
+    fn apply(&self, x: Tensor<2>) -> Tensor<2> {
+        let [m, k] = x.dims();
+        assert_eq!(
+            k, self.cols,
+            "block weight [{}, {}] applied to [{m}, {k}]",
+            self.rows, self.cols
+        );
+        let mut outs: Vec<Tensor<2>> = Vec::with_capacity(self.chunks.len());
+        for c in &self.chunks {
+            let y = if m <= QGEMV_MAX_ROWS {
+                Tensor::from_dispatch(Dispatch::homer_qgemv(
+                    x.clone().into_dispatch(),
+                    c.qs.clone().into_dispatch(),
+                    c.dm.clone().into_dispatch(),
+                    self.job(c.rows),
+                ))
+            } else {
+                let w: Tensor<2> = Tensor::from_dispatch(Dispatch::homer_dequant(
+                    c.qs.clone().into_dispatch(),
+                    c.dm.clone().into_dispatch(),
+                    self.job(c.rows),
+                ));
+                x.clone().matmul(w.transpose())
+            };
+            outs.push(y);
+        }
+        if outs.len() == 1 {
+            outs.pop().unwrap()
+        } else {
+            Tensor::cat(outs, 1)
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Uploads GGUF block weights for `homer-model` (`--dtype native` on wgpu).
+#[derive(Debug, Clone)]
+pub struct WgslBlockUploader {
+    max_binding: u64,
+    cfg: LaunchCfg,
+}
+
+impl WgslBlockUploader {
+    pub fn for_device(info: &DeviceInfo) -> Result<Self> {
+        let ops = WgslOps::for_device(info)?;
+        Ok(Self {
+            max_binding: ops.max_binding,
+            cfg: ops.cfg,
+        })
+    }
+}
+
+impl homer_model::kernels::BlockUploader for WgslBlockUploader {
+    fn upload(
+        &self,
+        w: &homer_model::qcpu::QMatrix,
+        device: &homer_model::Device,
+    ) -> std::result::Result<Arc<dyn homer_model::kernels::DeviceBlocks>, String> {
+        if *device == homer_model::Device::flex() {
+            return Err("the WGSL block kernels need a wgpu device".into());
+        }
+        Ok(Arc::new(WgslBlocks::upload(
+            w,
+            device,
+            self.max_binding,
+            self.cfg,
+        )?))
+    }
 }
