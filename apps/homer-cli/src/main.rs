@@ -209,6 +209,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write a random-weight GGUF model of a known shape (memory and speed at that scale)
+    MakeModel {
+        /// The shape: llama2-7b (32 layers, d 4096, FFN 11008, vocab 32000)
+        #[arg(long, default_value = "llama2-7b")]
+        shape: String,
+        /// Block type of every matrix: q4_0 or q8_0
+        #[arg(long = "type", default_value = "q4_0")]
+        qtype: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output file
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Model facts, backend, adapter and limits
     Info {
         #[command(flatten)]
@@ -511,6 +525,30 @@ fn run(cli: Cli) -> Result<(), String> {
                     );
                 }
             }
+        }
+        Cmd::MakeModel {
+            shape,
+            qtype,
+            seed,
+            out,
+        } => {
+            use homer_model::load::quant::GgmlType;
+            let cfg = match shape.as_str() {
+                "llama2-7b" => homer_model::load::synth::llama2_7b(),
+                other => return Err(format!("unknown shape `{other}` (known: llama2-7b)").into()),
+            };
+            let ty = match qtype.to_ascii_lowercase().as_str() {
+                "q4_0" => GgmlType::Q4_0,
+                "q8_0" => GgmlType::Q8_0,
+                other => return Err(format!("unknown block type `{other}` (q4_0 or q8_0)").into()),
+            };
+            let bytes = homer_model::load::synth::write_random_model(&out, &cfg, ty, seed)?;
+            println!(
+                "{}: {shape} random weights, {}, {:.2} GB",
+                out.display(),
+                ty.name(),
+                bytes as f64 / 1e9
+            );
         }
         Cmd::Info { model, json } => {
             let engine = load(&model)?;

@@ -403,6 +403,9 @@ mod x86 {
             let xp = x.as_ptr();
             let mut b = 0;
             while b + 2 <= nb {
+                // the weight stream runs ahead of the hardware prefetcher on long rows
+                _mm_prefetch::<_MM_HINT_T0>(qs.add((b + 16) * qb) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(dm.add((b + 32) * ns) as *const i8);
                 let (w0, w1) = block512::<T>(qs, dm, b);
                 let (w2, w3) = block512::<T>(qs, dm, b + 1);
                 for (r, a) in acc.iter_mut().enumerate() {

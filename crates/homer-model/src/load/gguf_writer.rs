@@ -94,3 +94,55 @@ pub fn encode(metadata: &[(&str, Value)], tensors: &[RawTensor]) -> Vec<u8> {
     }
     b
 }
+
+/// A tensor whose bytes are produced while the file is written (files too large to hold in
+/// memory): GGUF dims (fastest first), GGML type id, byte length.
+pub struct TensorHeader {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub type_id: u32,
+    pub bytes: u64,
+}
+
+/// [`encode`] streamed into `w`: `fill(i, w)` writes exactly `tensors[i].bytes` bytes of tensor i.
+pub fn write_streaming(
+    w: &mut dyn std::io::Write,
+    metadata: &[(&str, Value)],
+    tensors: &[TensorHeader],
+    fill: &mut dyn FnMut(usize, &mut dyn std::io::Write) -> std::io::Result<()>,
+) -> std::io::Result<u64> {
+    const ALIGN: u64 = 32;
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend((metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        put_str(&mut b, k);
+        b.extend(type_id(v).to_le_bytes());
+        put_value(&mut b, v);
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        put_str(&mut b, &t.name);
+        b.extend((t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(t.type_id.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+        offset += t.bytes.div_ceil(ALIGN) * ALIGN;
+    }
+    b.resize(
+        (b.len() as u64).div_ceil(ALIGN) as usize * ALIGN as usize,
+        0,
+    );
+    w.write_all(&b)?;
+    let mut total = b.len() as u64;
+    for (i, t) in tensors.iter().enumerate() {
+        fill(i, w)?;
+        let pad = (t.bytes.div_ceil(ALIGN) * ALIGN - t.bytes) as usize;
+        w.write_all(&vec![0u8; pad])?;
+        total += t.bytes + pad as u64;
+    }
+    Ok(total)
+}

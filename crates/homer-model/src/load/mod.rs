@@ -5,6 +5,7 @@ pub mod gguf;
 pub mod gguf_writer;
 pub mod quant;
 pub mod safetensors;
+pub mod synth;
 
 use std::path::{Path, PathBuf};
 
