@@ -24,33 +24,7 @@ const WG: u32 = {{ workgroup_size }}u;
 const TYPE: u32 = {{ qtype }}u;
 const QW: u32 = select(4u, 8u, {{ qtype }}u == 2u);
 
-fn nibbles(v: u32, shift: u32) -> vec4<f32> {
-    return vec4<f32>(
-        f32((v >> shift) & 15u),
-        f32((v >> (shift + 8u)) & 15u),
-        f32((v >> (shift + 16u)) & 15u),
-        f32((v >> (shift + 24u)) & 15u),
-    );
-}
-
-fn signed_bytes(v: u32) -> vec4<f32> {
-    let s = bitcast<i32>(v);
-    return vec4<f32>(
-        f32((s << 24u) >> 24u),
-        f32((s << 16u) >> 24u),
-        f32((s << 8u) >> 24u),
-        f32(s >> 24u),
-    );
-}
-
-fn scale_offset(g: u32) -> vec2<f32> {
-    if (TYPE == 1u) {
-        return unpack2x16float(dm[g]);
-    }
-    let h = unpack2x16float(dm[g / 2u]);
-    let d = select(h.x, h.y, (g & 1u) == 1u);
-    return vec2<f32>(d, select(0.0, -8.0 * d, TYPE == 0u));
-}
+{{ block_decode }}
 
 @compute @workgroup_size({{ workgroup_size }}, 1, 1)
 fn main(

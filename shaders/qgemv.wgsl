@@ -41,34 +41,7 @@ const QW: u32 = select(4u, 8u, {{ qtype }}u == 2u);
 
 var<workgroup> partial: array<vec4<f32>, {{ workgroup_size }}>;
 
-fn nibbles(w: u32, shift: u32) -> vec4<f32> {
-    return vec4<f32>(
-        f32((w >> shift) & 15u),
-        f32((w >> (shift + 8u)) & 15u),
-        f32((w >> (shift + 16u)) & 15u),
-        f32((w >> (shift + 24u)) & 15u),
-    );
-}
-
-fn signed_bytes(w: u32) -> vec4<f32> {
-    let v = bitcast<i32>(w);
-    return vec4<f32>(
-        f32((v << 24u) >> 24u),
-        f32((v << 16u) >> 24u),
-        f32((v << 8u) >> 24u),
-        f32(v >> 24u),
-    );
-}
-
-// (d, c) of block g: w = q·d + c.
-fn scale_offset(g: u32) -> vec2<f32> {
-    if (TYPE == 1u) {
-        return unpack2x16float(dm[g]);
-    }
-    let h = unpack2x16float(dm[g / 2u]);
-    let d = select(h.x, h.y, (g & 1u) == 1u);
-    return vec2<f32>(d, select(0.0, -8.0 * d, TYPE == 0u));
-}
+{{ block_decode }}
 
 @compute @workgroup_size({{ workgroup_size }}, 1, 1)
 fn main(

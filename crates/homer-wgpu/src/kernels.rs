@@ -28,6 +28,8 @@ const SELECT: &str = include_str!("../../../shaders/select.wgsl");
 const ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
 const QGEMV: &str = include_str!("../../../shaders/qgemv.wgsl");
 const DEQUANT: &str = include_str!("../../../shaders/dequant.wgsl");
+/// Not a kernel: the block decoding `QGEMV` and `DEQUANT` share (their `{{ block_decode }}`).
+const BLOCK_DECODE: &str = include_str!("../../../shaders/block_decode.wgsl");
 
 /// Launch settings shared by every kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -250,6 +252,8 @@ impl KernelSource for WgslKernel {
             Shader::Qgemv => QGEMV,
             Shader::Dequant => DEQUANT,
         };
+        // The shared block decoding is pasted in first, so its own placeholders get filled too.
+        let text = text.replace("{{ block_decode }}", BLOCK_DECODE);
         SourceTemplate::new(text)
             .register("workgroup_size", self.workgroup_size.to_string())
             .register("elem", {

@@ -60,38 +60,20 @@ fn put_value(b: &mut Vec<u8>, v: &Value) {
 
 /// Encode a GGUF v3 file (alignment 32).
 pub fn encode(metadata: &[(&str, Value)], tensors: &[RawTensor]) -> Vec<u8> {
-    const ALIGN: u64 = 32;
-    let mut b = b"GGUF".to_vec();
-    b.extend(3u32.to_le_bytes());
-    b.extend((tensors.len() as u64).to_le_bytes());
-    b.extend((metadata.len() as u64).to_le_bytes());
-    for (k, v) in metadata {
-        put_str(&mut b, k);
-        b.extend(type_id(v).to_le_bytes());
-        put_value(&mut b, v);
-    }
-    let mut offset = 0u64;
-    for t in tensors {
-        put_str(&mut b, &t.name);
-        b.extend((t.dims.len() as u32).to_le_bytes());
-        for d in &t.dims {
-            b.extend(d.to_le_bytes());
-        }
-        b.extend(t.type_id.to_le_bytes());
-        b.extend(offset.to_le_bytes());
-        offset += (t.data.len() as u64).div_ceil(ALIGN) * ALIGN;
-    }
-    let pad = |b: &mut Vec<u8>| {
-        b.resize(
-            (b.len() as u64).div_ceil(ALIGN) as usize * ALIGN as usize,
-            0,
-        )
-    };
-    pad(&mut b);
-    for t in tensors {
-        b.extend(&t.data);
-        pad(&mut b);
-    }
+    let headers: Vec<TensorHeader> = tensors
+        .iter()
+        .map(|t| TensorHeader {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            type_id: t.type_id,
+            bytes: t.data.len() as u64,
+        })
+        .collect();
+    let mut b = Vec::new();
+    write_streaming(&mut b, metadata, &headers, &mut |i, w| {
+        w.write_all(&tensors[i].data)
+    })
+    .expect("writing to a Vec cannot fail");
     b
 }
 
