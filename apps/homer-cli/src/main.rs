@@ -54,8 +54,9 @@ struct ModelArgs {
     /// whose window holds the prompt)
     #[arg(long, global = true)]
     rope_factor: Option<f64>,
-    /// Weight precision: native (the GGUF file's own Q4_0/Q4_1/Q8_0 blocks, f16 for other
-    /// tensors), f16, bf16 or f32. CPU backend: all, default native; wgpu: f32 only
+    /// Weight precision: native (the GGUF file's own Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks; other
+    /// tensors f16 on the CPU, f32 on wgpu), f16, bf16 or f32. CPU backend: all, default
+    /// native; wgpu: native (default) or f32
     #[arg(long, global = true)]
     dtype: Option<homer_model::WeightDtype>,
 }

@@ -204,8 +204,8 @@ pub enum WeightDtype {
     F32,
     F16,
     BF16,
-    /// The file's own GGUF blocks where the CPU kernels take them (Q4_0, Q4_1, Q8_0), f16 for
-    /// every other projection.
+    /// The file's own GGUF blocks where the block kernels take them (Q4_0, Q4_1, Q8_0, Q4_K,
+    /// Q6_K), f16 for every other projection.
     Native,
 }
 
@@ -236,7 +236,8 @@ impl std::fmt::Display for WeightDtype {
 }
 
 /// The weight precision a device runs by default: the file's own GGUF blocks where kernels take
-/// them (Q4_0, Q4_1, Q8_0: the resident size is the file's, decode reads 4.5–8.5 bits a weight,
+/// them (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K: the resident size is the file's, decode reads 4.5–8.5
+/// bits a weight,
 /// and the products equal f32 weights' up to summation order) — on the CPU kernels' path, and
 /// on devices for which a backend crate installed a [`BlockUploader`] (homer-wgpu); other
 /// tensors f16 on the CPU, f32 on devices. Without an uploader a device computes in f32.
@@ -296,6 +297,9 @@ pub enum Weight {
     /// [out, in] f32 applied as `x.matmul(wᵀ)` through a transposed view (any backend): a tied
     /// LM head that shares the embedding table's buffer.
     RowsT(Tensor<2>),
+    /// A fused projection whose parts keep different block types (Q4_K_M's Q4_K q/k beside a
+    /// Q6_K v): each part applied, the outputs side by side.
+    Cat(Vec<Weight>),
 }
 
 impl Weight {
@@ -349,6 +353,9 @@ impl Weight {
                 QWeight(w.clone()),
             )),
             Weight::Device(w) => w.apply(x),
+            Weight::Cat(parts) => {
+                Tensor::cat(parts.iter().map(|p| p.apply(x.clone())).collect(), 1)
+            }
         }
     }
 
@@ -359,6 +366,7 @@ impl Weight {
             Weight::Rows(w) | Weight::Cols(w) | Weight::RowsT(w) => t(w),
             Weight::Quant(w) => w.bytes(),
             Weight::Device(w) => w.bytes(),
+            Weight::Cat(parts) => parts.iter().map(Weight::bytes).sum(),
         }
     }
 
@@ -369,6 +377,7 @@ impl Weight {
             Weight::RowsT(w) => w.dims()[0],
             Weight::Quant(w) => w.rows(),
             Weight::Device(w) => w.rows(),
+            Weight::Cat(parts) => parts.iter().map(Weight::out_dim).sum(),
         }
     }
 }

@@ -133,9 +133,10 @@ impl Llama {
             tick();
             Ok(t)
         };
-        // The file's own blocks of tensors stacked by rows, when every part has blocks of one
-        // type the block kernels take (`--dtype native`); None otherwise.
-        let blocks = |parts: &[(String, [usize; 2])]| -> Result<Option<QMatrix>> {
+        // The file's own blocks of tensors, when every part has blocks of a type the block
+        // kernels take (`--dtype native`), adjacent parts of one type stacked by rows (Q4_K_M
+        // files mix Q4_K q/k with Q6_K v: two runs); None otherwise.
+        let block_runs = |parts: &[(String, [usize; 2])]| -> Result<Option<Vec<QMatrix>>> {
             if !native {
                 return Ok(None);
             }
@@ -159,13 +160,29 @@ impl Llama {
                     .map_err(|e| ModelError::Input(format!("{}: {e}", src.display_name(name))))?;
                 mats.push(m);
             }
-            let Ok(m) = QMatrix::stack(mats) else {
-                return Ok(None); // parts of different types: float weights instead
-            };
+            let mut runs: Vec<Vec<QMatrix>> = Vec::new();
+            for m in mats {
+                match runs.last_mut() {
+                    Some(run) if run[0].ty() == m.ty() && run[0].cols() == m.cols() => run.push(m),
+                    _ => runs.push(vec![m]),
+                }
+            }
+            let runs = runs
+                .into_iter()
+                .map(QMatrix::stack)
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| ModelError::Input(format!("{}: {e}", src.path().display())))?;
             for _ in parts {
                 tick();
             }
-            Ok(Some(m))
+            Ok(Some(runs))
+        };
+        // One tensor's blocks.
+        let blocks = |parts: &[(String, [usize; 2])]| -> Result<Option<QMatrix>> {
+            Ok(block_runs(parts)?.map(|mut runs| {
+                debug_assert_eq!(runs.len(), 1);
+                runs.swap_remove(0)
+            }))
         };
         // Blocks as a weight: the CPU kernels read them in place; another device gets them
         // through the installed uploader.
@@ -262,10 +279,18 @@ impl Llama {
             let ff = cfg.intermediate_size;
             let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
             let part = |n: &str, shape: [usize; 2]| (format!("{p}.{n}"), shape);
-            // A projection from its parts (stacked by rows): blocks, else host f32 rows.
+            // A projection from its parts (stacked by rows): blocks (one weight per run of one
+            // type, side by side), else host f32 rows.
             let weight = |parts: Vec<(String, [usize; 2])>| -> Result<Weight> {
-                if let Some(m) = blocks(&parts)? {
-                    return block_weight(std::sync::Arc::new(m));
+                if let Some(mut runs) = block_runs(&parts)? {
+                    if runs.len() == 1 {
+                        return block_weight(std::sync::Arc::new(runs.swap_remove(0)));
+                    }
+                    return runs
+                        .into_iter()
+                        .map(|m| block_weight(std::sync::Arc::new(m)))
+                        .collect::<Result<Vec<_>>>()
+                        .map(Weight::Cat);
                 }
                 let rows: usize = parts.iter().map(|(_, s)| s[0]).sum();
                 fits(&parts[0].0, [rows, parts[0].1[1]])?;
@@ -609,6 +634,7 @@ impl Llama {
             let (cos, sin) = self.rope_tables(&positions[start..end]);
             let n = end - start;
             let (kvh, hd) = (self.config.num_key_value_heads, self.config.head_dim);
+            let sync_layers = !self.fast && crate::backend::sync_each_layer();
             for (l, layer) in self.layers.iter().enumerate() {
                 let mut buf = cache.layers[l].take().unwrap_or_else(|| {
                     let cap = cache.initial_capacity.max(ids.len() - start);
@@ -618,6 +644,10 @@ impl Llama {
                 let (h, buf, _) = layer.attend_into(x, &cos, &sin, buf);
                 cache.layers[l] = Some(buf);
                 x = layer.feed_forward(h);
+                if sync_layers {
+                    // Errors surface at the read-back that follows.
+                    let _ = self.device.sync();
+                }
             }
             match which {
                 Logits::All => outs.push(self.logits(x)),

@@ -1,8 +1,21 @@
-//! GGUF block weights kept as blocks on the CPU (Q4_0, Q4_1, Q8_0) and the products on them.
+//! GGUF block weights kept as blocks on the CPU (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) and the products
+//! on them.
 //!
-//! Storage: each weight row's blocks repacked losslessly into two arrays, the packed quants
-//! (16 bytes a block for the 4-bit types, 32 for Q8_0, 16-byte aligned runs) and the f16 scale
-//! bits (d, and m for Q4_1), so the resident size is the file's own.
+//! Storage: each weight row's blocks repacked losslessly into two arrays, so the resident size is
+//! the file's own (Q6_K: +2 bytes of padding per 210):
+//! - the quants, by blocks of 32 weights: 16 bytes for the 4-bit types (byte i holds element i in
+//!   its low nibble and i + 16 in its high one, GGUF's Q4_0 order; Q4_K's nibbles are moved into
+//!   that order), 32 for Q8_0 (signed bytes), 24 for Q6_K (the low four bits in the 4-bit order,
+//!   then 8 bytes of high bit pairs: byte 2t holds elements 4t..4t + 3 at bits 0, 2, 4, 6 and
+//!   byte 2t + 1 elements 16 + 4t..16 + 4t + 3);
+//! - the scale words (u16), per super-block: Q4_0 / Q8_0 d, Q4_1 d and m (super-block = block);
+//!   Q4_K (256 weights) d, dmin and its 12 bytes of packed 6-bit scales and minimums; Q6_K
+//!   (256 weights) its 16 signed 8-bit scales, d, and a zero word.
+//!
+//! Every type is then blocks of 32 weights w = q·d + c, with one (d, c) for the block's first
+//! 16 elements and one for its last 16 (they differ only for Q6_K, whose scales cover 16): Q4_K
+//! d = d·s_j, c = −dmin·m_j; Q6_K q = the unsigned 6-bit value, d = d·s, c = −32·d. The products
+//! q·d are exact in f32 for every type, so q·d + c by one FMA is the host dequantiser's value.
 //!
 //! Matrix-vector products (decode: m ≤ [`crate::cpu::GEMV_MAX_ROWS`] activation rows) read each
 //! block once and dequantise it in registers — q·d + m by one FMA (Q4_1; −8·d for Q4_0's offset),
@@ -16,7 +29,7 @@ use rayon::prelude::*;
 
 use crate::load::quant::{GgmlType, dequantize};
 
-/// Weights per block.
+/// Weights per block (the kernels' unit; K-quants' super-blocks hold 8).
 pub const QK: usize = 32;
 
 /// A weight matrix [rows, cols] of GGUF blocks, rows in the file's (`[out, in]`) orientation.
@@ -27,7 +40,7 @@ pub struct QMatrix {
     cols: usize,
     /// Packed quants, `qbytes()` per block, row-major over (row, block).
     qs: Vec<u8>,
-    /// f16 bits of the block scales: d (Q4_0, Q8_0) or d, m (Q4_1) per block.
+    /// Scale words, `scales()` per super-block (see the module comment).
     dm: Vec<u16>,
 }
 
@@ -47,15 +60,34 @@ impl std::fmt::Debug for QMatrix {
 impl QMatrix {
     /// Whether the CPU kernels take blocks of `ty`.
     pub fn supports(ty: GgmlType) -> bool {
-        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+        matches!(
+            ty,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
+        )
     }
 
+    /// Quant bytes per block of 32.
     fn qbytes(ty: GgmlType) -> usize {
-        if ty == GgmlType::Q8_0 { 32 } else { 16 }
+        match ty {
+            GgmlType::Q8_0 => 32,
+            GgmlType::Q6K => 24,
+            _ => 16,
+        }
     }
 
+    /// Scale words (u16) per super-block.
     fn scales(ty: GgmlType) -> usize {
-        if ty == GgmlType::Q4_1 { 2 } else { 1 }
+        match ty {
+            GgmlType::Q4_1 => 2,
+            GgmlType::Q4K => 8,
+            GgmlType::Q6K => 10,
+            _ => 1,
+        }
+    }
+
+    /// Blocks of 32 per super-block.
+    fn sub(ty: GgmlType) -> usize {
+        ty.block().0 / QK
     }
 
     /// Repack `blocks` (GGUF layout, `rows` rows of `cols / 32` blocks each).
@@ -68,11 +100,14 @@ impl QMatrix {
         if !Self::supports(ty) {
             return Err(format!("{} blocks have no CPU kernel", ty.name()));
         }
-        if cols % QK != 0 {
-            return Err(format!("{cols} columns are not whole blocks of {QK}"));
+        let (bw, bb) = ty.block();
+        if cols % bw != 0 {
+            return Err(format!(
+                "{cols} columns are not whole {} blocks of {bw}",
+                ty.name()
+            ));
         }
-        let (_, bb) = ty.block();
-        let nb = rows * cols / QK;
+        let nb = rows * cols / bw;
         if blocks.len() != nb * bb {
             return Err(format!(
                 "{} bytes of {} blocks for [{rows}, {cols}], expected {}",
@@ -82,13 +117,46 @@ impl QMatrix {
             ));
         }
         let (qb, ns) = (Self::qbytes(ty), Self::scales(ty));
-        let mut qs = Vec::with_capacity(nb * qb);
+        let mut qs = Vec::with_capacity(nb * Self::sub(ty) * qb);
         let mut dm = Vec::with_capacity(nb * ns);
+        let words = |dm: &mut Vec<u16>, b: &[u8]| {
+            dm.extend(b.chunks_exact(2).map(|p| u16::from_le_bytes([p[0], p[1]])))
+        };
         for b in blocks.chunks_exact(bb) {
-            for s in 0..ns {
-                dm.push(u16::from_le_bytes([b[2 * s], b[2 * s + 1]]));
+            match ty {
+                GgmlType::Q4K => {
+                    // d, dmin, scales: the first 16 bytes as they are
+                    words(&mut dm, &b[..16]);
+                    // 64-weight group g: byte l holds element l (low) and 32 + l (high)
+                    for g in 0..4 {
+                        let q = &b[16 + 32 * g..16 + 32 * g + 32];
+                        for shift in [0, 4] {
+                            qs.extend((0..16).map(|i| {
+                                ((q[i] >> shift) & 15) | (((q[i + 16] >> shift) & 15) << 4)
+                            }));
+                        }
+                    }
+                }
+                GgmlType::Q6K => {
+                    words(&mut dm, &b[192..210]);
+                    dm.push(0);
+                    let q = q6k_values(b);
+                    for blk in q.chunks_exact(QK) {
+                        qs.extend((0..16).map(|i| (blk[i] & 15) | ((blk[i + 16] & 15) << 4)));
+                        for t in 0..4 {
+                            for half in [0, 16] {
+                                qs.push((0..4).fold(0u8, |a, e| {
+                                    a | ((blk[half + 4 * t + e] >> 4) << (2 * e))
+                                }));
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    words(&mut dm, &b[..2 * ns]);
+                    qs.extend_from_slice(&b[2 * ns..]);
+                }
             }
-            qs.extend_from_slice(&b[2 * ns..]);
         }
         Ok(Self {
             ty,
@@ -139,15 +207,89 @@ impl QMatrix {
     pub fn rows_raw(&self, r0: usize, r1: usize) -> (&[u8], &[u16]) {
         assert!(r0 <= r1 && r1 <= self.rows);
         let nb = self.blocks_per_row();
-        let (qb, ns) = (Self::qbytes(self.ty), Self::scales(self.ty));
+        let ns = self.cols / self.ty.block().0 * Self::scales(self.ty);
+        let qb = Self::qbytes(self.ty);
         (
             &self.qs[r0 * nb * qb..r1 * nb * qb],
-            &self.dm[r0 * nb * ns..r1 * nb * ns],
+            &self.dm[r0 * ns..r1 * ns],
         )
     }
 
     fn blocks_per_row(&self) -> usize {
         self.cols / QK
+    }
+
+    /// (d, c) of the first and of the last 16 elements of block `g` (row-major over all
+    /// blocks): w = q·d + c.
+    #[inline(always)]
+    fn block_scales(&self, g: usize) -> [f32; 4] {
+        let h = |i: usize| f16::from_bits(self.dm[i]).to_f32();
+        match self.ty {
+            GgmlType::Q4_0 => {
+                let d = h(g);
+                [d, -8.0 * d, d, -8.0 * d]
+            }
+            GgmlType::Q4_1 => [h(2 * g), h(2 * g + 1), h(2 * g), h(2 * g + 1)],
+            GgmlType::Q4K => {
+                let (s, j) = (g / 8, g % 8);
+                let w = &self.dm[8 * s..8 * s + 8];
+                let (sc, mn) = q4k_scale_min(w, j);
+                let (d, dmin) = (h(8 * s), h(8 * s + 1));
+                let (dd, c) = (d * sc as f32, -(dmin * mn as f32));
+                [dd, c, dd, c]
+            }
+            GgmlType::Q6K => {
+                let (s, j) = (g / 8, g % 8);
+                let w = &self.dm[10 * s..10 * s + 10];
+                let d = f16::from_bits(w[8]).to_f32();
+                let sc = |i: usize| (w[i / 2].to_le_bytes()[i % 2] as i8) as f32;
+                let (d0, d1) = (d * sc(2 * j), d * sc(2 * j + 1));
+                [d0, -32.0 * d0, d1, -32.0 * d1]
+            }
+            _ => {
+                let d = h(g);
+                [d, 0.0, d, 0.0]
+            }
+        }
+    }
+
+    /// The 32 quants q of block `g`, element order, as f32.
+    #[inline(always)]
+    fn block_quants(&self, g: usize, q: &mut [f32; QK]) {
+        let qb = Self::qbytes(self.ty);
+        let b = &self.qs[g * qb..(g + 1) * qb];
+        match self.ty {
+            GgmlType::Q8_0 => {
+                for j in 0..QK {
+                    q[j] = b[j] as i8 as f32;
+                }
+            }
+            _ => {
+                for j in 0..16 {
+                    q[j] = (b[j] & 15) as f32;
+                    q[j + 16] = (b[j] >> 4) as f32;
+                }
+                if self.ty == GgmlType::Q6K {
+                    for j in 0..16 {
+                        let (t, e) = (j / 4, 2 * (j % 4));
+                        q[j] += (((b[16 + 2 * t] >> e) & 3) << 4) as f32;
+                        q[j + 16] += (((b[17 + 2 * t] >> e) & 3) << 4) as f32;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Block `g` dequantised: q·d + c by one FMA (the host dequantiser's values).
+    #[inline(always)]
+    fn block_weights(&self, g: usize, out: &mut [f32]) {
+        let mut q = [0f32; QK];
+        self.block_quants(g, &mut q);
+        let [d0, c0, d1, c1] = self.block_scales(g);
+        for j in 0..16 {
+            out[j] = q[j].mul_add(d0, c0);
+            out[j + 16] = q[j + 16].mul_add(d1, c1);
+        }
     }
 
     /// Dequantise rows `r0..r1` into `out` [(r1 − r0) · cols].
@@ -165,6 +307,12 @@ impl QMatrix {
             if crate::cpu::simd_level() == crate::cpu::SimdLevel::Avx512 {
                 // SAFETY: the level was detected on this CPU; r < rows, o is one row.
                 unsafe { x86::dequant_row_avx512(self, r, o) };
+                return;
+            }
+            if Self::sub(self.ty) > 1 {
+                for (b, ob) in o.chunks_exact_mut(QK).enumerate() {
+                    self.block_weights(r * nb + b, ob);
+                }
                 return;
             }
             let mut block = [0u8; 34];
@@ -270,48 +418,57 @@ fn dot_rows<const R: usize>(w: &QMatrix, row: usize, x: &[f32], xsum: &[f32], ou
         SimdLevel::Avx512 => unsafe { x86::dot_avx512::<R>(w, row, x, xsum, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        SimdLevel::Avx2 => unsafe { x86::dot_avx2::<R>(w, row, x, out) },
+        SimdLevel::Avx2 if QMatrix::sub(w.ty) == 1 => unsafe { x86::dot_avx2::<R>(w, row, x, out) },
         _ => dot_portable::<R>(w, row, x, out),
-    }
-}
-
-/// The per-weight offset c of a block with scale d and (Q4_1) minimum m: w = q·d + c.
-#[inline(always)]
-fn offset(ty: GgmlType, d: f32, m: impl Fn() -> f32) -> f32 {
-    match ty {
-        GgmlType::Q4_0 => -8.0 * d,
-        GgmlType::Q4_1 => m(),
-        _ => 0.0,
     }
 }
 
 /// Every level's semantics, scalar: w = q·d + c in f32 by one fused multiply-add.
 fn dot_portable<const R: usize>(w: &QMatrix, row: usize, x: &[f32], out: &mut [f32]) {
     let (nb, k) = (w.blocks_per_row(), w.cols);
-    let (qb, ns) = (QMatrix::qbytes(w.ty), QMatrix::scales(w.ty));
     let mut acc = [0f32; R];
     let mut wf = [0f32; QK];
     for b in 0..nb {
-        let g = row * nb + b;
-        let q = &w.qs[g * qb..(g + 1) * qb];
-        let d = f16::from_bits(w.dm[g * ns]).to_f32();
-        let c = offset(w.ty, d, || f16::from_bits(w.dm[g * ns + 1]).to_f32());
-        if w.ty == GgmlType::Q8_0 {
-            for j in 0..QK {
-                wf[j] = (q[j] as i8 as f32).mul_add(d, c);
-            }
-        } else {
-            for j in 0..16 {
-                wf[j] = ((q[j] & 15) as f32).mul_add(d, c);
-                wf[j + 16] = ((q[j] >> 4) as f32).mul_add(d, c);
-            }
-        }
+        w.block_weights(row * nb + b, &mut wf);
         for (r, a) in acc.iter_mut().enumerate() {
             let xb = &x[r * k + b * QK..r * k + (b + 1) * QK];
             *a += wf.iter().zip(xb).map(|(p, q)| p * q).sum::<f32>();
         }
     }
     out.copy_from_slice(&acc);
+}
+
+/// Q4_K's 6-bit scale and minimum of sub-block `j` (0..8) from its super-block's scale words
+/// (d, dmin, then the 12 packed bytes).
+#[inline(always)]
+fn q4k_scale_min(w: &[u16], j: usize) -> (u8, u8) {
+    let byte = |i: usize| w[2 + i / 2].to_le_bytes()[i % 2];
+    if j < 4 {
+        (byte(j) & 63, byte(j + 4) & 63)
+    } else {
+        (
+            (byte(j + 4) & 0x0F) | ((byte(j - 4) >> 6) << 4),
+            (byte(j + 4) >> 4) | ((byte(j) >> 6) << 4),
+        )
+    }
+}
+
+/// A Q6_K super-block's 256 unsigned 6-bit quants in element order (GGUF's layout: low
+/// nibbles in `ql`, high bit pairs in `qh`, as the host dequantiser reads them).
+fn q6k_values(b: &[u8]) -> [u8; 256] {
+    let mut q = [0u8; 256];
+    for half in 0..2 {
+        let ql = &b[64 * half..64 * half + 64];
+        let qh = &b[128 + 32 * half..128 + 32 * half + 32];
+        let y = &mut q[128 * half..128 * half + 128];
+        for l in 0..32 {
+            y[l] = (ql[l] & 15) | ((qh[l] & 3) << 4);
+            y[l + 32] = (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4);
+            y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+    }
+    q
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -354,6 +511,11 @@ mod x86 {
         out: &mut [f32],
     ) {
         unsafe {
+            match w.ty {
+                GgmlType::Q4K => return dot512_k::<R, 3>(w, row, x, out),
+                GgmlType::Q6K => return dot512_k::<R, 4>(w, row, x, out),
+                _ => {}
+            }
             // Long rows amortise converting 16 blocks' scales at once (Llama-2-7B's 4096- and
             // 11008-wide rows: decode 3.2 → 3.7 tok/s); short ones pay for that setup
             // (SmolLM2's 576: 111 → 93 tok/s), so they keep the per-block form.
@@ -602,6 +764,81 @@ mod x86 {
         }
     }
 
+    /// Block `b` of a K-quant row (`qs` at the row's quants) dequantised as two vectors of 16,
+    /// element order, with the block's scales `s` ([`QMatrix::block_scales`]). T: 3 = Q4_K,
+    /// 4 = Q6_K.
+    #[inline(always)]
+    unsafe fn kblock512<const T: u8>(qs: *const u8, b: usize, s: [f32; 4]) -> (__m512, __m512) {
+        unsafe {
+            let low = _mm512_set1_epi32(15);
+            let (q0, q1) = if T == 3 {
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.add(b * 16) as *const __m128i));
+                (_mm512_and_si512(v, low), _mm512_srli_epi32(v, 4))
+            } else {
+                let p = qs.add(b * 24);
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                // high bit pairs: byte 2t (elements 4t..) and 2t + 1 (16 + 4t..), each byte
+                // spread to its four elements and shifted by 0, 2, 4, 6
+                let h = _mm_loadl_epi64(p.add(16) as *const __m128i);
+                let pick_lo = _mm_setr_epi8(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+                let pick_hi = _mm_setr_epi8(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7);
+                let sh = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
+                let three = _mm512_set1_epi32(3);
+                let high = |pick| {
+                    let e = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(h, pick));
+                    _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(e, sh), three), 4)
+                };
+                (
+                    _mm512_or_si512(_mm512_and_si512(v, low), high(pick_lo)),
+                    _mm512_or_si512(_mm512_srli_epi32(v, 4), high(pick_hi)),
+                )
+            };
+            (
+                _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(q0),
+                    _mm512_set1_ps(s[0]),
+                    _mm512_set1_ps(s[1]),
+                ),
+                _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(q1),
+                    _mm512_set1_ps(s[2]),
+                    _mm512_set1_ps(s[3]),
+                ),
+            )
+        }
+    }
+
+    /// K-quant rows: each block's scales decoded from its super-block's words (scalar), its
+    /// quants in registers, q·d + c by one FMA into the activations.
+    #[inline(always)]
+    unsafe fn dot512_k<const R: usize, const T: u8>(
+        w: &QMatrix,
+        row: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) {
+        unsafe {
+            let nb = w.cols / QK;
+            let k = w.cols;
+            let qb = if T == 3 { 16 } else { 24 };
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            let qs = w.qs.as_ptr().add(row * nb * qb);
+            let xp = x.as_ptr();
+            for b in 0..nb {
+                _mm_prefetch::<_MM_HINT_T0>(qs.add((b + 8) * qb) as *const i8);
+                let (w0, w1) = kblock512::<T>(qs, b, w.block_scales(row * nb + b));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xb = xp.add(r * k + b * QK);
+                    a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), a[0]);
+                    a[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb.add(16)), a[1]);
+                }
+            }
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+            }
+        }
+    }
+
     /// Row `row` of `w` dequantised into `out` [cols] (the host dequantiser's values; a zero may
     /// come out +0 where the host's product gives −0).
     ///
@@ -613,6 +850,8 @@ mod x86 {
             match w.ty {
                 GgmlType::Q4_0 => dequant512::<0>(w, row, out),
                 GgmlType::Q4_1 => dequant512::<1>(w, row, out),
+                GgmlType::Q4K => dequant512_k::<3>(w, row, out),
+                GgmlType::Q6K => dequant512_k::<4>(w, row, out),
                 _ => dequant512::<2>(w, row, out),
             }
         }
@@ -632,6 +871,20 @@ mod x86 {
             let o = out.as_mut_ptr();
             for b in 0..nb {
                 let (w0, w1) = block512::<T>(qs, dm, b);
+                _mm512_storeu_ps(o.add(b * QK), w0);
+                _mm512_storeu_ps(o.add(b * QK + 16), w1);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dequant512_k<const T: u8>(w: &QMatrix, row: usize, out: &mut [f32]) {
+        unsafe {
+            let nb = w.cols / QK;
+            let qs = w.qs.as_ptr().add(row * nb * if T == 3 { 16 } else { 24 });
+            let o = out.as_mut_ptr();
+            for b in 0..nb {
+                let (w0, w1) = kblock512::<T>(qs, b, w.block_scales(row * nb + b));
                 _mm512_storeu_ps(o.add(b * QK), w0);
                 _mm512_storeu_ps(o.add(b * QK + 16), w1);
             }
@@ -696,60 +949,70 @@ mod x86 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// GGUF blocks of `ty` for [rows, cols] from a seeded generator, with edge values mixed in:
-    /// an all-zero block, the largest and smallest normal f16 scales, subnormal and negative-zero
-    /// scales, extreme quants.
-    fn blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut next = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
+/// GGUF blocks of `ty` for [rows, cols] from a seeded generator, for the kernel tests of both
+/// backends: random bytes with edge values mixed in (an all-zero block, the largest and smallest
+/// normal f16 scales, subnormal and negative-zero scales, all-max quants, Q8_0's −128).
+pub fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let (bw, bb) = ty.block();
+    let nb = rows * cols / bw;
+    // where the block's f16 scales sit
+    let halves: &[usize] = match ty {
+        GgmlType::Q4_1 | GgmlType::Q4K => &[0, 2],
+        GgmlType::Q6K => &[208],
+        _ => &[0],
+    };
+    let mut out = Vec::with_capacity(nb * bb);
+    for i in 0..nb {
+        let mut b = vec![0u8; bb];
+        for x in b.iter_mut() {
+            *x = next() as u8;
+        }
+        let scale = |v: u64| -> u16 {
+            match v % 9 {
+                0 => 0x0000, // zero
+                1 => 0x8000, // negative zero
+                2 => 0x0001, // smallest subnormal
+                3 => 0x7BFF, // largest finite (65504)
+                4 => 0x0400, // smallest normal
+                _ => f16::from_f32((v % 2000) as f32 / 1000.0 - 1.0).to_bits(),
+            }
         };
-        let (_, bb) = ty.block();
-        let nb = rows * cols / QK;
-        let mut out = Vec::with_capacity(nb * bb);
-        for i in 0..nb {
-            let mut b = vec![0u8; bb];
-            for x in b.iter_mut() {
-                *x = next() as u8;
-            }
-            let scale = |v: u64| -> u16 {
-                match v % 9 {
-                    0 => 0x0000, // zero
-                    1 => 0x8000, // negative zero
-                    2 => 0x0001, // smallest subnormal
-                    3 => 0x7BFF, // largest finite (65504)
-                    4 => 0x0400, // smallest normal
-                    _ => f16::from_f32((v % 2000) as f32 / 1000.0 - 1.0).to_bits(),
-                }
-            };
-            let ns = if ty == GgmlType::Q4_1 { 2 } else { 1 };
-            for k in 0..ns {
-                let v = scale(next());
-                // keep the huge scale rare enough that sums stay finite
-                let v = if v == 0x7BFF && i % 5 != 0 { 0x3C00 } else { v };
-                b[2 * k..2 * k + 2].copy_from_slice(&v.to_le_bytes());
-            }
-            if i % 7 == 3 {
-                for x in b[2 * ns..].iter_mut() {
+        let quant = |j: usize| !halves.iter().any(|&h| j == h || j == h + 1);
+        if i % 7 == 3 {
+            for (j, x) in b.iter_mut().enumerate() {
+                if quant(j) {
                     *x = 0;
                 }
             }
-            if i % 11 == 5 {
-                for x in b[2 * ns..].iter_mut() {
+        }
+        if i % 11 == 5 {
+            for (j, x) in b.iter_mut().enumerate() {
+                if quant(j) {
                     *x = if ty == GgmlType::Q8_0 { 0x80 } else { 0xFF };
                 }
             }
-            out.extend(b);
         }
-        out
+        for &h in halves {
+            let v = scale(next());
+            // keep the huge scale rare enough that sums stay finite
+            let v = if v == 0x7BFF && i % 5 != 0 { 0x3C00 } else { v };
+            b[h..h + 2].copy_from_slice(&v.to_le_bytes());
+        }
+        out.extend(b);
     }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn acts(m: usize, k: usize, seed: u32) -> Vec<f32> {
         (0..m * k)
@@ -777,13 +1040,27 @@ mod tests {
         y
     }
 
+    const TYPES: [GgmlType; 5] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ];
+
     #[test]
     fn repack_is_lossless() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            let (rows, cols) = (5, 96);
-            let raw = blocks(ty, rows, cols, 3);
+        for ty in TYPES {
+            let (rows, cols) = (5, if ty.block().0 == 256 { 768 } else { 96 });
+            let raw = random_blocks(ty, rows, cols, 3);
             let w = QMatrix::from_gguf(ty, rows, cols, &raw).unwrap();
-            assert_eq!(w.bytes(), raw.len());
+            // the file's size (Q6_K: one padding word per 210-byte super-block)
+            let pad = if ty == GgmlType::Q6K {
+                2 * raw.len() / 210
+            } else {
+                0
+            };
+            assert_eq!(w.bytes(), raw.len() + pad, "{}", ty.name());
             let mut a = vec![0f32; rows * cols];
             let mut b = vec![0f32; rows * cols];
             dequantize(ty, &raw, &mut a);
@@ -799,7 +1076,16 @@ mod tests {
             }
             let (_, bb) = ty.block();
             let ns = QMatrix::scales(ty);
+            // the portable decoder too
+            let mut p = vec![0f32; rows * cols];
+            for (g, o) in p.chunks_exact_mut(QK).enumerate() {
+                w.block_weights(g, o);
+            }
+            assert!(a.iter().zip(&p).all(|(x, y)| x == y), "{}", ty.name());
             for (g, blk) in raw.chunks_exact(bb).enumerate() {
+                if ty.block().0 != QK {
+                    break; // K-quants are reordered; their values are checked above
+                }
                 let qb = QMatrix::qbytes(ty);
                 assert_eq!(&w.qs[g * qb..(g + 1) * qb], &blk[2 * ns..]);
                 for k in 0..ns {
@@ -812,24 +1098,26 @@ mod tests {
             s.dequantize_rows(0, 2 * rows, &mut c);
             assert_eq!(&c[rows * cols..], &b[..]);
         }
-        assert!(QMatrix::from_gguf(GgmlType::Q4K, 1, 256, &[0; 144]).is_err());
+        assert!(QMatrix::from_gguf(GgmlType::Q4K, 1, 128, &[0; 72]).is_err());
+        assert!(QMatrix::from_gguf(GgmlType::F16, 1, 32, &[0; 64]).is_err());
         assert!(QMatrix::from_gguf(GgmlType::Q4_0, 2, 32, &[0; 18]).is_err());
     }
 
     #[test]
     fn block_products_match_the_f64_reference() {
         let mut checked = 0;
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in TYPES {
             // awkward shapes: output rows that are not multiples of the chunk, 1..4 rows and more
-            // (2,080 columns: the long-row kernel, 65 blocks = four groups of 16 and a tail)
-            for &(out, k) in &[
-                (1usize, 32usize),
-                (33, 96),
-                (70, 576),
-                (129, 160),
-                (9, 2080),
-            ] {
-                let w = QMatrix::from_gguf(ty, out, k, &blocks(ty, out, k, out as u64)).unwrap();
+            // (2,080 columns: the long-row kernel, 65 blocks = four groups of 16 and a tail;
+            // K-quants: 1, 3 and 9 super-blocks of 256)
+            let shapes: &[(usize, usize)] = if ty.block().0 == 256 {
+                &[(1, 256), (33, 768), (70, 2304), (129, 256), (9, 768)]
+            } else {
+                &[(1, 32), (33, 96), (70, 576), (129, 160), (9, 2080)]
+            };
+            for &(out, k) in shapes {
+                let w =
+                    QMatrix::from_gguf(ty, out, k, &random_blocks(ty, out, k, out as u64)).unwrap();
                 for m in [1usize, 2, 3, 4] {
                     let x = acts(m, k, (m * 31 + out) as u32);
                     let want = reference(&w, &x, m);
@@ -860,14 +1148,15 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, 60);
+        assert_eq!(checked, 100);
     }
 
     #[test]
     fn prefill_products_match_the_dequantised_weights() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            let (out, k, m) = (1100, 64, 9); // more rows than one slab
-            let w = QMatrix::from_gguf(ty, out, k, &blocks(ty, out, k, 5)).unwrap();
+        for ty in TYPES {
+            // more rows than one slab
+            let (out, k, m) = (1100, if ty.block().0 == 256 { 256 } else { 64 }, 9);
+            let w = QMatrix::from_gguf(ty, out, k, &random_blocks(ty, out, k, 5)).unwrap();
             let x = acts(m, k, 4);
             let mut wf = vec![0f32; out * k];
             w.dequantize_rows(0, out, &mut wf);

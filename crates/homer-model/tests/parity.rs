@@ -158,11 +158,10 @@ fn tiny_llama_tied_mha_f16_matches_transformers_wgpu() {
 fn gguf_variants(kind: BackendKind) {
     let dir = fixtures().join("tiny-gguf");
     let mut seen = 0;
-    for ty in ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k"] {
+    for ty in [
+        "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "q4_k_m",
+    ] {
         let file = dir.join(format!("tiny-{ty}.gguf"));
-        if !file.exists() {
-            continue;
-        }
         let model = load_model(&file, kind);
         check_cases(
             &model,
@@ -172,10 +171,7 @@ fn gguf_variants(kind: BackendKind) {
         );
         seen += 1;
     }
-    assert!(
-        seen >= 6,
-        "expected the F32, F16, BF16, Q8_0, Q4_0 and Q4_1 fixtures, found {seen}"
-    );
+    assert_eq!(seen, 9);
 }
 
 #[test]
@@ -188,13 +184,14 @@ fn tiny_gguf_all_dtypes_match_transformers_wgpu() {
     gguf_variants(BackendKind::Wgpu);
 }
 
-/// `--dtype native` on the CPU backend: the Q4_0 / Q4_1 / Q8_0 fixtures stay blocks (every
-/// projection and the tied head) and still match transformers at the f32 tolerance.
+/// `--dtype native` on the CPU backend: the block fixtures stay blocks (every projection and the
+/// head; Q4_K_M's fused q|k|v as a Q4_K and a Q6_K part) and still match their references at
+/// the f32 tolerance.
 #[test]
 fn tiny_gguf_native_blocks_match_transformers_cpu() {
     let dir = fixtures().join("tiny-gguf");
     let (dev, limit) = device(BackendKind::Cpu);
-    for ty in ["q8_0", "q4_0", "q4_1"] {
+    for ty in ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "q4_k_m"] {
         let src = load::open(&dir.join(format!("tiny-{ty}.gguf"))).unwrap();
         let model = Llama::load_with(
             src.as_ref(),
@@ -206,10 +203,22 @@ fn tiny_gguf_native_blocks_match_transformers_cpu() {
         .unwrap();
         for l in &model.layers {
             for w in [&l.w_qkv, &l.wo, &l.w_gate_up, &l.w_down] {
+                let blocks = match w {
+                    homer_model::Weight::Quant(_) => true,
+                    homer_model::Weight::Cat(p) => {
+                        ty == "q4_k_m"
+                            && p.len() == 2
+                            && p.iter().all(|p| matches!(p, homer_model::Weight::Quant(_)))
+                    }
+                    _ => false,
+                };
                 assert!(
-                    matches!(w, homer_model::Weight::Quant(_)),
+                    blocks,
                     "tiny-{ty}: a projection was not kept as blocks: {w:?}"
                 );
+            }
+            if ty == "q4_k_m" {
+                assert!(matches!(l.w_qkv, homer_model::Weight::Cat(_)));
             }
         }
         let f32_model = load_model(&dir.join(format!("tiny-{ty}.gguf")), BackendKind::Cpu);

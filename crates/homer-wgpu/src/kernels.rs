@@ -92,16 +92,33 @@ pub struct AttentionJob {
 /// Host inputs of the block kernels (`qgemv`, `dequant`).
 #[derive(Debug, Clone)]
 pub struct BlockJob {
-    /// 0 = Q4_0, 1 = Q4_1, 2 = Q8_0 (the shaders' TYPE).
+    /// 0 = Q4_0, 1 = Q4_1, 2 = Q8_0, 3 = Q4_K, 4 = Q6_K (the shaders' TYPE).
     pub qtype: u32,
-    /// Output rows and input columns of the weight (a multiple of 32).
+    /// Output rows and input columns of the weight (a multiple of 32; of 256 for K-quants).
     pub rows: u32,
     pub cols: u32,
+    /// Output rows per `qgemv.wgsl` workgroup (a power of two ≤ 64; [`qgemv_rows`]).
+    pub gemv_rows: u32,
     pub cfg: LaunchCfg,
 }
 
 /// Output rows per workgroup of `qgemv.wgsl`.
 pub const QGEMV_ROWS: u32 = 4;
+
+/// Output rows per `qgemv.wgsl` workgroup on a software adapter (lavapipe): one invocation per
+/// row. There a workgroup's invocations run as SIMD lanes of one CPU thread and every barrier is
+/// a coroutine switch, so the 16-lane reduction costs more than it saves (default model decode
+/// 2.3 → 3.0 tok/s on lavapipe; 16 and 32 rows measured in between).
+pub const QGEMV_ROWS_SOFTWARE: u32 = 64;
+
+/// Rows per `qgemv.wgsl` workgroup for an adapter.
+pub fn qgemv_rows(info: &homer_model::DeviceInfo) -> u32 {
+    if info.device_type == "Cpu" {
+        QGEMV_ROWS_SOFTWARE
+    } else {
+        QGEMV_ROWS
+    }
+}
 
 /// Host inputs of the merge kernel.
 #[derive(Debug, Clone)]
@@ -237,8 +254,9 @@ struct WgslKernel {
     inner: (u32, u32),
     /// The attention kernel's head dim, key tile and query rows per workgroup.
     attn: (u32, u32, u32),
-    /// The block kernels' quant type.
+    /// The block kernels' quant type and (qgemv) rows per workgroup.
     qtype: u32,
+    gemv_rows: u32,
 }
 
 impl KernelSource for WgslKernel {
@@ -271,7 +289,7 @@ impl KernelSource for WgslKernel {
             .register("key_tile", self.attn.1.to_string())
             .register("query_rows", self.attn.2.to_string())
             .register("qtype", self.qtype.to_string())
-            .register("rows_per_group", QGEMV_ROWS.to_string())
+            .register("rows_per_group", self.gemv_rows.to_string())
     }
 
     fn id(&self) -> KernelId {
@@ -289,6 +307,7 @@ impl KernelSource for WgslKernel {
                 self.inner,
                 self.attn,
                 self.qtype,
+                self.gemv_rows,
             ))
     }
 
@@ -398,6 +417,7 @@ fn launch(
         inner,
         attn: (0, 0, 0),
         qtype: 0,
+        gemv_rows: 1,
     };
     like.client.launch(
         Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg))),
@@ -572,6 +592,7 @@ fn attention(q: CubeTensor, k: CubeTensor, v: CubeTensor, job: &AttentionJob) ->
         inner: (0, 0),
         attn: (hd as u32, attention_key_tile(hd) as u32, rows as u32),
         qtype: 0,
+        gemv_rows: 1,
     };
     q.client.launch(
         Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg as u32))),
@@ -587,7 +608,7 @@ fn attention(q: CubeTensor, k: CubeTensor, v: CubeTensor, job: &AttentionJob) ->
     out
 }
 
-fn block_kernel(shader: Shader, wg: u32, qtype: u32) -> WgslKernel {
+fn block_kernel(shader: Shader, wg: u32, qtype: u32, gemv_rows: u32) -> WgslKernel {
     WgslKernel {
         shader,
         workgroup_size: wg,
@@ -596,6 +617,7 @@ fn block_kernel(shader: Shader, wg: u32, qtype: u32) -> WgslKernel {
         inner: (0, 0),
         attn: (0, 0, 0),
         qtype,
+        gemv_rows,
     }
 }
 
@@ -614,11 +636,13 @@ fn qgemv(x: CubeTensor, qs: CubeTensor, dm: CubeTensor, job: &BlockJob) -> CubeT
         max_workgroups: u32::MAX,
         ..job.cfg
     };
-    let (gx, gy) = grid(rows.div_ceil(QGEMV_ROWS as usize), cfg);
+    let rpw = job.gemv_rows.clamp(1, wg);
+    assert!(rpw.is_power_of_two(), "qgemv rows per workgroup {rpw}");
+    let (gx, gy) = grid(rows.div_ceil(rpw as usize), cfg);
     let info = upload_u32(&x, &[m as u32, job.rows, job.cols]);
     x.client.launch(
         Box::new(SourceKernel::new(
-            block_kernel(Shader::Qgemv, wg, job.qtype),
+            block_kernel(Shader::Qgemv, wg, job.qtype, rpw),
             CubeDim::new_1d(wg),
         )),
         CubeCount::Static(gx, gy, 1),
@@ -637,16 +661,17 @@ fn dequant(qs: CubeTensor, dm: CubeTensor, job: &BlockJob) -> CubeTensor {
     let (qs, dm) = (into_contiguous(qs), into_contiguous(dm));
     let (rows, cols) = (job.rows as usize, job.cols as usize);
     let out = output(&qs, Shape::new([rows, cols]), DType::F32, job.cfg.poison);
-    let words = rows * cols / 32 * if job.qtype == 2 { 8 } else { 4 };
-    if words == 0 {
+    // units of block_decode.wgsl: 8 per Q8_0 block, 4 per 4- or 6-bit block
+    let units = rows * cols / 32 * if job.qtype == 2 { 8 } else { 4 };
+    if units == 0 {
         return out;
     }
     let wg = job.cfg.workgroup_size.max(1);
-    let (gx, gy) = grid(words, job.cfg);
+    let (gx, gy) = grid(units, job.cfg);
     let info = upload_u32(&qs, &[job.rows, job.cols]);
     qs.client.launch(
         Box::new(SourceKernel::new(
-            block_kernel(Shader::Dequant, wg, job.qtype),
+            block_kernel(Shader::Dequant, wg, job.qtype, 1),
             CubeDim::new_1d(wg),
         )),
         CubeCount::Static(gx, gy, 1),

@@ -461,6 +461,7 @@ pub fn install_attention(info: &DeviceInfo) -> Result<bool> {
 #[derive(Debug)]
 pub struct WgslBlocks {
     qtype: u32,
+    gemv_rows: u32,
     rows: usize,
     cols: usize,
     chunks: Vec<BlockChunk>,
@@ -486,12 +487,20 @@ impl WgslBlocks {
         device: &homer_model::Device,
         max_binding: u64,
         cfg: LaunchCfg,
+        gemv_rows: u32,
     ) -> std::result::Result<Self, String> {
+        if !gemv_rows.is_power_of_two() || gemv_rows > 64 {
+            return Err(format!(
+                "{gemv_rows} rows per matrix-vector workgroup: a power of two up to 64"
+            ));
+        }
         use homer_model::load::quant::GgmlType;
         let qtype = match w.ty() {
             GgmlType::Q4_0 => 0,
             GgmlType::Q4_1 => 1,
             GgmlType::Q8_0 => 2,
+            GgmlType::Q4K => 3,
+            GgmlType::Q6K => 4,
             other => return Err(format!("{} blocks have no WGSL kernel", other.name())),
         };
         let (rows, cols) = (w.rows(), w.cols());
@@ -534,6 +543,7 @@ impl WgslBlocks {
         }
         Ok(Self {
             qtype,
+            gemv_rows,
             rows,
             cols,
             chunks,
@@ -545,6 +555,7 @@ impl WgslBlocks {
     fn job(&self, rows: usize) -> BlockJob {
         BlockJob {
             qtype: self.qtype,
+            gemv_rows: self.gemv_rows,
             rows: rows as u32,
             cols: self.cols as u32,
             cfg: self.cfg,
@@ -616,6 +627,7 @@ impl homer_model::kernels::DeviceBlocks for WgslBlocks {
 pub struct WgslBlockUploader {
     max_binding: u64,
     cfg: LaunchCfg,
+    gemv_rows: u32,
 }
 
 impl WgslBlockUploader {
@@ -624,6 +636,7 @@ impl WgslBlockUploader {
         Ok(Self {
             max_binding: ops.max_binding,
             cfg: ops.cfg,
+            gemv_rows: kernels::qgemv_rows(info),
         })
     }
 }
@@ -642,6 +655,7 @@ impl homer_model::kernels::BlockUploader for WgslBlockUploader {
             device,
             self.max_binding,
             self.cfg,
+            self.gemv_rows,
         )?))
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Tensor, TensorData};
 use homer_model::kernels::DeviceBlocks;
 use homer_model::load::quant::GgmlType;
-use homer_model::qcpu::QMatrix;
+use homer_model::qcpu::{QMatrix, random_blocks as blocks};
 use homer_model::{BackendKind, Device, DeviceInfo, KvCache, Llama, Logits, WeightDtype, read_f32};
 use homer_wgpu::{LaunchCfg, WgslBlocks};
 use serde::Deserialize;
@@ -19,43 +19,6 @@ fn wgpu() -> (Device, DeviceInfo) {
     homer_model::backend::device(BackendKind::Wgpu).unwrap_or_else(|e| {
         panic!("these tests need a wgpu adapter (install mesa-vulkan-drivers on a machine without a GPU): {e}")
     })
-}
-
-/// GGUF blocks of `ty` for [rows, cols] with edge values mixed in.
-fn blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
-    let (_, bb) = ty.block();
-    let ns = if ty == GgmlType::Q4_1 { 2 } else { 1 };
-    let mut out = Vec::new();
-    for i in 0..rows * cols / 32 {
-        let mut b: Vec<u8> = (0..bb).map(|_| next() as u8).collect();
-        for k in 0..ns {
-            let v = next();
-            let bits: u16 = match v % 9 {
-                0 => 0x0000,
-                1 => 0x8000,
-                2 => 0x0001,
-                3 if i % 5 == 0 => 0x7BFF,
-                4 => 0x0400,
-                _ => half::f16::from_f32((v % 2000) as f32 / 1000.0 - 1.0).to_bits(),
-            };
-            b[2 * k..2 * k + 2].copy_from_slice(&bits.to_le_bytes());
-        }
-        if i % 7 == 3 {
-            b[2 * ns..].fill(0);
-        }
-        if i % 11 == 5 {
-            b[2 * ns..].fill(if ty == GgmlType::Q8_0 { 0x80 } else { 0xFF });
-        }
-        out.extend(b);
-    }
-    out
 }
 
 fn acts(m: usize, k: usize, seed: u32) -> Vec<f32> {
@@ -78,14 +41,26 @@ fn block_kernels_match_the_host() {
         poison: true,
     };
     let mut checked = 0;
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-        for &(out, k) in &[(1usize, 32usize), (33, 96), (70, 576), (129, 160)] {
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ] {
+        let shapes: &[(usize, usize)] = if ty.block().0 == 256 {
+            &[(1, 256), (33, 768), (70, 512), (129, 256)]
+        } else {
+            &[(1, 32), (33, 96), (70, 576), (129, 160)]
+        };
+        for &(out, k) in shapes {
             let q = QMatrix::from_gguf(ty, out, k, &blocks(ty, out, k, out as u64)).unwrap();
             let mut wf = vec![0f32; out * k];
             q.dequantize_rows(0, out, &mut wf);
-            // one chunk, and chunks of 10 rows (a lowered binding limit)
-            for max_binding in [limit, 4 * k as u64 * 10] {
-                let w = WgslBlocks::upload(&q, &dev, max_binding, cfg).unwrap();
+            // one chunk with 4 rows per matrix-vector workgroup (GPUs), and chunks of 10 rows
+            // (a lowered binding limit) with one row per invocation (software adapters)
+            for (max_binding, gemv_rows) in [(limit, 4), (4 * k as u64 * 10, 64)] {
+                let w = WgslBlocks::upload(&q, &dev, max_binding, cfg, gemv_rows).unwrap();
                 assert_eq!(w.rows(), out);
                 let deq = read_f32(w.dequantize()).unwrap();
                 for (i, (a, b)) in deq.iter().zip(&wf).enumerate() {
@@ -108,7 +83,7 @@ fn block_kernels_match_the_host() {
                             let got = y[r * out + o] as f64;
                             assert!(
                                 got.is_finite() && (got - want).abs() <= 1e-5 * abs + 1e-6,
-                                "{} [{out}, {k}] m {m} chunk limit {max_binding}: y[{r}, {o}] = {got}, host {want}",
+                                "{} [{out}, {k}] m {m} chunk limit {max_binding}, {gemv_rows} rows a group: y[{r}, {o}] = {got}, host {want}",
                                 ty.name()
                             );
                         }
@@ -118,7 +93,7 @@ fn block_kernels_match_the_host() {
             }
         }
     }
-    assert_eq!(checked, 3 * 4 * 2 * 5);
+    assert_eq!(checked, 5 * 4 * 2 * 5);
 }
 
 #[test]
@@ -127,9 +102,11 @@ fn blocks_are_refused_for_types_without_a_kernel() {
     let limit = info.max_storage_buffer_binding_size.unwrap();
     let q = QMatrix::from_gguf(GgmlType::Q8_0, 2, 64, &blocks(GgmlType::Q8_0, 2, 64, 1)).unwrap();
     // a binding limit below one f32 row cannot hold the scratch
-    let e = WgslBlocks::upload(&q, &dev, 100, LaunchCfg::default()).unwrap_err();
+    let e = WgslBlocks::upload(&q, &dev, 100, LaunchCfg::default(), 4).unwrap_err();
     assert!(e.contains("binding limit"), "{e}");
-    assert!(WgslBlocks::upload(&q, &dev, limit, LaunchCfg::default()).is_ok());
+    let e = WgslBlocks::upload(&q, &dev, limit, LaunchCfg::default(), 3).unwrap_err();
+    assert!(e.contains("power of two"), "{e}");
+    assert!(WgslBlocks::upload(&q, &dev, limit, LaunchCfg::default(), 4).is_ok());
 }
 
 #[derive(Deserialize)]
@@ -153,7 +130,7 @@ fn tiny_gguf_native_blocks_match_transformers_wgpu() {
     let (dev, info) = wgpu();
     homer_wgpu::install_attention(&info).unwrap();
     let dir = fixtures().join("tiny-gguf");
-    for ty in ["q8_0", "q4_0", "q4_1"] {
+    for ty in ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "q4_k_m"] {
         let src = homer_model::load::open(&dir.join(format!("tiny-{ty}.gguf"))).unwrap();
         let model = Llama::load_with(
             src.as_ref(),
@@ -167,10 +144,16 @@ fn tiny_gguf_native_blocks_match_transformers_wgpu() {
         let flex = homer_model::backend::device(BackendKind::Cpu).unwrap().0;
         let cpu = Llama::load(cpu_src.as_ref(), &flex, None, &mut |_, _| {}).unwrap();
         for l in &model.layers {
-            assert!(
-                matches!(l.w_qkv, homer_model::Weight::Device(_)),
-                "tiny-{ty}"
-            );
+            let device_parts = match &l.w_qkv {
+                homer_model::Weight::Device(_) => ty != "q4_k_m",
+                homer_model::Weight::Cat(p) => {
+                    ty == "q4_k_m"
+                        && p.iter()
+                            .all(|p| matches!(p, homer_model::Weight::Device(_)))
+                }
+                _ => false,
+            };
+            assert!(device_parts, "tiny-{ty}: {:?}", l.w_qkv);
             assert!(
                 matches!(l.w_down, homer_model::Weight::Device(_)),
                 "tiny-{ty}"
