@@ -59,6 +59,10 @@ struct ModelArgs {
     /// native; wgpu: native (default) or f32
     #[arg(long, global = true)]
     dtype: Option<homer_model::WeightDtype>,
+    /// KV cache precision: f32 (default) or f16 (CPU backend: half the cache's memory and the
+    /// bandwidth decode spends on it at long context)
+    #[arg(long, global = true, default_value = "f32")]
+    kv_dtype: homer_model::KvDtype,
 }
 
 #[derive(Args, Clone)]
@@ -359,6 +363,10 @@ fn progress_handler(quiet: bool) -> impl FnMut(Progress) {
 fn load(m: &ModelArgs) -> Result<Engine, String> {
     let mut prog = progress_handler(m.quiet);
     let mut engine = Engine::load_with(m.model.as_deref(), m.backend, m.dtype, &mut prog)
+        .map_err(|e| e.to_string())?;
+    engine
+        .model
+        .set_kv_dtype(m.kv_dtype)
         .map_err(|e| e.to_string())?;
     engine.homer_ops = m.homer_ops;
     if m.rope_scaling != "none" {

@@ -81,7 +81,13 @@ pub fn last_query_logits(q_last: Tensor<2>, k: &Tensor<3>) -> Tensor<2> {
     let [kvh, t, _] = k.dims();
     let g = h / kvh;
     let q = q_last.reshape([kvh, g, hd]);
-    q.matmul(k.clone().swap_dims(1, 2))
+    // f16 keys (`--kv-dtype f16`) meet the f32 query in f32
+    let k = if k.dtype() == q.dtype() {
+        k.clone()
+    } else {
+        k.clone().cast(q.dtype())
+    };
+    q.matmul(k.swap_dims(1, 2))
         .mul_scalar(1.0 / (hd as f64).sqrt())
         .reshape([h, t])
 }

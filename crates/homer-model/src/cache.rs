@@ -6,7 +6,7 @@
 //! other backends with `slice_assign` on the uniquely held buffer), and attention reads the
 //! filled rows. A full buffer doubles.
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 /// One layer's keys and values, each [kv_heads, rows, head_dim].
 #[derive(Debug, Clone)]
@@ -33,9 +33,16 @@ pub struct KvBuffer {
 }
 
 impl KvBuffer {
-    /// An empty buffer with room for `capacity` rows.
-    pub fn empty(kv_heads: usize, head_dim: usize, capacity: usize, device: &Device) -> Self {
-        let z = || Tensor::<3>::zeros([kv_heads, capacity.max(1), head_dim], device);
+    /// An empty buffer with room for `capacity` rows of `dtype` (f32, or f16 on the CPU
+    /// kernels' path: [`crate::Llama::set_kv_dtype`]).
+    pub fn empty(
+        kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let z = || Tensor::<3>::zeros([kv_heads, capacity.max(1), head_dim], (device, dtype));
         KvBuffer {
             k: z(),
             v: z(),
@@ -106,7 +113,7 @@ impl KvBuffer {
 
     fn grow_to(&mut self, cap: usize, device: &Device) {
         let [kvh, _, hd] = self.k.dims();
-        let mut grown = KvBuffer::empty(kvh, hd, cap, device);
+        let mut grown = KvBuffer::empty(kvh, hd, cap, self.k.dtype(), device);
         if self.len > 0 {
             let filled = self.filled();
             grown.k = grown.k.slice_assign([0..kvh, 0..self.len, 0..hd], filled.k);
@@ -114,6 +121,45 @@ impl KvBuffer {
         }
         grown.len = self.len;
         *self = grown;
+    }
+}
+
+/// Element type of the KV cache (`--kv-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl KvDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            KvDtype::F32 => DType::F32,
+            KvDtype::F16 => DType::F16,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            other => Err(format!(
+                "unknown KV cache dtype `{other}` (expected f32 or f16)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        })
     }
 }
 

@@ -136,6 +136,46 @@ impl AttnShape {
     }
 }
 
+/// An element of the KV buffers: f32, or f16 (`--kv-dtype f16`: half the cache's memory and
+/// bandwidth; keys and values are rounded once when written, the products stay f32).
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn store(dst: &mut [Self], src: &[f32]);
+    /// `src` as f32: itself for f32, else converted into `scratch` (at least as long).
+    fn as_f32<'a>(src: &'a [Self], scratch: &'a mut [f32]) -> &'a [f32];
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn store(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn as_f32<'a>(src: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+}
+
+impl KvElem for f16 {
+    #[inline(always)]
+    fn store(dst: &mut [f16], src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+    #[inline(always)]
+    fn as_f32<'a>(src: &'a [f16], scratch: &'a mut [f32]) -> &'a [f32] {
+        let out = &mut scratch[..src.len()];
+        #[cfg(target_arch = "x86_64")]
+        if simd_level() != SimdLevel::Portable {
+            // SAFETY: AVX2 and F16C were detected; equal lengths.
+            unsafe { x86::f16_to_f32(src, out) };
+            return out;
+        }
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(out);
+        out
+    }
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: work items write disjoint regions (see the callers).
@@ -162,13 +202,13 @@ fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], scale: f32, out: &mut [f32]) {
 ///    tiles skipped;
 /// 3. writes the attention output `out` [n, H·hd] and the rotated (unscaled) query of the last
 ///    row `q_last` [H, hd].
-pub fn attention(
+pub fn attention<T: KvElem>(
     s: AttnShape,
     qkv: &[f32],
     cos: &[f32],
     sin: &[f32],
-    k_buf: &mut [f32],
-    v_buf: &mut [f32],
+    k_buf: &mut [T],
+    v_buf: &mut [T],
     out: &mut [f32],
     q_last: &mut [f32],
 ) {
@@ -230,7 +270,14 @@ const SPLIT_KEYS: usize = 512;
 /// Decode-sized attention (a few query rows against a long cache), split over the keys so both
 /// cores work on one KV head (flash-decoding): each (KV head, key range) item keeps its own
 /// softmax state (max, sum, unnormalised output), merged at the end.
-fn split_keys(s: AttnShape, g: usize, q: &[f32], k_buf: &[f32], v_buf: &[f32], out: &mut [f32]) {
+fn split_keys<T: KvElem>(
+    s: AttnShape,
+    g: usize,
+    q: &[f32],
+    k_buf: &[T],
+    v_buf: &[T],
+    out: &mut [f32],
+) {
     let (n, h, kvh, hd) = (s.n, s.heads, s.kv_heads, s.head_dim);
     let t = s.past + n;
     let splits = t.div_ceil(SPLIT_KEYS).min(64);
@@ -309,81 +356,26 @@ fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
     acc.iter().sum::<f32>() + t.iter().sum::<f32>()
 }
 
-#[inline(always)]
-fn dot_tree(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let n = a.len() / 16 * 16;
-    for (ca, cb) in a[..n].chunks_exact(16).zip(b[..n].chunks_exact(16)) {
-        for i in 0..16 {
-            acc[i] += ca[i] * cb[i];
-        }
-    }
-    for i in 0..8 {
-        acc[i] += acc[i + 8];
-    }
-    for i in 0..4 {
-        acc[i] += acc[i + 4];
-    }
-    let mut sum = (acc[0] + acc[2]) + (acc[1] + acc[3]);
-    for i in n..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
-}
-
 /// Every query vector of KV head `c` against keys ka..kb (each vector only up to its causal
 /// limit): writes the unnormalised output [nv][hd], then the max [nv] and the sum [nv] of the
 /// softmax over that range into `buf`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_range(
+fn attend_range<T: KvElem>(
     s: AttnShape,
     g: usize,
     c: usize,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     ka: usize,
     kb: usize,
     buf: &mut [f32],
 ) {
-    let (h, hd) = (s.heads, s.head_dim);
     let nv = s.n * g;
-    let (o, rest) = buf.split_at_mut(nv * hd);
+    let (o, rest) = buf.split_at_mut(nv * s.head_dim);
     let (m, l) = rest.split_at_mut(nv);
-    o.fill(0.0);
-    m.fill(f32::NEG_INFINITY);
-    l.fill(0.0);
-    let mut sc = [0f32; KEY_TILE];
-    for i in 0..nv {
-        let (r, hh) = (i / g, c * g + i % g);
-        let qv = &q[(r * h + hh) * hd..(r * h + hh + 1) * hd];
-        let end = kb.min(s.past + r + 1);
-        let oi = &mut o[i * hd..(i + 1) * hd];
-        let mut j0 = ka;
-        while j0 < end {
-            let tk = KEY_TILE.min(end - j0);
-            for j in 0..tk {
-                sc[j] = dot_tree(qv, &k[(j0 + j) * hd..(j0 + j + 1) * hd]);
-            }
-            let mx = max_lanes(&sc[..tk], m[i]);
-            let alpha = exp(m[i] - mx);
-            let sum = exp_sub_sum(&mut sc[..tk], mx);
-            m[i] = mx;
-            l[i] = l[i] * alpha + sum;
-            if alpha != 1.0 {
-                oi.iter_mut().for_each(|x| *x *= alpha);
-            }
-            for j in 0..tk {
-                let p = sc[j];
-                let vrow = &v[(j0 + j) * hd..(j0 + j + 1) * hd];
-                for d in 0..hd {
-                    oi[d] += p * vrow[d];
-                }
-            }
-            j0 += tk;
-        }
-    }
+    attend_keys(s, g, c, 0, s.n, q, k, v, ka, kb, o, m, l);
 }
 
 fn rope_row_all(s: AttnShape, qrow: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
@@ -401,18 +393,19 @@ fn rope_row_all(s: AttnShape, qrow: &[f32], cos: &[f32], sin: &[f32], out: &mut 
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn prepare(
+fn prepare<T: KvElem>(
     s: AttnShape,
     qkv: &[f32],
     cos: &[f32],
     sin: &[f32],
-    k_buf: &mut [f32],
-    v_buf: &mut [f32],
+    k_buf: &mut [T],
+    v_buf: &mut [T],
     q: &mut [f32],
     scale: f32,
 ) {
     let (h, kvh, hd) = (s.heads, s.kv_heads, s.head_dim);
     let w = s.qkv_width();
+    let mut rotated = vec![0f32; hd];
     for r in 0..s.n {
         let row = &qkv[r * w..(r + 1) * w];
         let (c_, s_) = (&cos[r * hd..(r + 1) * hd], &sin[r * hd..(r + 1) * hd]);
@@ -430,8 +423,9 @@ fn prepare(
             let k_src = &row[(h + c) * hd..(h + c + 1) * hd];
             let v_src = &row[(h + kvh + c) * hd..(h + kvh + c + 1) * hd];
             let at = (c * s.cap + dst) * hd;
-            rope_row(k_src, c_, s_, 1.0, &mut k_buf[at..at + hd]);
-            v_buf[at..at + hd].copy_from_slice(v_src);
+            rope_row(k_src, c_, s_, 1.0, &mut rotated);
+            T::store(&mut k_buf[at..at + hd], &rotated);
+            T::store(&mut v_buf[at..at + hd], v_src);
         }
     }
 }
@@ -442,41 +436,98 @@ const QV: usize = 4;
 /// One work item: query rows r0..r1 of the g heads of KV head `c`, against that head's keys.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_tile(
+fn attend_tile<T: KvElem>(
     s: AttnShape,
     g: usize,
     c: usize,
     r0: usize,
     r1: usize,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     out: SendPtr,
 ) {
     let (h, hd) = (s.heads, s.head_dim);
     let nv = (r1 - r0) * g;
+    let mut o = vec![0f32; nv * hd];
+    let mut m = vec![0f32; nv];
+    let mut l = vec![0f32; nv];
+    attend_keys(
+        s,
+        g,
+        c,
+        r0,
+        r1,
+        q,
+        k,
+        v,
+        0,
+        usize::MAX,
+        &mut o,
+        &mut m,
+        &mut l,
+    );
+    for i in 0..nv {
+        let (r, hh) = (r0 + i / g, c * g + i % g);
+        let inv = 1.0 / l[i];
+        // SAFETY: (row r, head hh) belongs to this work item only; the buffer is n·H·hd long.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add((r * h + hh) * hd), hd) };
+        for d in 0..hd {
+            dst[d] = o[i * hd + d] * inv;
+        }
+    }
+}
+
+/// The online softmax of query rows r0..r1 (the g heads of KV head `c`) over keys ka..kb, each
+/// row only up to its causal limit, in key tiles: the tile's keys (converted to f32 once when
+/// f16) transposed to [hd][KEY_TILE] so the scores vectorise over keys, four query vectors at a
+/// time. Leaves the unnormalised output `o` [nv][hd], the running max `m` and sum `l` [nv].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_keys<T: KvElem>(
+    s: AttnShape,
+    g: usize,
+    c: usize,
+    r0: usize,
+    r1: usize,
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    ka: usize,
+    kb: usize,
+    o: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+) {
+    let (h, hd) = (s.heads, s.head_dim);
+    let nv = (r1 - r0) * g;
+    o.fill(0.0);
+    m.fill(f32::NEG_INFINITY);
+    l.fill(0.0);
     // Query vector i is row r0 + i / g, head c·g + i % g.
     let qvec = |i: usize| {
         let (r, hh) = (r0 + i / g, c * g + i % g);
         &q[(r * h + hh) * hd..(r * h + hh + 1) * hd]
     };
-    let mut o = vec![0f32; nv * hd];
-    let mut m = vec![f32::NEG_INFINITY; nv];
-    let mut l = vec![0f32; nv];
     let mut kt = vec![0f32; hd * KEY_TILE];
     let mut sc = [[0f32; KEY_TILE]; QV];
+    let mut kscratch = vec![0f32; hd * KEY_TILE];
+    let mut vscratch = vec![0f32; hd * KEY_TILE];
     // AVX-512 microkernels for the two products (head dims that are multiples of 64).
     #[cfg(target_arch = "x86_64")]
     let wide = simd_level() == SimdLevel::Avx512 && hd % 64 == 0;
     #[cfg(not(target_arch = "x86_64"))]
     let wide = false;
-    let kmax = s.past + r1; // keys seen by the tile's last row
-    let mut j0 = 0;
+    let kmax = (s.past + r1).min(kb); // keys seen by the tile's last row
+    let mut j0 = ka;
     while j0 < kmax {
         let tk = KEY_TILE.min(kmax - j0);
+        // The tile's keys and values as f32 (in place for f32 buffers).
+        let ktile = T::as_f32(&k[j0 * hd..(j0 + tk) * hd], &mut kscratch);
+        let vtile = T::as_f32(&v[j0 * hd..(j0 + tk) * hd], &mut vscratch);
         // Transpose the key tile to [hd][KEY_TILE] so scores vectorise over keys.
         for j in 0..tk {
-            let row = &k[(j0 + j) * hd..(j0 + j + 1) * hd];
+            let row = &ktile[j * hd..(j + 1) * hd];
             for d in 0..hd {
                 kt[d * KEY_TILE + j] = row[d];
             }
@@ -517,7 +568,7 @@ fn attend_tile(
             for a in 0..qn {
                 let i = i0 + a;
                 let limit = s.past + r0 + i / g; // last visible key
-                let vcount = (limit + 1).saturating_sub(j0).min(tk);
+                let vcount = (limit + 1).min(kb).saturating_sub(j0).min(tk);
                 valid[a] = vcount;
                 let row = &mut sc[a];
                 if vcount == 0 {
@@ -548,11 +599,11 @@ fn attend_tile(
                 // SAFETY: AVX-512 was detected; v holds rows j0..j0 + vmax of hd values, oa
                 // holds qn rows of hd values, hd is a multiple of 64.
                 unsafe {
-                    x86::pv4(&sc, &v[j0 * hd..(j0 + vmax) * hd], hd, vmax, qn, oa)
+                    x86::pv4(&sc, &vtile[..vmax * hd], hd, vmax, qn, oa)
                 };
             } else {
                 for j in 0..vmax {
-                    let vrow = &v[(j0 + j) * hd..(j0 + j + 1) * hd];
+                    let vrow = &vtile[j * hd..(j + 1) * hd];
                     for a in 0..qn {
                         let p = sc[a][j];
                         let orow = &mut oa[a * hd..(a + 1) * hd];
@@ -565,15 +616,6 @@ fn attend_tile(
             i0 += qn;
         }
         j0 += tk;
-    }
-    for i in 0..nv {
-        let (r, hh) = (r0 + i / g, c * g + i % g);
-        let inv = 1.0 / l[i];
-        // SAFETY: (row r, head hh) belongs to this work item only; the buffer is n·H·hd long.
-        let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add((r * h + hh) * hd), hd) };
-        for d in 0..hd {
-            dst[d] = o[i * hd + d] * inv;
-        }
     }
 }
 
@@ -806,6 +848,27 @@ fn gemv_rows_f16(x: &[f32], m: usize, k: usize, w: &[f16], o0: usize, yt: &mut [
 mod x86 {
     use super::f16;
     use std::arch::x86_64::*;
+
+    /// f16 → f32, 8 at a time (F16C), the tail one by one.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `src.len() == dst.len()`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+        unsafe {
+            let n = src.len() / 8 * 8;
+            let (sp, dp) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
+            let mut i = 0;
+            while i < n {
+                let h = _mm_loadu_si128(sp.add(i) as *const __m128i);
+                _mm256_storeu_ps(dp.add(i), _mm256_cvtph_ps(h));
+                i += 8;
+            }
+            for i in n..src.len() {
+                dst[i] = src[i].to_f32();
+            }
+        }
+    }
 
     /// Scores of 4 query vectors against a transposed key tile kt [hd][64]: 16 accumulators of
     /// 16 lanes in registers, one broadcast per (vector, dim).

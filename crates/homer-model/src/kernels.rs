@@ -89,18 +89,24 @@ fn out_tensor(data: Vec<f32>, shape: impl Into<Shape>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape.into()))
 }
 
-/// A contiguous f32 tensor that owns its whole buffer alone, so it can be written in place.
-fn exclusive_f32(t: FlexTensor) -> FlexTensor {
-    let whole = t.dtype() == DType::F32
+/// A contiguous tensor of element `E` (f32 or f16, as `dtype`) that owns its whole buffer
+/// alone, so it can be written in place.
+fn exclusive<E: burn::tensor::Element + bytemuck::Pod>(t: FlexTensor, dtype: DType) -> FlexTensor {
+    let size = std::mem::size_of::<E>();
+    let whole = t.dtype() == dtype
         && t.is_unique()
         && t.layout().start_offset() == 0
-        && t.as_slice::<f32>()
-            .is_some_and(|s| s.len() * 4 == t.bytes().len());
+        && t.as_slice::<E>()
+            .is_some_and(|s| s.len() * size == t.bytes().len());
     if whole {
         t
     } else {
         let shape = t.layout().shape().clone();
-        out_tensor(f32_data(&t).into_owned(), shape)
+        let data = t.into_data().convert::<E>();
+        FlexTensor::from_data(TensorData::new(
+            data.try_into_vec::<E>().expect("converted data"),
+            shape,
+        ))
     }
 }
 
@@ -171,20 +177,38 @@ impl CpuKernels for Flex {
             cap,
         };
         let (qd, cd, sd) = (f32_data(&qkv), f32_data(&cos), f32_data(&sin));
-        let mut k_buf = exclusive_f32(k_buf);
-        let mut v_buf = exclusive_f32(v_buf);
         let mut out = vec![0f32; n * s.heads * s.head_dim];
         let mut q_last = vec![0f32; s.heads * s.head_dim];
-        cpu::attention(
-            s,
-            &qd,
-            &cd,
-            &sd,
-            k_buf.storage_mut::<f32>(),
-            v_buf.storage_mut::<f32>(),
-            &mut out,
-            &mut q_last,
-        );
+        // The buffers keep their element type: f16 (`--kv-dtype f16`) or f32.
+        let (k_buf, v_buf) = if k_buf.dtype() == DType::F16 {
+            let mut k_buf = exclusive::<f16>(k_buf, DType::F16);
+            let mut v_buf = exclusive::<f16>(v_buf, DType::F16);
+            cpu::attention(
+                s,
+                &qd,
+                &cd,
+                &sd,
+                k_buf.storage_mut::<f16>(),
+                v_buf.storage_mut::<f16>(),
+                &mut out,
+                &mut q_last,
+            );
+            (k_buf, v_buf)
+        } else {
+            let mut k_buf = exclusive::<f32>(k_buf, DType::F32);
+            let mut v_buf = exclusive::<f32>(v_buf, DType::F32);
+            cpu::attention(
+                s,
+                &qd,
+                &cd,
+                &sd,
+                k_buf.storage_mut::<f32>(),
+                v_buf.storage_mut::<f32>(),
+                &mut out,
+                &mut q_last,
+            );
+            (k_buf, v_buf)
+        };
         (
             out_tensor(out, [n, s.heads * s.head_dim]),
             k_buf,

@@ -34,6 +34,8 @@ pub struct DecoderLayer {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub eps: f64,
+    /// Element type of the KV buffers this layer creates (f32; f16 on the CPU kernels' path).
+    pub kv_dtype: burn::tensor::DType,
     /// Run the CPU kernels (the device is burn-flex).
     pub fast: bool,
 }
@@ -131,7 +133,7 @@ impl DecoderLayer {
                 b.reserve(n, &device);
                 b
             }
-            _ => KvBuffer::empty(kvh, hd, n, &device),
+            _ => KvBuffer::empty(kvh, hd, n, self.kv_dtype, &device),
         };
         let p = buf.len();
         let (hidden, buf, q_last) = self.attend_into(x, cos, sin, buf);

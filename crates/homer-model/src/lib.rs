@@ -19,7 +19,7 @@ pub mod qcpu;
 pub mod rope;
 
 pub use backend::{BackendKind, DeviceInfo};
-pub use cache::{KvBuffer, KvCache, LayerKv};
+pub use cache::{KvBuffer, KvCache, KvDtype, LayerKv};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kernels::{Weight, WeightDtype};

@@ -325,6 +325,7 @@ impl Llama {
                 n_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
                 eps: cfg.rms_norm_eps,
+                kv_dtype: DType::F32,
                 fast,
             });
         }
@@ -415,6 +416,7 @@ impl Llama {
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
                 eps: c.rms_norm_eps,
+                kv_dtype: DType::F32,
                 fast,
             });
         }
@@ -638,7 +640,7 @@ impl Llama {
             for (l, layer) in self.layers.iter().enumerate() {
                 let mut buf = cache.layers[l].take().unwrap_or_else(|| {
                     let cap = cache.initial_capacity.max(ids.len() - start);
-                    KvBuffer::empty(kvh, hd, cap, &self.device)
+                    KvBuffer::empty(kvh, hd, cap, layer.kv_dtype, &self.device)
                 });
                 buf.reserve(n, &self.device);
                 let (h, buf, _) = layer.attend_into(x, &cos, &sin, buf);
@@ -678,6 +680,29 @@ impl Llama {
     }
 
     /// One decode step: the logits ([vocab]) after feeding `token` at `cache.next_position`.
+    /// The KV cache's element type for new caches: f32 (default), or f16 on the CPU kernels'
+    /// path (half the cache's memory and the bandwidth decode spends on it at long context;
+    /// keys and values rounded once when written, every product in f32). The WGSL attention
+    /// and HOMER kernels read f32 buffers, so wgpu refuses f16.
+    pub fn set_kv_dtype(&mut self, kv: crate::cache::KvDtype) -> Result<()> {
+        if kv == crate::cache::KvDtype::F16 && !self.fast {
+            return Err(ModelError::Input(
+                "--kv-dtype f16 needs the CPU backend (--backend cpu); the wgpu kernels read an \
+                 f32 KV cache"
+                    .into(),
+            ));
+        }
+        for l in &mut self.layers {
+            l.kv_dtype = kv.dtype();
+        }
+        Ok(())
+    }
+
+    /// The KV cache's element type ([`Llama::set_kv_dtype`]).
+    pub fn kv_dtype(&self) -> DType {
+        self.layers.first().map_or(DType::F32, |l| l.kv_dtype)
+    }
+
     pub fn decode_step(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
         let logits = self.forward(&[token], None, cache, Logits::Last)?;
         read_f32(logits)

@@ -5,7 +5,7 @@
 
 use burn::tensor::Tensor;
 use homer_model::{
-    BackendKind, Device, KvCache, Llama, LlamaConfig, Logits, WeightDtype, read_f32,
+    BackendKind, Device, KvCache, KvDtype, Llama, LlamaConfig, Logits, WeightDtype, read_f32,
 };
 
 fn device(kind: BackendKind) -> Device {
@@ -74,6 +74,9 @@ fn kernels_match_tensor_ops_on_awkward_shapes() {
         (6, 2, 24, 60, 100, true, &[70, 45][..]),
         (3, 3, 16, 48, 40, false, &[1, 129][..]),
         (8, 1, 32, 72, 96, true, &[600][..]),
+        // head dim 64 (the AVX-512 microkernels) and a cache past 1,024 rows: decode splits
+        // the keys across threads
+        (6, 2, 64, 96, 64, false, &[1000, 90][..]),
     ] {
         let cfg = config(h, kv, hd, d, ff, tied);
         let fast = Llama::random_on_path(cfg.clone(), 7, &flex, WeightDtype::F32, true);
@@ -156,6 +159,44 @@ fn f16_weights_stay_close_to_f32() {
         e < 4e-2 * scale && e > 0.0,
         "bf16 vs f32 logits: {e} (scale {scale})"
     );
+}
+
+#[test]
+fn f16_kv_cache_stays_close_to_f32() {
+    let flex = device(BackendKind::Cpu);
+    // head dims 64 (AVX-512 microkernels) and 24 (portable), caches past 1,024 rows (split
+    // decode) and short ones
+    for (hd, pieces) in [(64usize, &[1000usize, 90][..]), (24, &[40, 9][..])] {
+        let cfg = config(6, 2, hd, 96, 64, false);
+        let f32m = Llama::random_on_path(cfg.clone(), 13, &flex, WeightDtype::F32, true);
+        let mut f16m = Llama::random_on_path(cfg, 13, &flex, WeightDtype::F32, true);
+        f16m.set_kv_dtype(KvDtype::F16).unwrap();
+        let (a, sa) = run(&f32m, pieces);
+        let (b, sb) = run(&f16m, pieces);
+        let scale = a.iter().map(|x| x.abs()).fold(0.0, f32::max);
+        let e = max_err(&a, &b);
+        // keys and values rounded to f16 once (2^-11 relative): the logits move by about that
+        assert!(
+            e < 5e-3 * scale,
+            "hd {hd}: f16 vs f32 KV logits: {e} (scale {scale})"
+        );
+        assert!(e > 0.0, "hd {hd}: the cache must actually hold f16");
+        for (x, y) in sa.iter().zip(&sb) {
+            assert!(max_err(x, y) < 5e-3 * scale, "hd {hd}: decode steps");
+        }
+        let mut cache = KvCache::new(f16m.n_layers());
+        f16m.forward(&ids(5), None, &mut cache, Logits::None)
+            .unwrap();
+        let kv = cache.layer(0).unwrap();
+        assert_eq!(kv.k.dtype(), burn::tensor::DType::F16);
+        assert_eq!(kv.v.dtype(), burn::tensor::DType::F16);
+    }
+    // the wgpu kernels read f32 caches: refused with a remedy
+    let gpu = device(BackendKind::Wgpu);
+    let mut m = Llama::random(config(4, 2, 8, 32, 48, false), 5, &gpu);
+    let e = m.set_kv_dtype(KvDtype::F16).unwrap_err().to_string();
+    assert!(e.contains("--backend cpu"), "{e}");
+    assert!(m.set_kv_dtype(KvDtype::F32).is_ok());
 }
 
 #[test]
