@@ -808,6 +808,34 @@ mod x86 {
         }
     }
 
+    /// The (d, c) pairs of a K-quant super-block's 8 blocks ([`QMatrix::block_scales`]'s values,
+    /// f16 scales converted by F16C).
+    #[inline(always)]
+    unsafe fn kscales<const T: u8>(w: &QMatrix, s: usize) -> [[f32; 4]; 8] {
+        unsafe {
+            let mut out = [[0f32; 4]; 8];
+            if T == 3 {
+                let hw = w.dm.as_ptr().add(8 * s);
+                let (d, dmin) = (h2f(*hw), h2f(*hw.add(1)));
+                let words = std::slice::from_raw_parts(hw, 8);
+                for (j, o) in out.iter_mut().enumerate() {
+                    let (sc, mn) = super::q4k_scale_min(words, j);
+                    let (dd, c) = (d * sc as f32, -(dmin * mn as f32));
+                    *o = [dd, c, dd, c];
+                }
+            } else {
+                let hw = w.dm.as_ptr().add(10 * s);
+                let d = h2f(*hw.add(8));
+                let bytes = std::slice::from_raw_parts(hw as *const i8, 16);
+                for (j, o) in out.iter_mut().enumerate() {
+                    let (d0, d1) = (d * bytes[2 * j] as f32, d * bytes[2 * j + 1] as f32);
+                    *o = [d0, -32.0 * d0, d1, -32.0 * d1];
+                }
+            }
+            out
+        }
+    }
+
     /// K-quant rows: each block's scales decoded from its super-block's words (scalar), its
     /// quants in registers, q·d + c by one FMA into the activations.
     #[inline(always)]
@@ -824,9 +852,13 @@ mod x86 {
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
             let qs = w.qs.as_ptr().add(row * nb * qb);
             let xp = x.as_ptr();
+            let mut sc = [[0f32; 4]; 8];
             for b in 0..nb {
                 _mm_prefetch::<_MM_HINT_T0>(qs.add((b + 8) * qb) as *const i8);
-                let (w0, w1) = kblock512::<T>(qs, b, w.block_scales(row * nb + b));
+                if b % 8 == 0 {
+                    sc = kscales::<T>(w, (row * nb + b) / 8);
+                }
+                let (w0, w1) = kblock512::<T>(qs, b, sc[b % 8]);
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xb = xp.add(r * k + b * QK);
                     a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), a[0]);
@@ -883,8 +915,12 @@ mod x86 {
             let nb = w.cols / QK;
             let qs = w.qs.as_ptr().add(row * nb * if T == 3 { 16 } else { 24 });
             let o = out.as_mut_ptr();
+            let mut sc = [[0f32; 4]; 8];
             for b in 0..nb {
-                let (w0, w1) = kblock512::<T>(qs, b, w.block_scales(row * nb + b));
+                if b % 8 == 0 {
+                    sc = kscales::<T>(w, (row * nb + b) / 8);
+                }
+                let (w0, w1) = kblock512::<T>(qs, b, sc[b % 8]);
                 _mm512_storeu_ps(o.add(b * QK), w0);
                 _mm512_storeu_ps(o.add(b * QK + 16), w1);
             }
