@@ -139,12 +139,15 @@ impl AttnShape {
 /// An element of the KV buffers: f32, or f16 (`--kv-dtype f16`: half the cache's memory and
 /// bandwidth; keys and values are rounded once when written, the products stay f32).
 pub trait KvElem: Copy + Send + Sync + 'static {
+    /// f16 (the AVX-512 decode kernels convert its lanes as they load them).
+    const IS_F16: bool;
     fn store(dst: &mut [Self], src: &[f32]);
     /// `src` as f32: itself for f32, else converted into `scratch` (at least as long).
     fn as_f32<'a>(src: &'a [Self], scratch: &'a mut [f32]) -> &'a [f32];
 }
 
 impl KvElem for f32 {
+    const IS_F16: bool = false;
     #[inline(always)]
     fn store(dst: &mut [f32], src: &[f32]) {
         dst.copy_from_slice(src);
@@ -156,6 +159,7 @@ impl KvElem for f32 {
 }
 
 impl KvElem for f16 {
+    const IS_F16: bool = true;
     #[inline(always)]
     fn store(dst: &mut [f16], src: &[f32]) {
         use half::slice::HalfFloatSliceExt;
@@ -527,8 +531,16 @@ fn attend_keys<T: KvElem>(
     while j0 < kmax {
         let tk = KEY_TILE.min(kmax - j0);
         // The tile's keys and values as f32 (in place for f32 buffers).
-        let ktile = T::as_f32(&k[j0 * hd..(j0 + tk) * hd], &mut kscratch);
-        let vtile = T::as_f32(&v[j0 * hd..(j0 + tk) * hd], &mut vscratch);
+        let (krows, vrows) = (&k[j0 * hd..(j0 + tk) * hd], &v[j0 * hd..(j0 + tk) * hd]);
+        // The tile as f32 (in place for f32 buffers; decode's row kernels read f16 directly).
+        let (ktile, vtile): (&[f32], &[f32]) = if by_rows && T::IS_F16 {
+            (&[], &[])
+        } else {
+            (
+                T::as_f32(krows, &mut kscratch),
+                T::as_f32(vrows, &mut vscratch),
+            )
+        };
         // Transpose the key tile to [hd][KEY_TILE] so scores vectorise over keys (worth it
         // for many query vectors; decode's few take the key rows as they are).
         if !by_rows {
@@ -555,7 +567,7 @@ fn attend_keys<T: KvElem>(
                     if by_rows {
                         // SAFETY: AVX-512 was detected; ktile holds tk rows of hd (a multiple
                         // of 64) values, each q has hd values.
-                        unsafe { x86::scores_rows(qs, ktile, hd, tk, &mut sc) };
+                        unsafe { x86::scores_rows(qs, krows, hd, tk, &mut sc) };
                     } else {
                         // SAFETY: AVX-512 was detected; kt is [hd][KEY_TILE], each q has hd
                         // values.
@@ -613,7 +625,11 @@ fn attend_keys<T: KvElem>(
                 // SAFETY: AVX-512 was detected; v holds rows j0..j0 + vmax of hd values, oa
                 // holds qn rows of hd values, hd is a multiple of 64.
                 unsafe {
-                    x86::pv4(&sc, &vtile[..vmax * hd], hd, vmax, qn, oa)
+                    if by_rows {
+                        x86::pv4(&sc, &vrows[..vmax * hd], hd, vmax, qn, oa)
+                    } else {
+                        x86::pv4(&sc, &vtile[..vmax * hd], hd, vmax, qn, oa)
+                    }
                 };
             } else {
                 for j in 0..vmax {
@@ -914,12 +930,24 @@ mod x86 {
         }
     }
 
+    /// 16 lanes of a KV row as f32 (f16 converted by F16C).
+    #[inline(always)]
+    unsafe fn load16<T: super::KvElem>(p: *const T) -> __m512 {
+        unsafe {
+            if T::IS_F16 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+            } else {
+                _mm512_loadu_ps(p as *const f32)
+            }
+        }
+    }
+
     /// Scores of 4 query vectors against `tk` ≤ 64 key rows [tk][hd] (hd a multiple of 16):
     /// per key, 16-lane products for the 4 vectors, each summed once.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn scores_rows(
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn scores_rows<T: super::KvElem>(
         q: [&[f32]; 4],
-        k: &[f32],
+        k: &[T],
         hd: usize,
         tk: usize,
         out: &mut [[f32; 64]; 4],
@@ -931,7 +959,7 @@ mod x86 {
                 let mut acc = [_mm512_setzero_ps(); 4];
                 let mut d = 0;
                 while d < hd {
-                    let kv = _mm512_loadu_ps(kp.add(d));
+                    let kv = load16(kp.add(d));
                     for a in 0..4 {
                         let qv = _mm512_loadu_ps(q[a].as_ptr().add(d));
                         acc[a] = _mm512_fmadd_ps(qv, kv, acc[a]);
@@ -947,10 +975,10 @@ mod x86 {
 
     /// o[a] += Σ_j p[a][j] · v[j] for `qn` ≤ 4 vectors over `tk` value rows of hd (a multiple of
     /// 64) values, 64 dims at a time with the 4 × 4 accumulators in registers.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn pv4(
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn pv4<T: super::KvElem>(
         p: &[[f32; 64]; 4],
-        v: &[f32],
+        v: &[T],
         hd: usize,
         tk: usize,
         qn: usize,
@@ -963,10 +991,10 @@ mod x86 {
                 for j in 0..tk {
                     let vp = v.as_ptr().add(j * hd + dc);
                     let vr = [
-                        _mm512_loadu_ps(vp),
-                        _mm512_loadu_ps(vp.add(16)),
-                        _mm512_loadu_ps(vp.add(32)),
-                        _mm512_loadu_ps(vp.add(48)),
+                        load16(vp),
+                        load16(vp.add(16)),
+                        load16(vp.add(32)),
+                        load16(vp.add(48)),
                     ];
                     for a in 0..4 {
                         let pj = _mm512_set1_ps(*p[a].get_unchecked(j));
