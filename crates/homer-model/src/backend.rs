@@ -77,12 +77,13 @@ fn init_wgpu() -> std::result::Result<(Device, DeviceInfo), String> {
 /// 1.35 → 2.2 tok/s, prefill 128 tokens 32.7 → 38.5 tok/s). A real GPU keeps the host encoding
 /// ahead. `HOMER_LAYER_SYNC=0|1` overrides (measurements).
 pub fn sync_each_layer() -> bool {
-    static SYNC: OnceLock<bool> = OnceLock::new();
-    *SYNC.get_or_init(|| match std::env::var("HOMER_LAYER_SYNC").as_deref() {
-        Ok("0") => false,
-        Ok("1") => true,
-        _ => matches!(WGPU.get(), Some(Ok((_, info))) if info.device_type == "Cpu"),
-    })
+    static FORCED: OnceLock<Option<bool>> = OnceLock::new();
+    let forced = FORCED.get_or_init(|| match std::env::var("HOMER_LAYER_SYNC").as_deref() {
+        Ok("0") => Some(false),
+        Ok("1") => Some(true),
+        _ => None,
+    });
+    forced.unwrap_or_else(|| matches!(WGPU.get(), Some(Ok((_, info))) if info.device_type == "Cpu"))
 }
 
 /// Hand an application's wgpu device (e.g. the one eframe renders with) to burn, so the model

@@ -180,34 +180,25 @@ impl CpuKernels for Flex {
         let mut out = vec![0f32; n * s.heads * s.head_dim];
         let mut q_last = vec![0f32; s.heads * s.head_dim];
         // The buffers keep their element type: f16 (`--kv-dtype f16`) or f32.
+        fn in_place<E: burn::tensor::Element + bytemuck::Pod + cpu::KvElem>(
+            k_buf: FlexTensor,
+            v_buf: FlexTensor,
+            dtype: DType,
+            run: impl FnOnce(&mut [E], &mut [E]),
+        ) -> (FlexTensor, FlexTensor) {
+            let mut k_buf = exclusive::<E>(k_buf, dtype);
+            let mut v_buf = exclusive::<E>(v_buf, dtype);
+            run(k_buf.storage_mut::<E>(), v_buf.storage_mut::<E>());
+            (k_buf, v_buf)
+        }
         let (k_buf, v_buf) = if k_buf.dtype() == DType::F16 {
-            let mut k_buf = exclusive::<f16>(k_buf, DType::F16);
-            let mut v_buf = exclusive::<f16>(v_buf, DType::F16);
-            cpu::attention(
-                s,
-                &qd,
-                &cd,
-                &sd,
-                k_buf.storage_mut::<f16>(),
-                v_buf.storage_mut::<f16>(),
-                &mut out,
-                &mut q_last,
-            );
-            (k_buf, v_buf)
+            in_place::<f16>(k_buf, v_buf, DType::F16, |k, v| {
+                cpu::attention(s, &qd, &cd, &sd, k, v, &mut out, &mut q_last)
+            })
         } else {
-            let mut k_buf = exclusive::<f32>(k_buf, DType::F32);
-            let mut v_buf = exclusive::<f32>(v_buf, DType::F32);
-            cpu::attention(
-                s,
-                &qd,
-                &cd,
-                &sd,
-                k_buf.storage_mut::<f32>(),
-                v_buf.storage_mut::<f32>(),
-                &mut out,
-                &mut q_last,
-            );
-            (k_buf, v_buf)
+            in_place::<f32>(k_buf, v_buf, DType::F32, |k, v| {
+                cpu::attention(s, &qd, &cd, &sd, k, v, &mut out, &mut q_last)
+            })
         };
         (
             out_tensor(out, [n, s.heads * s.head_dim]),

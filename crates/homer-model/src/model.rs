@@ -679,7 +679,6 @@ impl Llama {
         Ok((logits, cache))
     }
 
-    /// One decode step: the logits ([vocab]) after feeding `token` at `cache.next_position`.
     /// The KV cache's element type for new caches: f32 (default), or f16 on the CPU kernels'
     /// path (half the cache's memory and the bandwidth decode spends on it at long context;
     /// keys and values rounded once when written, every product in f32). The WGSL attention
@@ -703,6 +702,7 @@ impl Llama {
         self.layers.first().map_or(DType::F32, |l| l.kv_dtype)
     }
 
+    /// One decode step: the logits ([vocab]) after feeding `token` at `cache.next_position`.
     pub fn decode_step(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
         let logits = self.forward(&[token], None, cache, Logits::Last)?;
         read_f32(logits)

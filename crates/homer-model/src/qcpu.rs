@@ -653,7 +653,7 @@ mod x86 {
             let mut g0 = 0;
             while g0 < nb {
                 let n = (nb - g0).min(16);
-                _mm_prefetch::<_MM_HINT_T0>(qs.add((g0 + 32) * qb) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(qs.wrapping_add((g0 + 32) * qb) as *const i8);
                 let (dv, cv) = scales16::<T>(dm, g0, n);
                 if T != 2 {
                     for (r, c) in corr.iter_mut().enumerate() {
@@ -736,8 +736,8 @@ mod x86 {
             let mut b = 0;
             while b + 2 <= nb {
                 // the weight stream runs ahead of the hardware prefetcher on long rows
-                _mm_prefetch::<_MM_HINT_T0>(qs.add((b + 16) * qb) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(dm.add((b + 32) * ns) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(qs.wrapping_add((b + 16) * qb) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(dm.wrapping_add((b + 32) * ns) as *const i8);
                 let (w0, w1) = block512::<T>(qs, dm, b);
                 let (w2, w3) = block512::<T>(qs, dm, b + 1);
                 for (r, a) in acc.iter_mut().enumerate() {
@@ -854,7 +854,7 @@ mod x86 {
             let xp = x.as_ptr();
             let mut sc = [[0f32; 4]; 8];
             for b in 0..nb {
-                _mm_prefetch::<_MM_HINT_T0>(qs.add((b + 8) * qb) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(qs.wrapping_add((b + 8) * qb) as *const i8);
                 if b % 8 == 0 {
                     sc = kscales::<T>(w, (row * nb + b) / 8);
                 }
