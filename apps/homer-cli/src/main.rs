@@ -219,7 +219,8 @@ enum Cmd {
         /// The shape: llama2-7b (32 layers, d 4096, FFN 11008, vocab 32000)
         #[arg(long, default_value = "llama2-7b")]
         shape: String,
-        /// Block type of every matrix: q4_0 or q8_0
+        /// Block type of every matrix: q4_0, q8_0, or q4_k_m (Q4_K, with attn_v, ffn_down and
+        /// the output in Q6_K as llama.cpp's Q4_K_M)
         #[arg(long = "type", default_value = "q4_0")]
         qtype: String,
         #[arg(long, default_value_t = 1)]
@@ -549,7 +550,12 @@ fn run(cli: Cli) -> Result<(), String> {
             let ty = match qtype.to_ascii_lowercase().as_str() {
                 "q4_0" => GgmlType::Q4_0,
                 "q8_0" => GgmlType::Q8_0,
-                other => return Err(format!("unknown block type `{other}` (q4_0 or q8_0)").into()),
+                "q4_k_m" => GgmlType::Q4K,
+                other => {
+                    return Err(
+                        format!("unknown block type `{other}` (q4_0, q8_0 or q4_k_m)").into(),
+                    );
+                }
             };
             let bytes = homer_model::load::synth::write_random_model(&out, &cfg, ty, seed)?;
             println!(

@@ -34,21 +34,55 @@ pub fn llama2_7b() -> LlamaConfig {
     }
 }
 
-/// Write a random model of shape `cfg` with `ty` blocks (Q4_0 or Q8_0) to `path`; returns the
-/// file's size in bytes.
+/// Write a random model of shape `cfg` with `ty` blocks (Q4_0 or Q8_0; Q4_K for llama.cpp's
+/// Q4_K_M mix: Q4_K matrices, the output and some layers' attn_v and ffn_down in Q6_K) to
+/// `path`; returns the file's size in bytes.
 pub fn write_random_model(
     path: &Path,
     cfg: &LlamaConfig,
     ty: GgmlType,
     seed: u64,
 ) -> Result<u64, String> {
-    if !matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0) {
-        return Err(format!("random models are Q4_0 or Q8_0, not {}", ty.name()));
+    if !matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4K) {
+        return Err(format!(
+            "random models are Q4_0, Q8_0 or Q4_K_M, not {}",
+            ty.name()
+        ));
     }
     let d = cfg.hidden_size;
-    if d % 32 != 0 || cfg.intermediate_size % 32 != 0 || cfg.vocab_size < 300 {
-        return Err("the shape needs d and ffn multiples of 32 and a vocabulary of ≥ 300".into());
+    let width = ty.block().0;
+    if d % width != 0 || cfg.intermediate_size % width != 0 || cfg.vocab_size < 300 {
+        return Err(format!(
+            "the shape needs d and ffn multiples of {width} and a vocabulary of ≥ 300"
+        ));
     }
+    // The block type of one matrix. Q4_K_M as llama.cpp's quantiser picks it: the output in
+    // Q6_K, attn_v and ffn_down in Q6_K in the first and last eighth of the layers and every
+    // third one between, the rest Q4_K.
+    let n_layers = cfg.num_hidden_layers;
+    let mat_ty = |name: &str| -> GgmlType {
+        if ty != GgmlType::Q4K {
+            return ty;
+        }
+        if name == "output.weight" {
+            return GgmlType::Q6K;
+        }
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        let more_bits =
+            |i: usize| i < n_layers / 8 || i >= 7 * n_layers / 8 || (i - n_layers / 8) % 3 == 2;
+        match layer {
+            Some(i)
+                if (name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight"))
+                    && more_bits(i) =>
+            {
+                GgmlType::Q6K
+            }
+            _ => GgmlType::Q4K,
+        }
+    };
     let arch = "llama";
     let key = |k: &str| format!("{arch}.{k}");
     let n_vocab = cfg.vocab_size;
@@ -92,7 +126,11 @@ pub fn write_random_model(
         ),
         (
             "general.file_type",
-            Value::U32(if ty == GgmlType::Q4_0 { 2 } else { 7 }),
+            Value::U32(match ty {
+                GgmlType::Q4_0 => 2,
+                GgmlType::Q8_0 => 7,
+                _ => 15, // MOSTLY_Q4_K_M
+            }),
         ),
         (&keys[0], Value::U32(cfg.max_position_embeddings as u32)),
         (&keys[1], Value::U32(d as u32)),
@@ -130,52 +168,82 @@ pub fn write_random_model(
     }
     mats.push(("output_norm.weight".into(), 1, d, false));
     mats.push(("output.weight".into(), n_vocab, d, true));
-    let (_, bb) = ty.block();
+    let type_id = |t: GgmlType| match t {
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q8_0 => 8,
+        GgmlType::Q4K => 12,
+        _ => 14, // Q6_K
+    };
     let headers: Vec<TensorHeader> = mats
         .iter()
-        .map(|(name, r, c, q)| TensorHeader {
-            name: name.clone(),
-            dims: if *r == 1 {
-                vec![*c as u64]
-            } else {
-                vec![*c as u64, *r as u64]
-            },
-            type_id: if *q {
-                if ty == GgmlType::Q4_0 { 2 } else { 8 }
-            } else {
-                0
-            },
-            bytes: if *q {
-                (r * c / 32 * bb) as u64
-            } else {
-                4 * *c as u64
-            },
+        .map(|(name, r, c, q)| {
+            let t = mat_ty(name);
+            let (bw, bb) = t.block();
+            TensorHeader {
+                name: name.clone(),
+                dims: if *r == 1 {
+                    vec![*c as u64]
+                } else {
+                    vec![*c as u64, *r as u64]
+                },
+                type_id: if *q { type_id(t) } else { 0 },
+                bytes: if *q {
+                    (r * c / bw * bb) as u64
+                } else {
+                    4 * *c as u64
+                },
+            }
         })
         .collect();
     let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut fill = |i: usize, w: &mut dyn Write| -> std::io::Result<()> {
-        let (_, rows, cols, q) = &mats[i];
+        let (name, rows, cols, q) = &mats[i];
         if !q {
             let ones: Vec<u8> = std::iter::repeat_n(1f32.to_le_bytes(), *cols)
                 .flatten()
                 .collect();
             return w.write_all(&ones);
         }
-        // weights of standard deviation ≈ 1/√fan_in (the embedding: ≈ 1)
+        // weights of standard deviation ≈ 1/√fan_in (the embedding: ≈ 1): random quants, the
+        // block scales set so that q·scale has that spread
+        let t = mat_ty(name);
+        let (bw, bb) = t.block();
         let fan_in = if i == 0 { 1.0 } else { *cols as f32 };
-        let spread = if ty == GgmlType::Q4_0 { 4.6 } else { 73.0 }; // std of the quants
-        let scale = f16::from_f32(1.0 / (spread * fan_in.sqrt())).to_le_bytes();
-        let mut row = vec![0u8; cols / 32 * bb];
+        let target = 1.0 / fan_in.sqrt();
+        // std of the quants (times the mean 6-bit / 7-bit sub-block scale for the K-quants)
+        let spread = match t {
+            GgmlType::Q4_0 => 4.6,
+            GgmlType::Q8_0 => 73.0,
+            GgmlType::Q4K => 4.6 * 32.0,
+            _ => 18.5 * 64.0,
+        };
+        let d = f16::from_f32(target / spread).to_le_bytes();
+        // Q4_K: a minimum near the quants' mean (7.5 · d · s with s ≈ m) keeps weights centred
+        let dmin = f16::from_f32(7.5 * target / spread).to_le_bytes();
+        let mut row = vec![0u8; cols / bw * bb];
         for _ in 0..*rows {
             for blk in row.chunks_exact_mut(bb) {
-                blk[..2].copy_from_slice(&scale);
-                for chunk in blk[2..].chunks_mut(8) {
+                for chunk in blk.chunks_mut(8) {
                     state ^= state << 13;
                     state ^= state >> 7;
                     state ^= state << 17;
                     chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+                }
+                match t {
+                    GgmlType::Q4K => {
+                        blk[..2].copy_from_slice(&d);
+                        blk[2..4].copy_from_slice(&dmin);
+                    }
+                    GgmlType::Q6K => {
+                        // positive 7-bit sub-block scales
+                        for s in blk[192..208].iter_mut() {
+                            *s = (*s & 127) | 1;
+                        }
+                        blk[208..210].copy_from_slice(&d);
+                    }
+                    _ => blk[..2].copy_from_slice(&d),
                 }
             }
             w.write_all(&row)?;
@@ -196,19 +264,19 @@ mod tests {
     fn a_small_random_model_loads_and_runs() {
         let mut cfg = llama2_7b();
         cfg.vocab_size = 320;
-        cfg.hidden_size = 64;
-        cfg.intermediate_size = 96;
+        cfg.hidden_size = 256;
+        cfg.intermediate_size = 512;
         cfg.num_hidden_layers = 2;
         cfg.num_attention_heads = 4;
         cfg.num_key_value_heads = 2;
-        cfg.head_dim = 16;
+        cfg.head_dim = 64;
         let dir = tempfile::tempdir().unwrap();
-        for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4K] {
             let path = dir.path().join(format!("m-{}.gguf", ty.name()));
             let size = write_random_model(&path, &cfg, ty, 3).unwrap();
             assert_eq!(size, std::fs::metadata(&path).unwrap().len());
             let src = crate::load::open(&path).unwrap();
-            assert_eq!(src.config().hidden_size, 64);
+            assert_eq!(src.config().hidden_size, 256);
             assert_eq!(src.config().num_key_value_heads, 2);
             let dev = crate::backend::device(crate::BackendKind::Cpu).unwrap().0;
             let m = crate::Llama::load_with(
@@ -219,6 +287,28 @@ mod tests {
                 &mut |_, _| {},
             )
             .unwrap();
+            // every matrix stays blocks; Q4_K_M (2 layers: layer 1 is the last eighth) keeps
+            // layer 1's q|k (Q4_K) and v (Q6_K) side by side, layer 0 all Q4_K
+            for (i, l) in m.layers.iter().enumerate() {
+                let six = ty == GgmlType::Q4K && i == 1;
+                let qkv_parts = match &l.w_qkv {
+                    crate::Weight::Quant(_) => 1,
+                    crate::Weight::Cat(p) => p.len(),
+                    other => panic!("{}: {other:?}", ty.name()),
+                };
+                assert_eq!(
+                    qkv_parts,
+                    if six { 2 } else { 1 },
+                    "{} layer {i}",
+                    ty.name()
+                );
+                match &l.w_down {
+                    crate::Weight::Quant(q) => {
+                        assert_eq!(q.ty(), if six { GgmlType::Q6K } else { ty })
+                    }
+                    other => panic!("{}: {other:?}", ty.name()),
+                }
+            }
             let (logits, _) = m.prefill(&[1, 5, 300, 7], crate::Logits::Last).unwrap();
             let v = crate::read_f32(logits).unwrap();
             assert_eq!(v.len(), 320);
@@ -228,6 +318,9 @@ mod tests {
                 "logits should not be constant"
             );
         }
-        assert!(write_random_model(&dir.path().join("x"), &cfg, GgmlType::Q4K, 1).is_err());
+        assert!(write_random_model(&dir.path().join("x"), &cfg, GgmlType::Q6K, 1).is_err());
+        cfg.intermediate_size = 544; // a multiple of 32, not of 256
+        let e = write_random_model(&dir.path().join("x"), &cfg, GgmlType::Q4K, 1).unwrap_err();
+        assert!(e.contains("256"), "{e}");
     }
 }
