@@ -530,7 +530,6 @@ fn attend_keys<T: KvElem>(
     let mut j0 = ka;
     while j0 < kmax {
         let tk = KEY_TILE.min(kmax - j0);
-        // The tile's keys and values as f32 (in place for f32 buffers).
         let (krows, vrows) = (&k[j0 * hd..(j0 + tk) * hd], &v[j0 * hd..(j0 + tk) * hd]);
         // The tile as f32 (in place for f32 buffers; decode's row kernels read f16 directly).
         let (ktile, vtile): (&[f32], &[f32]) = if by_rows && T::IS_F16 {
@@ -565,8 +564,8 @@ fn attend_keys<T: KvElem>(
                 {
                     let qs: [&[f32]; QV] = std::array::from_fn(|a| qvec(i0 + a.min(qn - 1)));
                     if by_rows {
-                        // SAFETY: AVX-512 was detected; ktile holds tk rows of hd (a multiple
-                        // of 64) values, each q has hd values.
+                        // SAFETY: AVX-512 (and F16C) was detected; krows holds tk rows of hd
+                        // (a multiple of 64) f32 or f16 values, each q has hd values.
                         unsafe { x86::scores_rows(qs, krows, hd, tk, &mut sc) };
                     } else {
                         // SAFETY: AVX-512 was detected; kt is [hd][KEY_TILE], each q has hd
