@@ -86,6 +86,14 @@ pub fn sync_each_layer() -> bool {
     forced.unwrap_or_else(|| matches!(WGPU.get(), Some(Ok((_, info))) if info.device_type == "Cpu"))
 }
 
+/// After a layer's launches on `device`: wait for them where [`sync_each_layer`] says so (the
+/// CPU kernels' path never queues). Errors surface at the read-back that follows.
+pub fn layer_done(device: &Device) {
+    if sync_each_layer() && !crate::kernels::fast_path(device) {
+        let _ = device.sync();
+    }
+}
+
 /// Hand an application's wgpu device (e.g. the one eframe renders with) to burn, so the model
 /// runs on the same device instead of opening a second one. Must come before anything else
 /// asks for a wgpu device in this process; later `device(BackendKind::Wgpu)` calls return it.

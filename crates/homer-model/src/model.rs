@@ -636,7 +636,6 @@ impl Llama {
             let (cos, sin) = self.rope_tables(&positions[start..end]);
             let n = end - start;
             let (kvh, hd) = (self.config.num_key_value_heads, self.config.head_dim);
-            let sync_layers = !self.fast && crate::backend::sync_each_layer();
             for (l, layer) in self.layers.iter().enumerate() {
                 let mut buf = cache.layers[l].take().unwrap_or_else(|| {
                     let cap = cache.initial_capacity.max(ids.len() - start);
@@ -646,10 +645,7 @@ impl Llama {
                 let (h, buf, _) = layer.attend_into(x, &cos, &sin, buf);
                 cache.layers[l] = Some(buf);
                 x = layer.feed_forward(h);
-                if sync_layers {
-                    // Errors surface at the read-back that follows.
-                    let _ = self.device.sync();
-                }
+                crate::backend::layer_done(&self.device);
             }
             match which {
                 Logits::All => outs.push(self.logits(x)),

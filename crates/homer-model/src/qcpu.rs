@@ -230,21 +230,12 @@ impl QMatrix {
                 [d, -8.0 * d, d, -8.0 * d]
             }
             GgmlType::Q4_1 => [h(2 * g), h(2 * g + 1), h(2 * g), h(2 * g + 1)],
-            GgmlType::Q4K => {
-                let (s, j) = (g / 8, g % 8);
-                let w = &self.dm[8 * s..8 * s + 8];
-                let (sc, mn) = q4k_scale_min(w, j);
-                let (d, dmin) = (h(8 * s), h(8 * s + 1));
-                let (dd, c) = (d * sc as f32, -(dmin * mn as f32));
-                [dd, c, dd, c]
-            }
-            GgmlType::Q6K => {
-                let (s, j) = (g / 8, g % 8);
-                let w = &self.dm[10 * s..10 * s + 10];
-                let d = f16::from_bits(w[8]).to_f32();
-                let sc = |i: usize| (w[i / 2].to_le_bytes()[i % 2] as i8) as f32;
-                let (d0, d1) = (d * sc(2 * j), d * sc(2 * j + 1));
-                [d0, -32.0 * d0, d1, -32.0 * d1]
+            GgmlType::Q4K | GgmlType::Q6K => {
+                let n = Self::scales(self.ty);
+                let words = &self.dm[g / 8 * n..(g / 8 + 1) * n];
+                let (d, dmin) = k_super_halves(self.ty, words);
+                let h = |b: u16| f16::from_bits(b).to_f32();
+                k_block_scales(self.ty, words, g % 8, h(d), h(dmin))
             }
             _ => {
                 let d = h(g);
@@ -436,6 +427,32 @@ fn dot_portable<const R: usize>(w: &QMatrix, row: usize, x: &[f32], out: &mut [f
         }
     }
     out.copy_from_slice(&acc);
+}
+
+/// The f16 scale words of a K-quant super-block: (d, dmin) for Q4_K, (d, 0) for Q6_K.
+#[inline(always)]
+fn k_super_halves(ty: GgmlType, words: &[u16]) -> (u16, u16) {
+    if ty == GgmlType::Q4K {
+        (words[0], words[1])
+    } else {
+        (words[8], 0)
+    }
+}
+
+/// (d, c) of the first and last 16 elements of block `j` (0..8) of a K-quant super-block from
+/// its scale words ([`QMatrix::scales`] of them) and its f16 scales (d, dmin) as f32
+/// ([`k_super_halves`]).
+#[inline(always)]
+fn k_block_scales(ty: GgmlType, words: &[u16], j: usize, d: f32, dmin: f32) -> [f32; 4] {
+    if ty == GgmlType::Q4K {
+        let (sc, mn) = q4k_scale_min(words, j);
+        let (d, c) = (d * sc as f32, -(dmin * mn as f32));
+        [d, c, d, c]
+    } else {
+        let sc = |i: usize| (words[i / 2].to_le_bytes()[i % 2] as i8) as f32;
+        let (d0, d1) = (d * sc(2 * j), d * sc(2 * j + 1));
+        [d0, -32.0 * d0, d1, -32.0 * d1]
+    }
 }
 
 /// Q4_K's 6-bit scale and minimum of sub-block `j` (0..8) from its super-block's scale words
@@ -809,31 +826,19 @@ mod x86 {
     }
 
     /// The (d, c) pairs of a K-quant super-block's 8 blocks ([`QMatrix::block_scales`]'s values,
-    /// f16 scales converted by F16C).
+    /// the f16 scales converted by F16C instead of `half`'s run-time dispatch).
     #[inline(always)]
-    unsafe fn kscales<const T: u8>(w: &QMatrix, s: usize) -> [[f32; 4]; 8] {
-        unsafe {
-            let mut out = [[0f32; 4]; 8];
-            if T == 3 {
-                let hw = w.dm.as_ptr().add(8 * s);
-                let (d, dmin) = (h2f(*hw), h2f(*hw.add(1)));
-                let words = std::slice::from_raw_parts(hw, 8);
-                for (j, o) in out.iter_mut().enumerate() {
-                    let (sc, mn) = super::q4k_scale_min(words, j);
-                    let (dd, c) = (d * sc as f32, -(dmin * mn as f32));
-                    *o = [dd, c, dd, c];
-                }
-            } else {
-                let hw = w.dm.as_ptr().add(10 * s);
-                let d = h2f(*hw.add(8));
-                let bytes = std::slice::from_raw_parts(hw as *const i8, 16);
-                for (j, o) in out.iter_mut().enumerate() {
-                    let (d0, d1) = (d * bytes[2 * j] as f32, d * bytes[2 * j + 1] as f32);
-                    *o = [d0, -32.0 * d0, d1, -32.0 * d1];
-                }
-            }
-            out
+    unsafe fn kscales(w: &QMatrix, s: usize) -> [[f32; 4]; 8] {
+        let n = QMatrix::scales(w.ty);
+        let words = &w.dm[s * n..(s + 1) * n];
+        let (d, dmin) = super::k_super_halves(w.ty, words);
+        // SAFETY: F16C is enabled in every caller (the AVX-512 kernels).
+        let (d, dmin) = unsafe { (h2f(d), h2f(dmin)) };
+        let mut out = [[0f32; 4]; 8];
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = super::k_block_scales(w.ty, words, j, d, dmin);
         }
+        out
     }
 
     /// K-quant rows: each block's scales decoded from its super-block's words (scalar), its
@@ -848,7 +853,7 @@ mod x86 {
         unsafe {
             let nb = w.cols / QK;
             let k = w.cols;
-            let qb = if T == 3 { 16 } else { 24 };
+            let qb = QMatrix::qbytes(w.ty);
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
             let qs = w.qs.as_ptr().add(row * nb * qb);
             let xp = x.as_ptr();
@@ -856,7 +861,7 @@ mod x86 {
             for b in 0..nb {
                 _mm_prefetch::<_MM_HINT_T0>(qs.wrapping_add((b + 8) * qb) as *const i8);
                 if b % 8 == 0 {
-                    sc = kscales::<T>(w, (row * nb + b) / 8);
+                    sc = kscales(w, (row * nb + b) / 8);
                 }
                 let (w0, w1) = kblock512::<T>(qs, b, sc[b % 8]);
                 for (r, a) in acc.iter_mut().enumerate() {
@@ -913,12 +918,12 @@ mod x86 {
     unsafe fn dequant512_k<const T: u8>(w: &QMatrix, row: usize, out: &mut [f32]) {
         unsafe {
             let nb = w.cols / QK;
-            let qs = w.qs.as_ptr().add(row * nb * if T == 3 { 16 } else { 24 });
+            let qs = w.qs.as_ptr().add(row * nb * QMatrix::qbytes(w.ty));
             let o = out.as_mut_ptr();
             let mut sc = [[0f32; 4]; 8];
             for b in 0..nb {
                 if b % 8 == 0 {
-                    sc = kscales::<T>(w, (row * nb + b) / 8);
+                    sc = kscales(w, (row * nb + b) / 8);
                 }
                 let (w0, w1) = kblock512::<T>(qs, b, sc[b % 8]);
                 _mm512_storeu_ps(o.add(b * QK), w0);

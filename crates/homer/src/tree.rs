@@ -524,11 +524,7 @@ impl Run<'_> {
                 meta = meta.gather(&keep);
             }
             x = layer.feed_forward(x);
-            if !homer_model::kernels::fast_path(&x.device())
-                && homer_model::backend::sync_each_layer()
-            {
-                let _ = x.device().sync(); // see sync_each_layer; errors surface at read-back
-            }
+            homer_model::backend::layer_done(&x.device());
             self.done += (node.len_in) as u64;
             self.tracker.observe(meta.len() * (cache.len() + 1), 1);
             (self.progress)(&HomerProgress {
