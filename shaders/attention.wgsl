@@ -6,12 +6,14 @@
 //   out[i, h·D + d] = Σ_j softmax_j(scale · q[h, i] · k[h / G, j]) · v[h / G, j, d]
 //   over keys j = 0 ..= past + i (causal, queries aligned to the end of the filled rows: query row
 //   i is sequence row past + i), G = H / KV (Hugging Face's repeat_kv by index arithmetic, K and V
-//   are never copied per query head). Accumulation in f32 whatever {{ elem }} is.
+//   are never copied per query head). Accumulation in f32 whatever {{ q_elem }}/{{ elem }} are.
 //
 // Inputs (group 0, all storage buffers, tightly packed, row-major)
-//   0  q     [H, N, D]    {{ elem }}  post-RoPE queries of the N new rows
+//   0  q     [H, N, D]    {{ q_elem }}  post-RoPE queries of the N new rows
 //   1  k     [KV, CAP, D] {{ elem }}  the layer's key buffer; rows 0 .. past + N are filled
 //   2  v     [KV, CAP, D] {{ elem }}  the value buffer, same layout
+// {{ q_elem }} and {{ elem }} are f32 or f16 (shader-f16) each: an f16 KV cache (`--kv-dtype f16`)
+// is read by an f32 query, every value widened to f32 as it is loaded.
 //   3  out   [N, H·D]     f32         output, every element written exactly once
 //   4  info  [6]          u32         N, H, KV, past, CAP, bitcast<u32>(scale)
 // D = {{ head_dim }} is a compile-time constant (a multiple of 4: rows move as vec4s), as are the
@@ -30,7 +32,7 @@
 // wgpu buffer, which may not be read-only and read-write in one dispatch. Inputs are never
 // written. The host checks N, H, KV, past + N ≤ CAP and the binding sizes before the launch.
 {{ enable }}
-@group(0) @binding(0) var<storage, read_write> q: array<vec4<{{ elem }}>>;
+@group(0) @binding(0) var<storage, read_write> q: array<vec4<{{ q_elem }}>>;
 @group(0) @binding(1) var<storage, read_write> k: array<vec4<{{ elem }}>>;
 @group(0) @binding(2) var<storage, read_write> v: array<vec4<{{ elem }}>>;
 @group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;

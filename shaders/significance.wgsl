@@ -7,7 +7,7 @@
 //   which equals scaling each dot first because scale > 0.
 //
 // Inputs (group 0, all storage buffers, tightly packed, row-major)
-//   0  q      [H, D]      {{ elem }}  post-RoPE query of the node's last row at the pruning layer
+//   0  q      [H, D]      {{ q_elem }}  post-RoPE query of the node's last row at the pruning layer
 //   1  keys   [KV, N, D]  {{ elem }}  the layer's post-RoPE keys, the model's cache layout
 //   2  rows   [2N]        u32         positions pos[0..N] then prunable flags (0 = affix) [N..2N]
 //   3  bias   [B]         f32         the layer's calibration row indexed by distance; B ≥ 1
@@ -21,12 +21,13 @@
 // times (lavapipe was seen to stop a loop after 65,535 trips) and x stays ≤ 65,535.
 // Bounds: the host guarantees pos[j] ≤ last_pos and last_pos − pos[j] < bias_len for prunable rows
 // (it refuses the call otherwise); the distance is still clamped so a bad input cannot read past
-// the bias buffer. Accumulation is always f32, whatever {{ elem }} is.
+// the bias buffer. Accumulation is always f32, whatever {{ q_elem }} and {{ elem }} are (f32, or
+// f16 with shader-f16, each: an f16 KV cache is scored by the model's f32 query).
 // Every binding is declared read_write, inputs too: burn's allocator places tensors in shared
 // pages, so an input and an output may be two ranges of one wgpu buffer, and wgpu forbids a
 // buffer being read-only and read-write in the same dispatch. The kernel never writes an input.
 {{ enable }}
-@group(0) @binding(0) var<storage, read_write> q: array<{{ elem }}>;
+@group(0) @binding(0) var<storage, read_write> q: array<{{ q_elem }}>;
 @group(0) @binding(1) var<storage, read_write> keys: array<{{ elem }}>;
 @group(0) @binding(2) var<storage, read_write> rows: array<u32>;
 @group(0) @binding(3) var<storage, read_write> bias: array<f32>;

@@ -59,8 +59,8 @@ struct ModelArgs {
     /// native; wgpu: native (default) or f32
     #[arg(long, global = true)]
     dtype: Option<homer_model::WeightDtype>,
-    /// KV cache precision: f32 (default) or f16 (CPU backend: half the cache's memory and the
-    /// bandwidth decode spends on it at long context)
+    /// KV cache precision: f32 (default) or f16 (half the cache's memory and the bandwidth
+    /// decode spends on it at long context; the CPU backend, or a wgpu adapter with shader-f16)
     #[arg(long, global = true, default_value = "f32")]
     kv_dtype: homer_model::KvDtype,
 }
@@ -616,6 +616,9 @@ fn run(cli: Cli) -> Result<(), String> {
                         d.max_buffer_size.unwrap_or(0) >> 20,
                         d.shader_f16
                     );
+                }
+                if let Some(c) = &d.tune_cache {
+                    println!("autotune   kernel choices kept in {c}");
                 }
             }
         }

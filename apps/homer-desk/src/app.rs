@@ -253,6 +253,7 @@ impl DeskApp {
                 .collect();
             if settings.backend != "cpu" {
                 let name = rs.adapter.get_info().name;
+                homer_engine::fetch::use_home_for_kernel_cache();
                 shared_device = Some(
                     homer_model::backend::share_wgpu(
                         rs.instance.clone(),

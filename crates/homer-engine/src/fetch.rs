@@ -27,6 +27,13 @@ pub fn homer_home() -> PathBuf {
         .join("homer")
 }
 
+/// Point burn/CubeCL's autotune cache at `$HOMER_HOME/cubecl` (see
+/// `homer_model::backend::set_cache_dir`); call before the first wgpu device is made. The
+/// engine's `Engine::load` does; an app that hands its own device to burn calls it first.
+pub fn use_home_for_kernel_cache() {
+    homer_model::backend::set_cache_dir(homer_home().join("cubecl"));
+}
+
 pub fn default_model_path() -> PathBuf {
     homer_home().join("models").join(DEFAULT_MODEL_FILE)
 }

@@ -221,6 +221,7 @@ impl Engine {
                 })
             })?,
         };
+        fetch::use_home_for_kernel_cache();
         let (device, info) = homer_model::backend::device(backend)?;
         if info.backend == "wgpu" {
             // The model's attention on wgpu runs as the WGSL flash-attention kernel.

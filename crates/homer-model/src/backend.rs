@@ -2,6 +2,7 @@
 //! backend (fallback and oracle). wgpu is initialised once per process and its adapter
 //! described, including the buffer limits the loader checks against.
 
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use burn::tensor::Device;
@@ -56,11 +57,59 @@ pub struct DeviceInfo {
     pub max_storage_buffer_binding_size: Option<u64>,
     pub max_buffer_size: Option<u64>,
     pub shader_f16: bool,
+    /// Where autotune's choices for this device are kept (wgpu; None on the CPU backend or
+    /// when CubeCL's persistent cache is turned off).
+    pub tune_cache: Option<String>,
 }
 
 static WGPU: OnceLock<std::result::Result<(Device, DeviceInfo), String>> = OnceLock::new();
 
+static CACHE_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Where burn/CubeCL keep what they learn about a wgpu device: autotune's choice of kernel
+/// variant per operation and shape class (timed on the device the first time a shape class
+/// is met, a few seconds on lavapipe, then read back). The engine passes `$HOMER_HOME/cubecl`;
+/// `HOMER_TUNE_CACHE=DIR` overrides it (the test command keeps one under the build's target dir,
+/// so test processes share their tuning). Takes effect only before the first wgpu device of the
+/// process is made; the first call wins. A `cubecl.toml` that names an `[environment] path` of
+/// its own, or `CUBECL_AUTOTUNE_CACHE=0`, still decides (CubeCL's own configuration).
+pub fn set_cache_dir(dir: PathBuf) {
+    let _ = CACHE_DIR.set(dir);
+}
+
+/// Fix CubeCL's configuration before burn reads it: its own file and environment variables,
+/// with the cache root moved from CubeCL's default (`target/environment` of the outermost Cargo
+/// workspace above the current directory, else the user cache) to [`set_cache_dir`]'s.
+fn configure_cubecl() {
+    use cubecl::config::cache::CacheConfig;
+    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        let dir = std::env::var_os("HOMER_TUNE_CACHE")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| CACHE_DIR.get().cloned());
+        if let Some(dir) = dir
+            && matches!(config.environment.path, CacheConfig::Target)
+        {
+            config.environment.path = CacheConfig::Directory(dir);
+        }
+        if !CubeClRuntimeConfig::try_set(config) {
+            tracing::debug!("CubeCL's configuration was read before homer set its cache directory");
+        }
+    });
+}
+
+/// The directory CubeCL keeps its autotune results in, once its configuration is fixed.
+fn cubecl_cache_root() -> Option<String> {
+    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    let config = CubeClRuntimeConfig::get();
+    (!config.autotune.disable_cache).then(|| config.environment.path.root().display().to_string())
+}
+
 fn init_wgpu() -> std::result::Result<(Device, DeviceInfo), String> {
+    configure_cubecl();
     let result = std::panic::catch_unwind(|| Device::wgpu_options().init_with_setup());
     let (device, setup) = match result {
         Ok(Ok(v)) => v,
@@ -84,6 +133,15 @@ pub fn sync_each_layer() -> bool {
         _ => None,
     });
     forced.unwrap_or_else(|| matches!(WGPU.get(), Some(Ok((_, info))) if info.device_type == "Cpu"))
+}
+
+/// Whether `device` stores and computes f16 tensors: the CPU backend always; a wgpu device when
+/// its adapter has `shader-f16`.
+pub fn supports_f16(device: &Device) -> bool {
+    if *device == Device::flex() {
+        return true;
+    }
+    matches!(WGPU.get(), Some(Ok((_, info))) if info.shader_f16)
 }
 
 /// After a layer's launches on `device`: wait for them where [`sync_each_layer`] says so (the
@@ -110,6 +168,7 @@ pub fn share_wgpu(
             "a wgpu device was already set up in this process; the shared one was not used".into(),
         ));
     }
+    configure_cubecl();
     let backend = adapter.get_info().backend;
     let info = describe(&adapter, &device);
     let setup = burn::tensor::wgpu::WgpuSetup {
@@ -153,6 +212,7 @@ fn describe(adapter: &wgpu::Adapter, device: &wgpu::Device) -> DeviceInfo {
         max_storage_buffer_binding_size: Some(limits.max_storage_buffer_binding_size as u64),
         max_buffer_size: Some(limits.max_buffer_size),
         shader_f16: features.contains(wgpu::Features::SHADER_F16),
+        tune_cache: cubecl_cache_root(),
     }
 }
 
@@ -188,6 +248,7 @@ pub fn device(kind: BackendKind) -> Result<(Device, DeviceInfo)> {
                 max_storage_buffer_binding_size: None,
                 max_buffer_size: None,
                 shader_f16: false,
+                tune_cache: None,
             },
         )),
         BackendKind::Wgpu => WGPU.get_or_init(init_wgpu).clone().map_err(|e| {

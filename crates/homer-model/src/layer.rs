@@ -100,12 +100,18 @@ impl DecoderLayer {
             let k = rope::apply(cols(h, h + kvh, kvh), cos, sin);
             let v = cols(h + kvh, h + 2 * kvh, kvh);
             let q_last = q.clone().slice([0..h, n - 1..n, 0..hd]).reshape([h, hd]);
-            let k_buf = k_buf.slice_assign([0..kvh, past..past + n, 0..hd], k);
-            let v_buf = v_buf.slice_assign([0..kvh, past..past + n, 0..hd], v);
+            // An f16 cache (`--kv-dtype f16`) rounds the new rows once, as they are stored.
+            let kv_dtype = k_buf.dtype();
+            let k_buf = k_buf.slice_assign([0..kvh, past..past + n, 0..hd], k.cast(kv_dtype));
+            let v_buf = v_buf.slice_assign([0..kvh, past..past + n, 0..hd], v.cast(kv_dtype));
             let device_kernel = crate::attention::buffer_attention()
                 .and_then(|kernel| kernel.attend(&q, &k_buf, &v_buf, past));
             let attn = device_kernel.unwrap_or_else(|| {
-                let kv = [&k_buf, &v_buf].map(|t| t.clone().slice([0..kvh, 0..past + n, 0..hd]));
+                let kv = [&k_buf, &v_buf].map(|t| {
+                    t.clone()
+                        .slice([0..kvh, 0..past + n, 0..hd])
+                        .cast(q.dtype())
+                });
                 causal_attention(q, &kv[0], &kv[1])
             });
             (attn, k_buf, v_buf, q_last)

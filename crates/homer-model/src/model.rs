@@ -675,15 +675,16 @@ impl Llama {
         Ok((logits, cache))
     }
 
-    /// The KV cache's element type for new caches: f32 (default), or f16 on the CPU kernels'
-    /// path (half the cache's memory and the bandwidth decode spends on it at long context;
-    /// keys and values rounded once when written, every product in f32). The WGSL attention
-    /// and HOMER kernels read f32 buffers, so wgpu refuses f16.
+    /// The KV cache's element type for new caches: f32 (default), or f16 (half the cache's
+    /// memory and the bandwidth decode spends on it at long context; keys and values rounded
+    /// once when written, every product in f32). f16 needs the CPU backend or a wgpu adapter
+    /// with `shader-f16` (lavapipe has it), whose attention and HOMER kernels read f16 keys and
+    /// values under f32 queries.
     pub fn set_kv_dtype(&mut self, kv: crate::cache::KvDtype) -> Result<()> {
-        if kv == crate::cache::KvDtype::F16 && !self.fast {
+        if kv == crate::cache::KvDtype::F16 && !crate::backend::supports_f16(&self.device) {
             return Err(ModelError::Input(
-                "--kv-dtype f16 needs the CPU backend (--backend cpu); the wgpu kernels read an \
-                 f32 KV cache"
+                "--kv-dtype f16 needs a wgpu adapter with shader-f16 (this one lacks it) or the \
+                 CPU backend (--backend cpu)"
                     .into(),
             ));
         }

@@ -247,6 +247,9 @@ struct WgslKernel {
     shader: Shader,
     workgroup_size: u32,
     f16: bool,
+    /// The query's element type is f16 (attention and significance; `{{ q_elem }}`), which may
+    /// differ from the keys' (`{{ elem }}`): an f16 KV cache under an f32 model.
+    q_f16: bool,
     /// Elements are `vec4`s of the scalar type (copy kernels on rows whose width is a multiple
     /// of 4: four times fewer invocations and index computations, 16-byte loads).
     vec4: bool,
@@ -282,7 +285,15 @@ impl KernelSource for WgslKernel {
                     scalar.to_string()
                 }
             })
-            .register("enable", if self.f16 { "enable f16;" } else { "" })
+            .register("q_elem", if self.q_f16 { "f16" } else { "f32" })
+            .register(
+                "enable",
+                if self.f16 || self.q_f16 {
+                    "enable f16;"
+                } else {
+                    ""
+                },
+            )
             .register("a_inner", self.inner.0.to_string())
             .register("b_inner", self.inner.1.to_string())
             .register("head_dim", self.attn.0.to_string())
@@ -303,6 +314,7 @@ impl KernelSource for WgslKernel {
                 self.shader,
                 self.workgroup_size,
                 self.f16,
+                self.q_f16,
                 self.vec4,
                 self.inner,
                 self.attn,
@@ -384,7 +396,7 @@ pub(crate) fn grid(elements: usize, cfg: LaunchCfg) -> (u32, u32) {
 fn launch(
     like: &CubeTensor,
     shader: Shader,
-    f16: bool,
+    (f16, q_f16): (bool, bool),
     vec4: bool,
     inner: (u32, u32),
     cfg: LaunchCfg,
@@ -413,6 +425,7 @@ fn launch(
         shader,
         workgroup_size: wg,
         f16,
+        q_f16,
         vec4,
         inner,
         attn: (0, 0, 0),
@@ -460,6 +473,10 @@ fn gather(
     let a_out = output(&a, with_rows(&sa, m), a.dtype, job.cfg.poison);
     let (b_in, b_out, sb) = match b {
         Some(b) => {
+            assert_eq!(
+                a.dtype, b.dtype,
+                "gather pairs one element type (WgslOps pairs K with V)"
+            );
             let sb = b.meta.shape().clone();
             let out = output(&b, with_rows(&sb, m), b.dtype, job.cfg.poison);
             (b, out, [sb[0], sb[2]])
@@ -478,7 +495,7 @@ fn gather(
     launch(
         &a,
         Shader::Gather,
-        f16,
+        (f16, f16),
         w == 4,
         (ia as u32, ib as u32),
         job.cfg,
@@ -512,6 +529,10 @@ fn merge(
     let (xb, yb, b_out, sb) = match b {
         Some((xb, yb)) => {
             let (xb, yb) = (into_contiguous(xb), into_contiguous(yb));
+            assert_eq!(
+                xa.dtype, xb.dtype,
+                "merge pairs one element type (WgslOps pairs K with V)"
+            );
             let sb = xb.meta.shape().clone();
             let out = output(&xb, with_rows(&sb, m), xb.dtype, job.cfg.poison);
             (xb, yb, out, [sb[0], sb[2]])
@@ -537,7 +558,7 @@ fn merge(
     launch(
         &xa,
         Shader::Merge,
-        f16,
+        (f16, f16),
         w == 4,
         (ia as u32, ib as u32),
         job.cfg,
@@ -588,6 +609,7 @@ fn attention(q: CubeTensor, k: CubeTensor, v: CubeTensor, job: &AttentionJob) ->
         shader: Shader::Attention,
         workgroup_size: wg as u32,
         f16,
+        q_f16: element_f16(q.dtype),
         vec4: false, // the shader declares its own vec4s of {{ elem }}
         inner: (0, 0),
         attn: (hd as u32, attention_key_tile(hd) as u32, rows as u32),
@@ -613,6 +635,7 @@ fn block_kernel(shader: Shader, wg: u32, qtype: u32, gemv_rows: u32) -> WgslKern
         shader,
         workgroup_size: wg,
         f16: false,
+        q_f16: false,
         vec4: false,
         inner: (0, 0),
         attn: (0, 0, 0),
@@ -730,7 +753,7 @@ impl HomerKernels for CubeBackend {
         launch(
             &keys,
             Shader::Significance,
-            f16,
+            (f16, element_f16(q.dtype)),
             false,
             (0, 0),
             job.cfg,
@@ -789,7 +812,7 @@ impl HomerKernels for CubeBackend {
         launch(
             &scores,
             Shader::Select,
-            false,
+            (false, false),
             false,
             (0, 0),
             cfg,

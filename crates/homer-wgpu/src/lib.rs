@@ -114,29 +114,39 @@ impl WgslOps {
         for (l, kv) in c.cache.iter().enumerate() {
             self.check(&format!("layer {l} keys"), &kv.k)?;
             self.check(&format!("layer {l} values"), &kv.v)?;
+            if kv.k.dtype() != kv.v.dtype() {
+                return Err(HomerError::Input(format!(
+                    "layer {l}: keys are {:?} but values {:?}; one KV cache holds one element type",
+                    kv.k.dtype(),
+                    kv.v.dtype()
+                )));
+            }
         }
         Ok(())
     }
 }
 
-/// The node's tensors as a flat list of 3-D [outer, rows, inner] views: hidden, k0, v0, k1, …
+/// The node's tensors as a flat list of 3-D [outer, rows, inner] views: k0, v0, k1, v1, …, then
+/// the hidden rows. The kernels move two tensors of one element type per launch; taken in this
+/// order the pairs are a layer's K and V, so an f16 KV cache never shares a launch with the f32
+/// hidden rows (which go last, alone).
 fn flatten(c: ChunkTensors) -> (usize, Vec<Tensor<3>>) {
     let [n, d] = c.hidden.dims();
     let mut list = Vec::with_capacity(1 + 2 * c.cache.len());
-    list.push(c.hidden.reshape([1, n, d]));
     for kv in c.cache {
         list.push(kv.k);
         list.push(kv.v);
     }
+    list.push(c.hidden.reshape([1, n, d]));
     (d, list)
 }
 
-fn unflatten(d: usize, list: Vec<Tensor<3>>) -> ChunkTensors {
-    let mut it = list.into_iter();
-    let hidden = it.next().expect("hidden rows first");
+fn unflatten(d: usize, mut list: Vec<Tensor<3>>) -> ChunkTensors {
+    let hidden = list.pop().expect("hidden rows last");
     let rows = hidden.dims()[1];
     let hidden = hidden.reshape([rows, d]);
-    let mut cache = Vec::new();
+    let mut cache = Vec::with_capacity(list.len() / 2);
+    let mut it = list.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
         cache.push(LayerKv { k, v });
     }
@@ -293,6 +303,7 @@ impl WgslOps {
                 !same(&a.k.dims(), &b.k.dims(), 1)
                     || !same(&a.v.dims(), &b.v.dims(), 1)
                     || a.k.dtype() != b.k.dtype()
+                    || a.v.dtype() != b.v.dtype()
             });
         if mismatch {
             return Err(HomerError::Input(
@@ -359,6 +370,8 @@ impl WgslOps {
 #[derive(Debug, Clone)]
 pub struct WgslAttention {
     max_binding: u64,
+    /// The adapter has `shader-f16`: f16 queries or KV buffers are read (else declined).
+    shader_f16: bool,
     cfg: LaunchCfg,
 }
 
@@ -368,6 +381,7 @@ impl WgslAttention {
         let ops = WgslOps::for_device(info)?;
         Ok(Self {
             max_binding: ops.max_binding,
+            shader_f16: ops.shader_f16,
             cfg: LaunchCfg {
                 workgroup_size: 64,
                 ..ops.cfg
@@ -386,12 +400,13 @@ impl WgslAttention {
         let [h, n, hd] = q.dims();
         let [kvh, cap, khd] = k_buf.dims();
         let wg = self.cfg.workgroup_size as usize;
-        let bytes = |t: usize| t as u64 * 4;
+        let takes = |t: DType| t == DType::F32 || (t == DType::F16 && self.shader_f16);
+        let bytes = |e: usize, t: DType| e as u64 * t.size() as u64;
         if q.device() == burn::tensor::Device::flex() {
             Some("not a wgpu device".into())
-        } else if q.dtype() != DType::F32 || k_buf.dtype() != DType::F32 {
+        } else if !takes(q.dtype()) || !takes(k_buf.dtype()) {
             Some(format!(
-                "element types {:?}/{:?}, the kernel takes f32",
+                "element types {:?}/{:?}, the kernel takes f32 (or f16 with shader-f16)",
                 q.dtype(),
                 k_buf.dtype()
             ))
@@ -403,9 +418,8 @@ impl WgslAttention {
             Some(format!("{h} query heads over {kvh} KV heads"))
         } else if past + n > cap {
             Some(format!("{past} + {n} rows exceed the buffer's {cap}"))
-        } else if [h * n * hd, kvh * cap * hd]
-            .into_iter()
-            .any(|e| bytes(e) > self.max_binding)
+        } else if bytes(h * n * hd, q.dtype()) > self.max_binding
+            || bytes(kvh * cap * hd, k_buf.dtype()) > self.max_binding
             || u32::try_from(kvh * cap * hd).is_err()
         {
             Some("a tensor above the adapter's binding limit".into())
@@ -423,7 +437,9 @@ impl homer_model::attention::BufferAttention for WgslAttention {
         v_buf: &Tensor<3>,
         past: usize,
     ) -> Option<Tensor<2>> {
-        if let Some(why) = self.refusal(q, k_buf, past) {
+        let mixed = (v_buf.dtype() != k_buf.dtype() || v_buf.dims() != k_buf.dims())
+            .then(|| "keys and values differ in shape or element type".to_string());
+        if let Some(why) = mixed.or_else(|| self.refusal(q, k_buf, past)) {
             tracing::debug!("WGSL attention declined ({why}); tensor ops instead");
             return None;
         }

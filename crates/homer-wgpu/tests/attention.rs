@@ -5,10 +5,11 @@
 //! outputs (every element written); then whole models, installed as the process's attention,
 //! against the CPU kernels.
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use homer_model::attention::{BufferAttention, causal_attention};
 use homer_model::{
-    BackendKind, Device, DeviceInfo, KvCache, Llama, LlamaConfig, Logits, WeightDtype, read_f32,
+    BackendKind, Device, DeviceInfo, KvCache, KvDtype, Llama, LlamaConfig, Logits, WeightDtype,
+    read_f32,
 };
 use homer_wgpu::{LaunchCfg, WgslAttention};
 use rand::rngs::StdRng;
@@ -114,10 +115,35 @@ fn wgsl_attention_matches_oracle() {
                 let e = max_err(&got, &want);
                 assert!(e < 1e-4, "{what}: max error {e}");
                 checked += 1;
+                // an f16 KV buffer (`--kv-dtype f16`) under the f32 query: the same sums over
+                // the f16-rounded keys and values (NaN tail included)
+                let (k16, v16) = (k.clone().cast(DType::F16), v.clone().cast(DType::F16));
+                let got = kernel.attend(&q, &k16, &v16, past);
+                if !info.shader_f16 {
+                    assert!(
+                        got.is_none(),
+                        "{what}: f16 without shader-f16 must be declined"
+                    );
+                    continue;
+                }
+                let got = read_f32(got.expect(&what)).unwrap();
+                let want = read_f32(causal_attention(
+                    q.clone(),
+                    &filled(&k16).cast(DType::F32),
+                    &filled(&v16).cast(DType::F32),
+                ))
+                .unwrap();
+                assert!(
+                    got.iter().all(|x| x.is_finite()),
+                    "{what} f16: unwritten output"
+                );
+                let e = max_err(&got, &want);
+                assert!(e < 1e-4, "{what} f16 KV: max error {e}");
+                checked += 1;
             }
         }
     }
-    assert!(checked >= 50, "only {checked} cases ran");
+    assert!(checked >= 100, "only {checked} cases ran");
 }
 
 #[test]
@@ -207,4 +233,45 @@ fn model_with_wgsl_attention_matches_cpu_kernels() {
         let e = max_err(&run(&gpu_model, pieces), &run(&cpu, pieces));
         assert!(e < 2e-4, "h {h} kv {kv} hd {hd} pieces {pieces:?}: {e}");
     }
+}
+
+/// `--kv-dtype f16` on wgpu: the cache holds f16 (written once per row, read by the WGSL
+/// attention under f32 queries). Against the CPU kernels' f16 cache: both round the same keys and
+/// values, so they agree about as closely as the f32 paths; against the f32 cache it moves the
+/// logits by about f16's rounding.
+#[test]
+fn f16_kv_cache_on_wgpu_matches_cpu_kernels() {
+    let (gpu, info) = wgpu();
+    homer_wgpu::install_attention(&info).unwrap();
+    let flex = homer_model::backend::device(BackendKind::Cpu).unwrap().0;
+    let cfg = config(9, 3, 16, 48, true);
+    let pieces = &[7usize, 1, 70][..];
+    let mut cpu = Llama::random_on_path(cfg.clone(), 5, &flex, WeightDtype::F32, true);
+    let mut gpu16 = Llama::random_on_path(cfg.clone(), 5, &gpu, WeightDtype::F32, false);
+    let gpu32 = Llama::random_on_path(cfg, 5, &gpu, WeightDtype::F32, false);
+    if !info.shader_f16 {
+        let e = gpu16.set_kv_dtype(KvDtype::F16).unwrap_err().to_string();
+        assert!(e.contains("shader-f16"), "{e}");
+        return;
+    }
+    gpu16.set_kv_dtype(KvDtype::F16).unwrap();
+    cpu.set_kv_dtype(KvDtype::F16).unwrap();
+    let (a16, c16, a32) = (run(&gpu16, pieces), run(&cpu, pieces), run(&gpu32, pieces));
+    let scale = a32.iter().map(|x| x.abs()).fold(0.0, f32::max);
+    let e = max_err(&a16, &c16);
+    assert!(
+        e < 1e-3 * scale,
+        "wgpu vs CPU, both f16 KV: {e} (scale {scale})"
+    );
+    let e = max_err(&a16, &a32);
+    assert!(
+        e < 5e-3 * scale && e > 0.0,
+        "f16 vs f32 KV on wgpu: {e} (scale {scale})"
+    );
+    let mut cache = KvCache::new(gpu16.n_layers());
+    gpu16
+        .forward(&[1, 2, 3], None, &mut cache, Logits::None)
+        .unwrap();
+    let kv = cache.layer(0).unwrap();
+    assert_eq!((kv.k.dtype(), kv.v.dtype()), (DType::F16, DType::F16));
 }

@@ -11,7 +11,9 @@ use homer::{
     BiasTable, ChunkTensors, HomerConfig, HomerInput, HomerOps, HomerOutput, NextPosition, Scoring,
     SignificanceInput, TensorOps, homer_prefill,
 };
-use homer_model::{BackendKind, Device, DeviceInfo, LayerKv, Llama, LlamaConfig, read_f32};
+use homer_model::{
+    BackendKind, Device, DeviceInfo, KvDtype, LayerKv, Llama, LlamaConfig, read_f32,
+};
 use homer_wgpu::{LaunchCfg, WgslOps};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -324,7 +326,21 @@ fn prefill(
 #[test]
 fn homer_prefill_with_wgsl_ops_equals_oracle_ops() {
     let (dev, info) = wgpu();
-    let model = Llama::random(tiny_config(7), 5, &dev);
+    let mut model = Llama::random(tiny_config(7), 5, &dev);
+    // f32 KV cache, then f16 (`--kv-dtype f16`: the kernels pair each layer's K with its V and
+    // move the f32 hidden rows alone; significance reads f16 keys under an f32 query)
+    let kv_dtypes: &[KvDtype] = if info.shader_f16 {
+        &[KvDtype::F32, KvDtype::F16]
+    } else {
+        &[KvDtype::F32]
+    };
+    for &kv_dtype in kv_dtypes {
+        model.set_kv_dtype(kv_dtype).unwrap();
+        homer_prefill_both_ways(&model, &info, kv_dtype);
+    }
+}
+
+fn homer_prefill_both_ways(model: &Llama, info: &DeviceInfo, kv_dtype: KvDtype) {
     let mut bias = BiasTable::zeros(7, 64);
     for (i, b) in bias.data.iter_mut().enumerate() {
         *b = ((i % 64) as f32 * 0.29).cos() * 0.4;
@@ -339,8 +355,8 @@ fn homer_prefill_with_wgsl_ops_equals_oracle_ops() {
         next_position: NextPosition::AfterLast,
     };
     let (p, c, s) = (ids(3, 1), ids(100, 2), ids(4, 3));
-    let want = prefill(&model, &TensorOps, &cfg, &p, &c, &s);
-    let got = prefill(&model, &poisoned_ops(&info, 32, 4), &cfg, &p, &c, &s);
+    let want = prefill(model, &TensorOps, &cfg, &p, &c, &s);
+    let got = prefill(model, &poisoned_ops(info, 32, 4), &cfg, &p, &c, &s);
     assert_eq!(want.plan.n_chunks, 8);
     assert!(
         want.trace
@@ -350,7 +366,10 @@ fn homer_prefill_with_wgsl_ops_equals_oracle_ops() {
             .count()
             >= 8
     );
-    assert_eq!(got.trace.kept, want.trace.kept, "kept context tokens");
+    assert_eq!(
+        got.trace.kept, want.trace.kept,
+        "{kv_dtype}: kept context tokens"
+    );
     assert_eq!(got.positions, want.positions);
     let d = got
         .logits
@@ -358,16 +377,22 @@ fn homer_prefill_with_wgsl_ops_equals_oracle_ops() {
         .zip(&want.logits)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(d < 1e-4, "logits differ by {d}");
+    assert!(d < 1e-4, "{kv_dtype}: logits differ by {d}");
     for (l, (g, w)) in got.cache.layers.iter().zip(&want.cache.layers).enumerate() {
         let (g, w) = (g.as_ref().unwrap().filled(), w.as_ref().unwrap().filled());
+        assert_eq!(
+            g.k.dtype(),
+            kv_dtype.dtype(),
+            "layer {l}: the root's cache element type"
+        );
+        assert_eq!(g.v.dtype(), kv_dtype.dtype());
         let (gk, wk) = (host(&g.k), host(&w.k));
         let dk = gk
             .iter()
             .zip(&wk)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(dk < 1e-4, "layer {l} keys differ by {dk}");
+        assert!(dk < 1e-4, "{kv_dtype}: layer {l} keys differ by {dk}");
     }
 }
 
@@ -408,6 +433,24 @@ fn f16_storage_where_the_adapter_has_shader_f16() {
         .unwrap();
     let got = ops.significance(&input16).unwrap();
     assert_close("f16 significance", &got, &want, 1e-5);
+    // an f16 KV cache under an f32 model: f32 query, f16 keys
+    let q32 = tensor(&mut rng, [h, hd], &dev);
+    let mixed = SignificanceInput {
+        q_last: &q32,
+        ..input16
+    };
+    let want = TensorOps
+        .significance(&SignificanceInput {
+            keys: &k32,
+            ..mixed
+        })
+        .unwrap();
+    assert_close(
+        "f32 query, f16 keys",
+        &ops.significance(&mixed).unwrap(),
+        &want,
+        1e-5,
+    );
 
     let chunk = ChunkTensors {
         hidden: tensor(&mut rng, [n, 16], &dev).cast(DType::F16),
