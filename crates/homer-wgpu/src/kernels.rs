@@ -26,6 +26,8 @@ const GATHER: &str = include_str!("../../../shaders/gather.wgsl");
 const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
 const SELECT: &str = include_str!("../../../shaders/select.wgsl");
 const ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
+const ATTENTION_SPLIT: &str = include_str!("../../../shaders/attention_split.wgsl");
+const ATTENTION_COMBINE: &str = include_str!("../../../shaders/attention_combine.wgsl");
 const QGEMV: &str = include_str!("../../../shaders/qgemv.wgsl");
 const DEQUANT: &str = include_str!("../../../shaders/dequant.wgsl");
 /// Not a kernel: the block decoding `QGEMV` and `DEQUANT` share (their `{{ block_decode }}`).
@@ -86,7 +88,20 @@ pub struct AttentionJob {
     pub past: u32,
     /// Multiplier of q·k (1/√hd).
     pub scale: f32,
+    /// Split-key attention for a few new rows ([`SplitMode::Auto`]) or always one pass.
+    pub split: SplitMode,
     pub cfg: LaunchCfg,
+}
+
+/// Whether the attention of a few new rows (decode) cuts the keys into spans, one workgroup
+/// each (`attention_split.wgsl`), or runs `attention.wgsl` in one pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SplitMode {
+    /// Split where it applies (up to 4 new rows whose queries fit the workgroup memory).
+    #[default]
+    Auto,
+    /// Always one pass (the tests compare the two).
+    Never,
 }
 
 /// Host inputs of the block kernels (`qgemv`, `dequant`).
@@ -238,6 +253,8 @@ enum Shader {
     Merge,
     Select,
     Attention,
+    AttentionSplit,
+    AttentionCombine,
     Qgemv,
     Dequant,
 }
@@ -255,7 +272,8 @@ struct WgslKernel {
     vec4: bool,
     /// Row widths of the copy kernels' two tensors, in elements (compile-time constants there).
     inner: (u32, u32),
-    /// The attention kernel's head dim, key tile and query rows per workgroup.
+    /// The attention kernel's head dim, key tile and query rows per workgroup; the split
+    /// kernel's head dim, key span and query pairs (G·N).
     attn: (u32, u32, u32),
     /// The block kernels' quant type and (qgemv) rows per workgroup.
     qtype: u32,
@@ -270,6 +288,8 @@ impl KernelSource for WgslKernel {
             Shader::Merge => MERGE,
             Shader::Select => SELECT,
             Shader::Attention => ATTENTION,
+            Shader::AttentionSplit => ATTENTION_SPLIT,
+            Shader::AttentionCombine => ATTENTION_COMBINE,
             Shader::Qgemv => QGEMV,
             Shader::Dequant => DEQUANT,
         };
@@ -299,6 +319,8 @@ impl KernelSource for WgslKernel {
             .register("head_dim", self.attn.0.to_string())
             .register("key_tile", self.attn.1.to_string())
             .register("query_rows", self.attn.2.to_string())
+            .register("key_span", self.attn.1.to_string())
+            .register("pairs", self.attn.2.to_string())
             .register("qtype", self.qtype.to_string())
             .register("rows_per_group", self.gemv_rows.to_string())
     }
@@ -595,6 +617,9 @@ fn attention(q: CubeTensor, k: CubeTensor, v: CubeTensor, job: &AttentionJob) ->
     }
     let wg = job.cfg.workgroup_size.max(1) as usize;
     let group = h / kvh;
+    if let Some(span) = split_key_span(n, group, hd, job.past as usize + n, job.split) {
+        return attention_split(&q, &k, &v, out, job, span);
+    }
     let rows = (wg / group).max(1);
     let info = [
         n as u32,
@@ -623,6 +648,120 @@ fn attention(q: CubeTensor, k: CubeTensor, v: CubeTensor, job: &AttentionJob) ->
             q.handle.clone().binding(),
             k.handle.clone().binding(),
             v.handle.clone().binding(),
+            out.handle.clone().binding(),
+            info.binding(),
+        ]),
+    );
+    out
+}
+
+/// Most new rows split-key attention takes (decode and short appends).
+const SPLIT_MAX_ROWS: usize = 4;
+/// Workgroup memory the split kernel may use for its queries and probabilities (WebGPU's
+/// default limit is 16 KiB).
+const SPLIT_SHARED_BYTES: usize = 12 * 1024;
+
+/// The key span of split-key attention for `n` new rows of GQA groups of `group` heads over
+/// `keys` visible keys, or None where the one-pass kernel runs (more rows, or queries that do
+/// not fit the workgroup memory). Spans of 32 to 256 keys, about 64 of them: enough workgroups
+/// to fill a GPU at any context (spans × KV heads), few enough to merge cheaply.
+pub(crate) fn split_key_span(
+    n: usize,
+    group: usize,
+    head_dim: usize,
+    keys: usize,
+    mode: SplitMode,
+) -> Option<usize> {
+    if mode == SplitMode::Never || n == 0 || n > SPLIT_MAX_ROWS {
+        return None;
+    }
+    let span = keys.div_ceil(64).next_power_of_two().clamp(32, 256);
+    let pairs = group * n;
+    let shared = pairs * (head_dim + span + 1) * 4;
+    (shared <= SPLIT_SHARED_BYTES).then_some(span)
+}
+
+/// Split-key attention (`attention_split.wgsl` + `attention_combine.wgsl`) into `out`.
+fn attention_split(
+    q: &CubeTensor,
+    k: &CubeTensor,
+    v: &CubeTensor,
+    out: CubeTensor,
+    job: &AttentionJob,
+    span: usize,
+) -> CubeTensor {
+    let (sq, sk) = (q.meta.shape().clone(), k.meta.shape().clone());
+    let (h, n, hd) = (sq[0], sq[1], sq[2]);
+    let (kvh, cap) = (sk[0], sk[1]);
+    let spans = (job.past as usize + n).div_ceil(span);
+    let acc = output(
+        q,
+        Shape::new([spans * h * n * hd]),
+        DType::F32,
+        job.cfg.poison,
+    );
+    let ml = output(
+        q,
+        Shape::new([spans * h * n * 2]),
+        DType::F32,
+        job.cfg.poison,
+    );
+    let info = [
+        n as u32,
+        h as u32,
+        kvh as u32,
+        job.past,
+        cap as u32,
+        job.scale.to_bits(),
+    ];
+    let info = upload_u32(q, &info);
+    let wg = 64u32;
+    let kernel = WgslKernel {
+        shader: Shader::AttentionSplit,
+        workgroup_size: wg,
+        f16: element_f16(k.dtype),
+        q_f16: element_f16(q.dtype),
+        vec4: false,
+        inner: (0, 0),
+        attn: (hd as u32, span as u32, ((h / kvh) * n) as u32),
+        qtype: 0,
+        gemv_rows: 1,
+    };
+    q.client.launch(
+        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg))),
+        CubeCount::Static(spans as u32, kvh as u32, 1),
+        KernelArguments::new().with_buffers(vec![
+            q.handle.clone().binding(),
+            k.handle.clone().binding(),
+            v.handle.clone().binding(),
+            acc.handle.clone().binding(),
+            ml.handle.clone().binding(),
+            info.binding(),
+        ]),
+    );
+    let info = upload_u32(q, &[n as u32, h as u32, spans as u32]);
+    let cfg = LaunchCfg {
+        workgroup_size: wg,
+        ..job.cfg
+    };
+    let (x, y) = grid(n * h * hd / 4, cfg);
+    let kernel = WgslKernel {
+        shader: Shader::AttentionCombine,
+        workgroup_size: wg,
+        f16: false,
+        q_f16: false,
+        vec4: false,
+        inner: (0, 0),
+        attn: (hd as u32, 0, 0),
+        qtype: 0,
+        gemv_rows: 1,
+    };
+    q.client.launch(
+        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg))),
+        CubeCount::Static(x, y, 1),
+        KernelArguments::new().with_buffers(vec![
+            acc.handle.clone().binding(),
+            ml.handle.clone().binding(),
             out.handle.clone().binding(),
             info.binding(),
         ]),

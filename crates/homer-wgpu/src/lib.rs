@@ -24,7 +24,7 @@ use homer_model::{DeviceInfo, LayerKv, read_f32};
 
 pub use kernels::{
     AttentionJob, BlockJob, GatherJob, HomerKernels, LaunchCfg, MergeJob, SelectJob,
-    SignificanceJob,
+    SignificanceJob, SplitMode,
 };
 
 /// HOMER's ops as WGSL kernels. Build it for a wgpu device with [`WgslOps::for_device`].
@@ -372,6 +372,7 @@ pub struct WgslAttention {
     max_binding: u64,
     /// The adapter has `shader-f16`: f16 queries or KV buffers are read (else declined).
     shader_f16: bool,
+    split: SplitMode,
     cfg: LaunchCfg,
 }
 
@@ -382,6 +383,7 @@ impl WgslAttention {
         Ok(Self {
             max_binding: ops.max_binding,
             shader_f16: ops.shader_f16,
+            split: SplitMode::Auto,
             cfg: LaunchCfg {
                 workgroup_size: 64,
                 ..ops.cfg
@@ -392,6 +394,13 @@ impl WgslAttention {
     /// Launch settings (tests set `poison` and other workgroup sizes).
     pub fn with_launch(mut self, cfg: LaunchCfg) -> Self {
         self.cfg = cfg;
+        self
+    }
+
+    /// Split-key attention for decode ([`SplitMode::Auto`], the default) or never (tests and
+    /// `homer bench kernels` compare the two).
+    pub fn with_split(mut self, split: SplitMode) -> Self {
+        self.split = split;
         self
     }
 
@@ -445,6 +454,7 @@ impl homer_model::attention::BufferAttention for WgslAttention {
         }
         let hd = q.dims()[2];
         let job = AttentionJob {
+            split: self.split,
             past: past as u32,
             scale: 1.0 / (hd as f32).sqrt(),
             cfg: self.cfg,

@@ -11,7 +11,7 @@ use homer_model::{
     BackendKind, Device, DeviceInfo, KvCache, KvDtype, Llama, LlamaConfig, Logits, WeightDtype,
     read_f32,
 };
-use homer_wgpu::{LaunchCfg, WgslAttention};
+use homer_wgpu::{LaunchCfg, SplitMode, WgslAttention};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -67,9 +67,16 @@ fn wgsl_attention_matches_oracle() {
         (64, 1, 8),
         (5, 5, 36),
     ] {
-        for &wg in &[64u32, 32] {
+        // the one-pass kernel at two workgroup sizes, and split-key attention (decode: up to 4
+        // new rows, spans of 32..256 keys) where it applies
+        for &(wg, split) in &[
+            (64u32, SplitMode::Never),
+            (32, SplitMode::Never),
+            (64, SplitMode::Auto),
+        ] {
             let kernel = WgslAttention::for_device(&info)
                 .unwrap()
+                .with_split(split)
                 .with_launch(LaunchCfg {
                     workgroup_size: wg,
                     max_workgroups: 4096,
@@ -81,7 +88,14 @@ fn wgsl_attention_matches_oracle() {
                 (1, 23, 9),
                 (77, 130, 0),
                 (300, 1, 5),
+                (31, 1, 0),
+                (1000, 3, 40),
+                (2100, 1, 0),
+                (5000, 4, 7),
             ] {
+                if split == SplitMode::Auto && n > 4 {
+                    continue; // the one-pass kernel, checked above
+                }
                 let cap = past + n + spare;
                 let q: Tensor<3> = Tensor::from_data(
                     TensorData::new(
@@ -94,7 +108,8 @@ fn wgsl_attention_matches_oracle() {
                 );
                 let k = buffer(&mut rng, kv, cap, hd, past + n, &dev);
                 let v = buffer(&mut rng, kv, cap, hd, past + n, &dev);
-                let what = format!("h {h} kv {kv} hd {hd} wg {wg} past {past} n {n} cap {cap}");
+                let what =
+                    format!("h {h} kv {kv} hd {hd} wg {wg} {split:?} past {past} n {n} cap {cap}");
                 if h / kv > wg as usize {
                     let why = kernel.refusal(&q, &k, past);
                     assert!(
@@ -143,7 +158,7 @@ fn wgsl_attention_matches_oracle() {
             }
         }
     }
-    assert!(checked >= 100, "only {checked} cases ran");
+    assert!(checked >= 200, "only {checked} cases ran");
 }
 
 #[test]
