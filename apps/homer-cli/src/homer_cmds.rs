@@ -253,6 +253,8 @@ pub fn prefill(
             sampling: SamplingParams::default(),
             stop_strings: vec![],
             stop_at_eos: false,
+            loop_ngram: 0,
+            penalise_prompt: false,
         };
         let g = engine
             .decode(

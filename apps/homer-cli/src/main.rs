@@ -90,6 +90,13 @@ struct SampleArgs {
     /// Keep generating past end-of-sequence tokens
     #[arg(long)]
     ignore_eos: bool,
+    /// Stop when the answer's last N tokens repeat earlier ones (the repeat is cut); 0 = off
+    #[arg(long, default_value_t = homer_engine::DEFAULT_LOOP_NGRAM)]
+    loop_ngram: usize,
+    /// The repetition penalty also counts the prompt's tokens (transformers' behaviour; by
+    /// default only the answer's)
+    #[arg(long)]
+    penalise_prompt: bool,
 }
 
 impl SampleArgs {
@@ -106,6 +113,8 @@ impl SampleArgs {
             },
             stop_strings: self.stop.clone(),
             stop_at_eos: !self.ignore_eos,
+            loop_ngram: self.loop_ngram,
+            penalise_prompt: self.penalise_prompt,
         }
     }
 }

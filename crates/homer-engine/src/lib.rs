@@ -150,7 +150,18 @@ pub struct GenerateParams {
     pub stop_strings: Vec<String>,
     /// Stop at the model's end-of-sequence ids.
     pub stop_at_eos: bool,
+    /// Stop a degenerate loop: when the answer's last `loop_ngram` tokens already occurred
+    /// earlier in the answer, the repeat is cut and generation ends ([`StopReason::Repeat`]).
+    /// Streaming holds back that many tokens' text. 0 = off.
+    pub loop_ngram: usize,
+    /// The repetition penalty also counts the prompt's tokens (as transformers does); by
+    /// default it looks at the answer only, so quoting the document is not penalised.
+    pub penalise_prompt: bool,
 }
+
+/// Default [`GenerateParams::loop_ngram`]: 16 tokens (two lines of a verse, a sentence) repeated
+/// word for word is a loop in a short answer, not a quotation.
+pub const DEFAULT_LOOP_NGRAM: usize = 16;
 
 impl Default for GenerateParams {
     fn default() -> Self {
@@ -159,8 +170,21 @@ impl Default for GenerateParams {
             sampling: SamplingParams::default(),
             stop_strings: vec![],
             stop_at_eos: true,
+            loop_ngram: DEFAULT_LOOP_NGRAM,
+            penalise_prompt: false,
         }
     }
+}
+
+/// Where `ids` ends in a repeat: when its last `n` tokens already occur earlier (an earlier start,
+/// overlapping allowed), the number of tokens to keep (everything before that last n-gram).
+pub fn repeat_cut(ids: &[u32], n: usize) -> Option<usize> {
+    if n == 0 || ids.len() <= n {
+        return None;
+    }
+    let start = ids.len() - n;
+    let tail = &ids[start..];
+    (0..start).any(|j| &ids[j..j + n] == tail).then_some(start)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -168,6 +192,8 @@ impl Default for GenerateParams {
 pub enum StopReason {
     Eos,
     StopString,
+    /// The answer started repeating itself ([`GenerateParams::loop_ngram`]); the repeat was cut.
+    Repeat,
     MaxTokens,
     Cancelled,
 }
@@ -350,8 +376,8 @@ impl Engine {
     }
 
     /// Continue from a prefilled `cache` whose next-token logits are `logits`: sample, stream,
-    /// stop at EOS / stop strings / `max_tokens` / cancellation. `history` (the prompt) feeds the
-    /// repetition penalty. `prefill_secs` of the result is 0; callers fill it in.
+    /// stop at EOS / stop strings / a loop / `max_tokens` / cancellation. `history` is the
+    /// prompt (the repetition penalty counts it with `penalise_prompt`). `prefill_secs` of the result is 0; callers fill it in.
     pub fn decode(
         &self,
         mut logits: Vec<f32>,
@@ -370,8 +396,14 @@ impl Engine {
             .min(self.model.config.max_position_embeddings);
         cache.reserve_total(cache.len() + budget, &self.model.device);
         let mut sampler = sampling::Sampler::new(params.sampling.clone());
-        let mut history = history.to_vec();
         let prompt_tokens = history.len();
+        let mut history = if params.penalise_prompt {
+            history.to_vec()
+        } else {
+            Vec::new()
+        };
+        // Bytes of `text` after each generated token (ends[k] = after k tokens).
+        let mut ends = vec![0usize];
         let mut stream = TokenStream::new(&self.tokenizer);
         let mut text = String::new();
         let mut out = Vec::new();
@@ -398,6 +430,13 @@ impl Engine {
             if let Some(piece) = stream.push(next)? {
                 text.push_str(&piece);
             }
+            ends.push(text.len());
+            if let Some(keep) = repeat_cut(&out, params.loop_ngram) {
+                out.truncate(keep);
+                text.truncate(ends[keep]);
+                stop = StopReason::Repeat;
+                break;
+            }
             if let Some(pos) = params
                 .stop_strings
                 .iter()
@@ -408,10 +447,18 @@ impl Engine {
                 stop = StopReason::StopString;
                 break;
             }
-            // Hold back a tail that could still become a stop string.
+            // Hold back a tail that could still become a stop string, and the last
+            // `loop_ngram` tokens' text, which a detected repeat would cut.
+            let unsure = if params.loop_ngram > 0 {
+                ends[out.len().saturating_sub(params.loop_ngram)]
+            } else {
+                text.len()
+            };
             let safe = floor_char_boundary(
                 &text,
-                text.len().saturating_sub(max_stop_len.saturating_sub(1)),
+                text.len()
+                    .saturating_sub(max_stop_len.saturating_sub(1))
+                    .min(unsure),
             );
             if safe > emitted {
                 on_text(&text[emitted..safe]);
@@ -422,7 +469,7 @@ impl Engine {
             }
             logits = self.model.decode_step(next, &mut cache)?;
         }
-        if stop != StopReason::StopString {
+        if !matches!(stop, StopReason::StopString | StopReason::Repeat) {
             if let Some(rest) = stream.finish()? {
                 text.push_str(&rest);
             }
@@ -452,4 +499,21 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
         i -= 1;
     }
     i
+}
+
+#[cfg(test)]
+mod loop_tests {
+    use super::repeat_cut;
+
+    #[test]
+    fn repeat_cut_finds_the_last_ngram_earlier() {
+        // a b c d a b c → the last 3 (a b c) occurred at 0: keep 4
+        assert_eq!(repeat_cut(&[1, 2, 3, 4, 1, 2, 3], 3), Some(4));
+        assert_eq!(repeat_cut(&[1, 2, 3, 4, 1, 2, 5], 3), None);
+        // overlapping: x x x x with n 3 → the last 3 occurred at 0
+        assert_eq!(repeat_cut(&[7, 7, 7, 7], 3), Some(1));
+        assert_eq!(repeat_cut(&[7, 7, 7], 3), None);
+        assert_eq!(repeat_cut(&[1, 2], 0), None);
+        assert_eq!(repeat_cut(&[], 2), None);
+    }
 }

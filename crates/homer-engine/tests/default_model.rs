@@ -222,6 +222,62 @@ fn stop_strings_and_eos_end_generation() {
     assert!(matches!(e, homer_engine::EngineError::Cancelled));
 }
 
+/// A degenerate loop ends the answer: greedy continuation of a repeating list repeats it; with
+/// `loop_ngram` set, generation stops where the first repeated n-gram of the answer begins (the
+/// answer is the loop-free prefix of the unguarded one), and the streamed text is exactly the
+/// answer — nothing streamed is taken back.
+#[test]
+fn a_repeating_answer_is_cut_where_the_repeat_begins() {
+    let engine = Engine::load(Some(&model_path()), BackendKind::Cpu, &mut |_| {}).unwrap();
+    let cancel = AtomicBool::new(false);
+    let prompt = engine
+        .tokenizer
+        .encode(
+            "The list: one, two, three, one, two, three, one, two, three,",
+            true,
+        )
+        .unwrap();
+    let run = |n| {
+        let p = GenerateParams {
+            max_tokens: 48,
+            stop_at_eos: false,
+            loop_ngram: n,
+            ..Default::default()
+        };
+        let mut streamed = String::new();
+        let g = engine
+            .generate(&prompt, &p, &cancel, &mut |_| {}, &mut |t| {
+                streamed.push_str(t)
+            })
+            .unwrap();
+        assert_eq!(
+            streamed, g.text,
+            "loop_ngram {n}: streamed text is the answer"
+        );
+        g
+    };
+    let free = run(0);
+    assert_eq!(free.ids.len(), 48);
+    assert_eq!(free.stop, homer_engine::StopReason::MaxTokens);
+    for n in [4usize, 7, 16] {
+        let want = (n + 1..=free.ids.len())
+            .find_map(|k| homer_engine::repeat_cut(&free.ids[..k], n))
+            .unwrap_or_else(|| panic!("the unguarded answer never repeats {n} tokens"));
+        let g = run(n);
+        assert_eq!(g.stop, homer_engine::StopReason::Repeat, "n {n}");
+        assert_eq!(g.ids, free.ids[..want], "n {n}");
+        assert_eq!(
+            g.text,
+            engine.tokenizer.decode(&g.ids, true).unwrap(),
+            "n {n}"
+        );
+        assert!(homer_engine::repeat_cut(&g.ids, n).is_none());
+    }
+    // the default guard (16 tokens) keeps one round of the list
+    let g = run(homer_engine::DEFAULT_LOOP_NGRAM);
+    assert_eq!(g.text, " one, two, three,");
+}
+
 /// HOMER on the default model on wgpu, a document of a few chunks: the WGSL kernels and the
 /// tensor-op oracle keep the same tokens and give the same next-token logits.
 #[test]

@@ -197,6 +197,8 @@ pub fn run_method(
         } else {
             vec![]
         },
+        // The evaluation scores what the model writes, loops included (as its recorded runs).
+        loop_ngram: 0,
         ..Default::default()
     };
     let all = prompt.concatenated();
