@@ -377,7 +377,8 @@ impl Engine {
 
     /// Continue from a prefilled `cache` whose next-token logits are `logits`: sample, stream,
     /// stop at EOS / stop strings / a loop / `max_tokens` / cancellation. `history` is the
-    /// prompt (the repetition penalty counts it with `penalise_prompt`). `prefill_secs` of the result is 0; callers fill it in.
+    /// prompt (the repetition penalty counts it with `penalise_prompt`). `prefill_secs` of the
+    /// result is 0; callers fill it in.
     pub fn decode(
         &self,
         mut logits: Vec<f32>,

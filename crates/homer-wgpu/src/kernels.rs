@@ -678,7 +678,8 @@ pub(crate) fn split_key_span(
     let span = keys.div_ceil(64).next_power_of_two().clamp(32, 256);
     let pairs = group * n;
     let shared = pairs * (head_dim + span + 1) * 4;
-    (shared <= SPLIT_SHARED_BYTES).then_some(span)
+    // One grid row of spans (x ≤ 65,535 workgroups).
+    (shared <= SPLIT_SHARED_BYTES && keys.div_ceil(span) <= 65_535).then_some(span)
 }
 
 /// Split-key attention (`attention_split.wgsl` + `attention_combine.wgsl`) into `out`.
@@ -970,6 +971,24 @@ impl HomerKernels for CubeBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_key_span_grows_with_the_context_and_declines_what_does_not_fit() {
+        use super::{SplitMode, split_key_span};
+        let span = |n, g, hd, keys| split_key_span(n, g, hd, keys, SplitMode::Auto);
+        // about 64 spans of 32..256 keys
+        assert_eq!(span(1, 3, 64, 1), Some(32));
+        assert_eq!(span(1, 3, 64, 2048), Some(32));
+        assert_eq!(span(1, 3, 64, 2049), Some(64));
+        assert_eq!(span(1, 3, 64, 16_384), Some(256));
+        assert_eq!(span(4, 1, 128, 1 << 20), Some(256));
+        // more than 4 rows, queries beyond the workgroup memory, too many spans, or Never
+        assert_eq!(span(5, 1, 64, 100), None);
+        assert_eq!(span(4, 64, 8, 100), None);
+        assert_eq!(span(1, 1, 64, 256 * 65_536), None);
+        assert_eq!(span(0, 3, 64, 100), None);
+        assert_eq!(split_key_span(1, 3, 64, 100, SplitMode::Never), None);
+    }
 
     #[test]
     fn grid_covers_every_element_within_the_trip_and_x_limits() {
