@@ -615,12 +615,7 @@ fn attention(q: CubeTensor, k: CubeTensor, v: CubeTensor, job: &AttentionJob) ->
     if n == 0 {
         return out;
     }
-    let wg = job.cfg.workgroup_size.max(1) as usize;
-    let group = h / kvh;
-    if let Some(span) = split_key_span(n, group, hd, job.past as usize + n, job.split) {
-        return attention_split(&q, &k, &v, out, job, span);
-    }
-    let rows = (wg / group).max(1);
+    // The header both attention shaders read.
     let info = [
         n as u32,
         h as u32,
@@ -630,17 +625,25 @@ fn attention(q: CubeTensor, k: CubeTensor, v: CubeTensor, job: &AttentionJob) ->
         job.scale.to_bits(),
     ];
     let info = upload_u32(&q, &info);
-    let kernel = WgslKernel {
-        shader: Shader::Attention,
-        workgroup_size: wg as u32,
-        f16,
-        q_f16: element_f16(q.dtype),
-        vec4: false, // the shader declares its own vec4s of {{ elem }}
-        inner: (0, 0),
-        attn: (hd as u32, attention_key_tile(hd) as u32, rows as u32),
-        qtype: 0,
-        gemv_rows: 1,
-    };
+    let elems = (f16, element_f16(q.dtype));
+    let wg = job.cfg.workgroup_size.max(1) as usize;
+    let group = h / kvh;
+    if let Some(span) = split_key_span(n, group, hd, job.past as usize + n, job.split) {
+        let kernel = attention_kernel(
+            Shader::AttentionSplit,
+            SPLIT_WORKGROUP,
+            elems,
+            (hd as u32, span as u32, (group * n) as u32),
+        );
+        return attention_split(&q, &k, &v, out, info, kernel, job);
+    }
+    let rows = (wg / group).max(1);
+    let kernel = attention_kernel(
+        Shader::Attention,
+        wg as u32,
+        elems,
+        (hd as u32, attention_key_tile(hd) as u32, rows as u32),
+    );
     q.client.launch(
         Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg as u32))),
         CubeCount::Static(n.div_ceil(rows) as u32, kvh as u32, 1),
@@ -654,6 +657,30 @@ fn attention(q: CubeTensor, k: CubeTensor, v: CubeTensor, job: &AttentionJob) ->
     );
     out
 }
+
+/// An attention shader's kernel: element types (keys/values, query) and its `attn` constants.
+/// The shaders declare their own vec4s of the element types.
+fn attention_kernel(
+    shader: Shader,
+    wg: u32,
+    (f16, q_f16): (bool, bool),
+    attn: (u32, u32, u32),
+) -> WgslKernel {
+    WgslKernel {
+        shader,
+        workgroup_size: wg,
+        f16,
+        q_f16,
+        vec4: false,
+        inner: (0, 0),
+        attn,
+        qtype: 0,
+        gemv_rows: 1,
+    }
+}
+
+/// Workgroup size of both split-key attention shaders.
+const SPLIT_WORKGROUP: u32 = 64;
 
 /// Most new rows split-key attention takes (decode and short appends).
 const SPLIT_MAX_ROWS: usize = 4;
@@ -682,19 +709,21 @@ pub(crate) fn split_key_span(
     (shared <= SPLIT_SHARED_BYTES && keys.div_ceil(span) <= 65_535).then_some(span)
 }
 
-/// Split-key attention (`attention_split.wgsl` + `attention_combine.wgsl`) into `out`.
+/// Split-key attention (`attention_split.wgsl` + `attention_combine.wgsl`) into `out`:
+/// `kernel` is the split pass (its `attn` holds the head dim and key span), `info` the header
+/// the one-pass kernel would have read.
 fn attention_split(
     q: &CubeTensor,
     k: &CubeTensor,
     v: &CubeTensor,
     out: CubeTensor,
+    info: cubecl::server::Handle,
+    kernel: WgslKernel,
     job: &AttentionJob,
-    span: usize,
 ) -> CubeTensor {
-    let (sq, sk) = (q.meta.shape().clone(), k.meta.shape().clone());
-    let (h, n, hd) = (sq[0], sq[1], sq[2]);
-    let (kvh, cap) = (sk[0], sk[1]);
-    let spans = (job.past as usize + n).div_ceil(span);
+    let [h, n, hd] = [0, 1, 2].map(|d| q.meta.shape()[d]);
+    let kvh = k.meta.shape()[0];
+    let spans = (job.past as usize + n).div_ceil(kernel.attn.1 as usize);
     let acc = output(
         q,
         Shape::new([spans * h * n * hd]),
@@ -707,27 +736,7 @@ fn attention_split(
         DType::F32,
         job.cfg.poison,
     );
-    let info = [
-        n as u32,
-        h as u32,
-        kvh as u32,
-        job.past,
-        cap as u32,
-        job.scale.to_bits(),
-    ];
-    let info = upload_u32(q, &info);
-    let wg = 64u32;
-    let kernel = WgslKernel {
-        shader: Shader::AttentionSplit,
-        workgroup_size: wg,
-        f16: element_f16(k.dtype),
-        q_f16: element_f16(q.dtype),
-        vec4: false,
-        inner: (0, 0),
-        attn: (hd as u32, span as u32, ((h / kvh) * n) as u32),
-        qtype: 0,
-        gemv_rows: 1,
-    };
+    let wg = SPLIT_WORKGROUP;
     q.client.launch(
         Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg))),
         CubeCount::Static(spans as u32, kvh as u32, 1),
@@ -746,17 +755,12 @@ fn attention_split(
         ..job.cfg
     };
     let (x, y) = grid(n * h * hd / 4, cfg);
-    let kernel = WgslKernel {
-        shader: Shader::AttentionCombine,
-        workgroup_size: wg,
-        f16: false,
-        q_f16: false,
-        vec4: false,
-        inner: (0, 0),
-        attn: (hd as u32, 0, 0),
-        qtype: 0,
-        gemv_rows: 1,
-    };
+    let kernel = attention_kernel(
+        Shader::AttentionCombine,
+        wg,
+        (false, false),
+        (hd as u32, 0, 0),
+    );
     q.client.launch(
         Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg))),
         CubeCount::Static(x, y, 1),

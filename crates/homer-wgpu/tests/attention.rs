@@ -119,42 +119,36 @@ fn wgsl_attention_matches_oracle() {
                     assert!(kernel.attend(&q, &k, &v, past).is_none());
                     continue;
                 }
-                let got = read_f32(kernel.attend(&q, &k, &v, past).expect(&what)).unwrap();
-                let filled = |t: &Tensor<3>| t.clone().slice([0..kv, 0..past + n, 0..hd]);
-                let want = read_f32(causal_attention(q.clone(), &filled(&k), &filled(&v))).unwrap();
-                assert_eq!(got.len(), n * h * hd, "{what}");
-                assert!(
-                    got.iter().all(|x| x.is_finite()),
-                    "{what}: unwritten or NaN output"
-                );
-                let e = max_err(&got, &want);
-                assert!(e < 1e-4, "{what}: max error {e}");
-                checked += 1;
-                // an f16 KV buffer (`--kv-dtype f16`) under the f32 query: the same sums over
-                // the f16-rounded keys and values (NaN tail included)
+                // the f32 buffers, then an f16 KV buffer (`--kv-dtype f16`) under the f32 query:
+                // the same sums over the f16-rounded keys and values (NaN tail included)
                 let (k16, v16) = (k.clone().cast(DType::F16), v.clone().cast(DType::F16));
-                let got = kernel.attend(&q, &k16, &v16, past);
-                if !info.shader_f16 {
+                for (kb, vb, dtype) in [(&k, &v, "f32"), (&k16, &v16, "f16")] {
+                    let what = format!("{what} {dtype} KV");
+                    let got = kernel.attend(&q, kb, vb, past);
+                    if dtype == "f16" && !info.shader_f16 {
+                        assert!(
+                            got.is_none(),
+                            "{what}: f16 without shader-f16 must be declined"
+                        );
+                        continue;
+                    }
+                    let got = read_f32(got.expect(&what)).unwrap();
+                    let filled = |t: &Tensor<3>| {
+                        t.clone()
+                            .slice([0..kv, 0..past + n, 0..hd])
+                            .cast(DType::F32)
+                    };
+                    let want =
+                        read_f32(causal_attention(q.clone(), &filled(kb), &filled(vb))).unwrap();
+                    assert_eq!(got.len(), n * h * hd, "{what}");
                     assert!(
-                        got.is_none(),
-                        "{what}: f16 without shader-f16 must be declined"
+                        got.iter().all(|x| x.is_finite()),
+                        "{what}: unwritten or NaN output"
                     );
-                    continue;
+                    let e = max_err(&got, &want);
+                    assert!(e < 1e-4, "{what}: max error {e}");
+                    checked += 1;
                 }
-                let got = read_f32(got.expect(&what)).unwrap();
-                let want = read_f32(causal_attention(
-                    q.clone(),
-                    &filled(&k16).cast(DType::F32),
-                    &filled(&v16).cast(DType::F32),
-                ))
-                .unwrap();
-                assert!(
-                    got.iter().all(|x| x.is_finite()),
-                    "{what} f16: unwritten output"
-                );
-                let e = max_err(&got, &want);
-                assert!(e < 1e-4, "{what} f16 KV: max error {e}");
-                checked += 1;
             }
         }
     }
