@@ -155,6 +155,33 @@ pub enum EvalCmd {
         #[arg(long)]
         ablation_length: Option<usize>,
     },
+    /// Readability bench (issue 15): the plain model reads HOMER's kept set and other
+    /// selections of each passkey prompt at HOMER's budget (or fractions of it)
+    Replay {
+        #[command(flatten)]
+        args: EvalArgs,
+        #[arg(long, value_delimiter = ',', default_value = "16384,32768")]
+        lengths: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "0.1,0.3,0.5,0.7,0.9")]
+        depths: Vec<f64>,
+        #[arg(long, default_value_t = 1)]
+        trials: usize,
+        /// classic ("The grass is green. …"), or a KJV text file (scripts/fetch-kjv): its
+        /// verses, one a line, without labels
+        #[arg(long, default_value = "classic")]
+        filler: String,
+        /// homer (HOMER's kept set), whole (needle + whole sentences), shredded (needle + 1–2
+        /// token runs), or a selection unit: token, poolK, spanL, sentence (-mean for a mean)
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "homer,whole,shredded,token,pool7,span16,sentence"
+        )]
+        selections: Vec<String>,
+        /// Budgets as fractions of HOMER's final kept context
+        #[arg(long, value_delimiter = ',', default_value = "1,0.25")]
+        budgets: Vec<f64>,
+    },
     /// Rebuild results.md and the plots from the records in --out
     Report {
         #[arg(long, default_value = "results")]
@@ -405,6 +432,42 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
             .map_err(e)?;
             println!("{}", p.display());
             Ok(())
+        }
+        EvalCmd::Replay {
+            args,
+            lengths,
+            depths,
+            trials,
+            filler,
+            selections,
+            budgets,
+        } => {
+            let mut engine = engine_for(&args)?;
+            let s = settings(&engine, &args)?;
+            if let Some(b) = budgets.iter().find(|&&b| !(b > 0.0 && b <= 1.0)) {
+                return Err(format!("--budgets {b}: each must lie in (0, 1]"));
+            }
+            let filler = if filler == "classic" {
+                homer_engine::passkey::Filler::Classic
+            } else {
+                let verses =
+                    homer_eval::text::read_verses(std::path::Path::new(&filler)).map_err(e)?;
+                homer_engine::passkey::Filler::Lines(std::sync::Arc::new(
+                    verses.into_iter().map(|v| v.text).collect(),
+                ))
+            };
+            let spec = homer_eval::replay::ReplaySpec {
+                lengths,
+                depths,
+                trials,
+                filler,
+                selections,
+                budgets,
+            };
+            let mut st = Store::open(&s.out_dir, "replay").map_err(e)?;
+            homer_eval::replay::run(&mut engine, &s, &spec, &mut st, &cancel).map_err(e)?;
+            print!("{}", homer_eval::replay::table(st.records()));
+            finish(&s.out_dir, "replay")
         }
         EvalCmd::Report { out } => {
             let p = homer_eval::report::write(&out).map_err(e)?;

@@ -319,12 +319,18 @@ impl Engine {
     ) -> Result<homer::HomerOutput> {
         // HOMER's chunks use local positions; dynamic NTK follows them (no whole-prompt length).
         self.model.set_rope_seq_len(0);
+        let units = if config.selection.unit.needs_units() {
+            Some(self.tokenizer.sentence_units(&prompt.context)?)
+        } else {
+            None
+        };
         Ok(homer::homer_prefill(
             &self.model,
             HomerInput {
                 prefix: &prompt.prefix,
                 context: &prompt.context,
                 suffix: &prompt.suffix,
+                units: units.as_deref(),
             },
             config,
             ops,

@@ -43,6 +43,27 @@ impl std::str::FromStr for PasskeyFormat {
     }
 }
 
+/// The text the needle hides in.
+#[derive(Debug, Clone, Default)]
+pub enum Filler {
+    /// "The grass is green. The sky is blue. …" repeated (the classic task).
+    #[default]
+    Classic,
+    /// Consecutive lines of a text (KJV verses), from a start drawn from the seed; the needle is
+    /// a line of its own between two of them.
+    Lines(std::sync::Arc<Vec<String>>),
+}
+
+impl Filler {
+    /// A short name for records and tables: "classic" or "lines".
+    pub fn name(&self) -> &'static str {
+        match self {
+            Filler::Classic => "classic",
+            Filler::Lines(_) => "lines",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PasskeySample {
     pub prompt: DocPrompt,
@@ -51,6 +72,8 @@ pub struct PasskeySample {
     pub depth: f64,
     /// Context token index where the needle line starts.
     pub needle_token: usize,
+    /// Context token index just past the needle line.
+    pub needle_end: usize,
 }
 
 /// The first run of ASCII digits in `text`.
@@ -72,6 +95,18 @@ impl Engine {
         depth: f64,
         seed: u64,
         format: PasskeyFormat,
+    ) -> Result<PasskeySample> {
+        self.passkey_sample_in(length, depth, seed, format, &Filler::Classic)
+    }
+
+    /// [`Engine::passkey_sample`] with the needle hidden in `filler`.
+    pub fn passkey_sample_in(
+        &self,
+        length: usize,
+        depth: f64,
+        seed: u64,
+        format: PasskeyFormat,
+        filler: &Filler,
     ) -> Result<PasskeySample> {
         if !(0.0..=1.0).contains(&depth) {
             return Err(EngineError::Setting(format!(
@@ -105,20 +140,77 @@ impl Engine {
                 )
             }
         };
-        let needle = format!("The pass key is {passkey}. Remember it. {passkey} is the pass key. ");
-        let unit = self.tokenizer.encode(FILLER, false)?.len().max(1);
+        let needle = format!("The pass key is {passkey}. Remember it. {passkey} is the pass key.");
         let budget = length.saturating_sub(prefix.len() + suffix.len());
         let needle_len = self.tokenizer.encode(&needle, false)?.len();
-        let mut repeats = budget.saturating_sub(needle_len) / unit;
-        // Tokenise the real text and trim repeats until it fits the budget.
+        // `pieces` units of filler with the needle after `before` of them: the text and the
+        // needle's byte range in it.
+        let lines: Vec<String>;
+        let (unit, pieces_max, build): (
+            usize,
+            usize,
+            Box<dyn Fn(usize, usize) -> (String, usize)>,
+        ) = match filler {
+            Filler::Classic => (
+                self.tokenizer.encode(FILLER, false)?.len().max(1),
+                usize::MAX,
+                Box::new(|pieces, before| {
+                    let head = FILLER.repeat(before);
+                    let text = format!("{head}{needle} {}", FILLER.repeat(pieces - before));
+                    (text.trim_end().to_string(), head.len())
+                }),
+            ),
+            Filler::Lines(all) => {
+                if all.is_empty() {
+                    return Err(EngineError::Setting(
+                        "the passkey filler text has no lines".into(),
+                    ));
+                }
+                // Enough consecutive lines (wrapping around) for the budget at ≥ 1 token
+                // a line, from a seeded start.
+                let start = rng.random_range(0..all.len());
+                let want = budget.min(all.len() * 4).max(1);
+                lines = (0..want)
+                    .map(|i| all[(start + i) % all.len()].clone())
+                    .collect();
+                let sample_tokens = self
+                    .tokenizer
+                    .encode(&lines[..lines.len().min(64)].join("\n"), false)?
+                    .len();
+                let per_line = sample_tokens.div_ceil(lines.len().min(64)).max(1);
+                let lines = &lines;
+                let needle = needle.as_str();
+                (
+                    per_line,
+                    lines.len(),
+                    Box::new(move |pieces, before| {
+                        let mut head = lines[..before].join("\n");
+                        if before > 0 {
+                            head.push('\n');
+                        }
+                        let mut text = format!("{head}{needle}");
+                        for l in &lines[before..pieces] {
+                            text.push('\n');
+                            text.push_str(l);
+                        }
+                        (text, head.len())
+                    }),
+                )
+            }
+        };
+        let mut repeats = (budget.saturating_sub(needle_len) / unit).min(pieces_max);
+        // Tokenise the real text and trim pieces until it fits the budget (big steps first).
         loop {
             let before_n = ((repeats as f64) * depth).round() as usize;
-            let head = FILLER.repeat(before_n);
-            let text = format!("{head}{needle}{}", FILLER.repeat(repeats - before_n));
-            let (context, offsets) = self.tokenizer.encode_with_offsets(text.trim_end())?;
+            let (text, head_len) = build(repeats, before_n);
+            let (context, offsets) = self.tokenizer.encode_with_offsets(&text)?;
             if context.len() <= budget || repeats == 0 {
-                // The first token that reaches into the needle.
-                let needle_token = offsets.iter().position(|o| o.1 > head.len()).unwrap_or(0);
+                // The first token that reaches into the needle, and the first past it.
+                let needle_token = offsets.iter().position(|o| o.1 > head_len).unwrap_or(0);
+                let needle_end = offsets
+                    .iter()
+                    .position(|o| o.0 >= head_len + needle.len())
+                    .unwrap_or(context.len());
                 return Ok(PasskeySample {
                     prompt: DocPrompt {
                         prefix,
@@ -129,9 +221,11 @@ impl Engine {
                     passkey,
                     depth,
                     needle_token,
+                    needle_end,
                 });
             }
-            repeats -= 1;
+            let over = context.len() - budget;
+            repeats = repeats.saturating_sub((over / unit / 2).max(1));
         }
     }
 }

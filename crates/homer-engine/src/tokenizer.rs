@@ -23,6 +23,9 @@ use tokenizers::{
 
 use crate::error::{EngineError, Result};
 
+/// The longest sentence unit, in tokens: longer sentences (or lines) are split.
+pub const MAX_SENTENCE_TOKENS: usize = 64;
+
 /// A tokenizer plus the facts generation and prompting need.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -258,6 +261,16 @@ impl Tokenizer {
         self.inner
             .decode(ids, skip_special)
             .map_err(|e| tok_err(&self.source, e))
+    }
+
+    /// The sentence unit of every token of a document ([`homer::select::sentence_units`], units
+    /// of at most [`MAX_SENTENCE_TOKENS`] tokens), from each token's own text.
+    pub fn sentence_units(&self, ids: &[u32]) -> Result<Vec<u32>> {
+        let texts = ids
+            .iter()
+            .map(|&id| self.decode(&[id], false))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(homer::select::sentence_units(&texts, MAX_SENTENCE_TOKENS))
     }
 
     pub fn token_str(&self, id: u32) -> String {

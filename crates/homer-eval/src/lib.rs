@@ -13,6 +13,7 @@ pub mod passkey;
 pub mod perplexity;
 pub mod plot;
 pub mod qa;
+pub mod replay;
 pub mod report;
 pub mod store;
 pub mod text;

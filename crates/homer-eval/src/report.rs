@@ -565,6 +565,19 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
         md += &crate::cost::table(&cost_all, &order);
         md += "\n![cost](cost.png)\n\n";
     }
+    let rep = load("replay")?;
+    if !rep.is_empty() {
+        md += "## Readability replay (issue 15)\n\nHOMER runs once per passkey prompt; then the \
+               plain model reads prefix + a selection of the context (document order, fresh \
+               positions) + suffix. `homer-tree` is HOMER's own answer, `homer` its kept set \
+               replayed, `whole` the needle plus random whole sentences, `shredded` the needle \
+               plus as many filler tokens in runs of 1–2, and the selection units are applied \
+               once to the leaves' scores. Budget: fraction of HOMER's final kept context. Cells: \
+               keys found · mean runs of consecutive tokens · mean tokens · needle kept \
+               whole.\n\n";
+        md += &crate::replay::table(&rep);
+        md += "\n";
+    }
     let abl = load("ablation")?;
     if !abl.is_empty() {
         md += "## Ablations (spec §10), on passkey\n\nHOMER with calibrated significance (the \

@@ -314,6 +314,7 @@ fn prefill(
             prefix: p,
             context: c,
             suffix: s,
+            units: None,
         },
         cfg,
         ops,
@@ -345,18 +346,35 @@ fn homer_prefill_both_ways(model: &Llama, info: &DeviceInfo, kv_dtype: KvDtype) 
     for (i, b) in bias.data.iter_mut().enumerate() {
         *b = ((i % 64) as f32 * 0.29).cos() * 0.4;
     }
-    let cfg = HomerConfig {
+    let mut cfg = HomerConfig {
         chunk_len: 24,
         target_len: None,
         warmup_layers: 2,
         max_initial_chunk_len: None,
         bias: Some(Arc::new(bias)),
         scoring: Scoring::Attention,
+        selection: Default::default(),
         next_position: NextPosition::AfterLast,
     };
+    // The paper's per-token selection, then whole spans (nodes may keep fewer rows than planned,
+    // so the kernels see parents built from under-filled children).
+    for unit in [
+        homer::Unit::Token,
+        homer::Unit::Span {
+            len: 3,
+            agg: homer::Agg::Max,
+        },
+    ] {
+        cfg.selection = homer::Selection { unit };
+        prefill_both_ways_with(model, info, kv_dtype, &cfg);
+    }
+}
+
+fn prefill_both_ways_with(model: &Llama, info: &DeviceInfo, kv_dtype: KvDtype, cfg: &HomerConfig) {
+    let unit = cfg.selection.unit;
     let (p, c, s) = (ids(3, 1), ids(100, 2), ids(4, 3));
-    let want = prefill(model, &TensorOps, &cfg, &p, &c, &s);
-    let got = prefill(model, &poisoned_ops(info, 32, 4), &cfg, &p, &c, &s);
+    let want = prefill(model, &TensorOps, cfg, &p, &c, &s);
+    let got = prefill(model, &poisoned_ops(info, 32, 4), cfg, &p, &c, &s);
     assert_eq!(want.plan.n_chunks, 8);
     assert!(
         want.trace
@@ -368,7 +386,7 @@ fn homer_prefill_both_ways(model: &Llama, info: &DeviceInfo, kv_dtype: KvDtype) 
     );
     assert_eq!(
         got.trace.kept, want.trace.kept,
-        "{kv_dtype}: kept context tokens"
+        "{kv_dtype} {unit}: kept context tokens"
     );
     assert_eq!(got.positions, want.positions);
     let d = got
@@ -377,7 +395,7 @@ fn homer_prefill_both_ways(model: &Llama, info: &DeviceInfo, kv_dtype: KvDtype) 
         .zip(&want.logits)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(d < 1e-4, "{kv_dtype}: logits differ by {d}");
+    assert!(d < 1e-4, "{kv_dtype} {unit}: logits differ by {d}");
     for (l, (g, w)) in got.cache.layers.iter().zip(&want.cache.layers).enumerate() {
         let (g, w) = (g.as_ref().unwrap().filled(), w.as_ref().unwrap().filled());
         assert_eq!(

@@ -6,6 +6,8 @@
 //! - [`tree`]: the depth-first driver: run, score, prune, propagate, merge.
 //! - [`ops`]: the backend operations behind a trait ([`ops::TensorOps`] is the oracle).
 //! - [`prune`]: keep-mask selection with a deterministic tie rule.
+//! - [`select`]: selection policies beyond the paper's per-token top-k (pooled scores, spans,
+//!   sentences).
 //! - [`bias`], [`calibrate`]: the position-bias calibration tables.
 //! - [`trace`]: the [`trace::MergeTrace`] the app and the evaluation read.
 //!
@@ -26,6 +28,7 @@ pub mod error;
 pub mod ops;
 pub mod plan;
 pub mod prune;
+pub mod select;
 pub mod trace;
 pub mod tree;
 
@@ -33,6 +36,7 @@ pub use bias::BiasTable;
 pub use error::{HomerError, Result};
 pub use ops::{ChunkTensors, HomerOps, OpTime, OpTimes, SignificanceInput, TensorOps, TimedOps};
 pub use plan::{NodePlan, Plan, PlanParams};
+pub use select::{Agg, Selection, Unit};
 pub use trace::{MergeTrace, NodeTrace};
 pub use tree::{
     HomerConfig, HomerInput, HomerOutput, HomerProgress, HomerStats, NextPosition, RowMeta,

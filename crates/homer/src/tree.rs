@@ -16,7 +16,7 @@ use crate::bias::BiasTable;
 use crate::error::{HomerError, Result};
 use crate::ops::{ChunkTensors, HomerOps, SignificanceInput};
 use crate::plan::{NodePlan, Plan, PlanParams};
-use crate::prune::keep_after_dropping;
+use crate::select::{Selection, select};
 use crate::trace::{MergeTrace, NodeTrace};
 
 /// Host-side metadata of a node's rows, aligned with its tensors row for row.
@@ -118,6 +118,8 @@ pub struct HomerConfig {
     /// Calibration table for [`Scoring::Attention`]; None = uncalibrated (zeros).
     pub bias: Option<Arc<BiasTable>>,
     pub scoring: Scoring,
+    /// Which rows a node keeps from the scores (default: the paper's per-token top-k).
+    pub selection: Selection,
     pub next_position: NextPosition,
 }
 
@@ -131,6 +133,7 @@ impl HomerConfig {
             max_initial_chunk_len: None,
             bias: None,
             scoring: Scoring::Attention,
+            selection: Selection::default(),
             next_position: NextPosition::AfterLast,
         }
     }
@@ -149,6 +152,9 @@ pub struct HomerInput<'a> {
     pub prefix: &'a [u32],
     pub context: &'a [u32],
     pub suffix: &'a [u32],
+    /// The sentence unit of every context token ([`crate::select::sentence_units`]), for a
+    /// selection by sentences; None otherwise.
+    pub units: Option<&'a [u32]>,
 }
 
 /// Reported after every layer of every node.
@@ -264,6 +270,24 @@ pub fn homer_prefill(
     if let (Scoring::Attention, Some(b)) = (&config.scoring, &config.bias) {
         b.check_fits(n_layers, plan.last_position_id)?;
     }
+    if config.selection.unit.needs_units() {
+        match input.units {
+            Some(u) if u.len() == input.context.len() => {}
+            Some(u) => {
+                return Err(HomerError::Input(format!(
+                    "{} sentence units for {} context tokens",
+                    u.len(),
+                    input.context.len()
+                )));
+            }
+            None => {
+                return Err(HomerError::Input(format!(
+                    "selection `{}` needs the document's sentence units",
+                    config.selection
+                )));
+            }
+        }
+    }
     let total = plan
         .nodes
         .iter()
@@ -378,6 +402,7 @@ impl Run<'_> {
             prefix,
             context,
             suffix,
+            ..
         } = self.input;
         let ids: Vec<u32> = prefix
             .iter()
@@ -454,7 +479,13 @@ impl Run<'_> {
             hidden: mut x,
             mut cache,
         } = t;
-        if meta.len() != node.len_in || cache.len() != node.layers.start {
+        // Whole-unit selections may leave fewer rows than planned, never more.
+        let rows_ok = if self.config.selection.unit.whole_units() {
+            meta.len() <= node.len_in
+        } else {
+            meta.len() == node.len_in
+        };
+        if !rows_ok || cache.len() != node.layers.start {
             return Err(HomerError::Input(format!(
                 "internal: node {} has {} rows and {} cached layers, planned {} and {}",
                 node.id,
@@ -466,15 +497,16 @@ impl Run<'_> {
         }
         let (cos, sin) = self.model.rope_tables(&meta.positions);
         let last = node.layers.end - 1;
-        let k_drop = node.drop_count();
+        let rows_in = meta.len();
+        let k_drop = rows_in.saturating_sub(node.len_out);
         let mut trace = NodeTrace {
             id: node.id,
             height: node.height,
             leaves: node.leaves.clone(),
             context: node.context.clone(),
             layers: node.layers.clone(),
-            rows_in: node.len_in,
-            rows_out: node.len_out,
+            rows_in,
+            rows_out: rows_in - k_drop,
             children: node.children,
             prune_layer: None,
             kept: meta.context_index.iter().flatten().copied().collect(),
@@ -492,7 +524,13 @@ impl Run<'_> {
             x = a.hidden;
             if l == last && k_drop > 0 {
                 let scores = self.score(&a.q_last, &cache[l].k, &meta, node, l)?;
-                let keep = keep_after_dropping(&scores, k_drop);
+                let keep = select(
+                    self.config.selection.unit,
+                    &scores,
+                    &meta.context_index,
+                    self.input.units,
+                    k_drop,
+                )?;
                 let mut kept_mask = vec![false; meta.len()];
                 for &i in &keep {
                     kept_mask[i] = true;
@@ -510,7 +548,13 @@ impl Run<'_> {
                         }
                     }
                 }
-                if keep.len() != node.len_out {
+                let keep_ok = if self.config.selection.unit.whole_units() {
+                    keep.len() <= node.len_out
+                } else {
+                    keep.len() == node.len_out
+                };
+                trace.rows_out = keep.len();
+                if !keep_ok {
                     return Err(HomerError::Input(format!(
                         "internal: node {} kept {} rows, planned {}",
                         node.id,
@@ -525,7 +569,8 @@ impl Run<'_> {
             }
             x = layer.feed_forward(x);
             homer_model::backend::layer_done(&x.device());
-            self.done += (node.len_in) as u64;
+            // Planned rows: the progress total is the plan's.
+            self.done += node.len_in as u64;
             self.tracker.observe(meta.len() * (cache.len() + 1), 1);
             (self.progress)(&HomerProgress {
                 node: node.id,
@@ -535,7 +580,7 @@ impl Run<'_> {
                 height: node.height,
                 tree_height: self.plan.height,
                 layer: l,
-                rows_in: node.len_in,
+                rows_in,
                 rows_out: meta.len(),
                 done: self.done,
                 total: self.total,

@@ -1,0 +1,498 @@
+//! Selection policies: which rows a node keeps, given its rows' significance (issue 15).
+//!
+//! The paper ranks every context token on its own ([`Unit::Token`], the default, exactly
+//! [`keep_after_dropping`]). A small model cannot read the shredded text that leaves, so the
+//! other units keep neighbours together:
+//! - [`Unit::Pool`]: SnapKV's pooling — each row's score becomes the max (or mean) of the scores
+//!   of the `width` context rows around it (in row order, which is document order) before the
+//!   same top-k. The node keeps exactly the planned number of rows.
+//! - [`Unit::Span`] (fixed spans of `len` document tokens: ChunkKV, InfLLM's blocks) and
+//!   [`Unit::Sentence`] (sentences and lines from the text, see [`sentence_units`]): rows are
+//!   grouped by unit; a unit scores the max (or mean) of its rows' scores; units are taken best
+//!   first while they fit the node's budget, a unit that does not fit is skipped for a smaller
+//!   one, and every unit is kept or dropped whole — so a node may keep fewer rows than planned
+//!   (never more). A unit cut by a chunk boundary is two units at the leaves and one again once
+//!   both halves meet in a merge.
+//!
+//! Ties are broken towards the earlier row (units: the unit starting earlier), so selection is
+//! deterministic. Affix rows (score +∞) are always kept.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{HomerError, Result};
+use crate::prune::keep_after_dropping;
+
+/// How a unit's (or a pooling window's) score is formed from its rows' scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Agg {
+    #[default]
+    Max,
+    Mean,
+}
+
+/// What is kept or dropped as one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unit {
+    /// Each token on its own (the paper).
+    #[default]
+    Token,
+    /// Each token, ranked by the pooled score of the `width` context rows centred on it.
+    Pool { width: usize, agg: Agg },
+    /// Fixed spans of `len` document tokens (token i belongs to span i / len).
+    Span { len: usize, agg: Agg },
+    /// Sentences and lines of the document ([`sentence_units`]).
+    Sentence { agg: Agg },
+}
+
+impl Unit {
+    /// Whether the policy needs the document's sentence units ([`crate::HomerInput::units`]).
+    pub fn needs_units(&self) -> bool {
+        matches!(self, Unit::Sentence { .. })
+    }
+
+    /// Whether a node may keep fewer rows than planned (whole units that do not fill it).
+    pub fn whole_units(&self) -> bool {
+        matches!(self, Unit::Span { .. } | Unit::Sentence { .. })
+    }
+}
+
+impl std::fmt::Display for Agg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Agg::Max => "max",
+            Agg::Mean => "mean",
+        })
+    }
+}
+
+impl std::fmt::Display for Unit {
+    /// The spelling [`Unit::from_str`] reads: `token`, `pool7`, `pool7-mean`, `span16`,
+    /// `span16-mean`, `sentence`, `sentence-mean` (max is the default aggregate).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let agg = |a: &Agg| if *a == Agg::Mean { "-mean" } else { "" };
+        match self {
+            Unit::Token => write!(f, "token"),
+            Unit::Pool { width, agg: a } => write!(f, "pool{width}{}", agg(a)),
+            Unit::Span { len, agg: a } => write!(f, "span{len}{}", agg(a)),
+            Unit::Sentence { agg: a } => write!(f, "sentence{}", agg(a)),
+        }
+    }
+}
+
+impl std::str::FromStr for Unit {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!(
+                "selection unit `{s}`: expected token, poolK, spanL or sentence (K, L ≥ 1; add \
+                 -mean for a mean instead of a max), e.g. pool7, span16, sentence-mean"
+            )
+        };
+        let (head, agg) = match s.strip_suffix("-mean") {
+            Some(h) => (h, Agg::Mean),
+            None => (s.strip_suffix("-max").unwrap_or(s), Agg::Max),
+        };
+        let num = |rest: &str| -> std::result::Result<usize, String> {
+            rest.parse::<usize>()
+                .ok()
+                .filter(|&n| n >= 1)
+                .ok_or_else(bad)
+        };
+        if head == "token" && agg == Agg::Max && !s.ends_with("-max") {
+            Ok(Unit::Token)
+        } else if head == "sentence" {
+            Ok(Unit::Sentence { agg })
+        } else if let Some(r) = head.strip_prefix("pool") {
+            Ok(Unit::Pool {
+                width: num(r)?,
+                agg,
+            })
+        } else if let Some(r) = head.strip_prefix("span") {
+            Ok(Unit::Span { len: num(r)?, agg })
+        } else {
+            Err(bad())
+        }
+    }
+}
+
+/// A node's whole selection policy (issue 15). The default is the paper's; `--selection`
+/// spells it as comma-separated knobs (`paper`, or e.g. `sentence`, `unit=pool7`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Selection {
+    pub unit: Unit,
+}
+
+impl Selection {
+    pub fn is_paper(&self) -> bool {
+        *self == Selection::default()
+    }
+}
+
+impl std::fmt::Display for Selection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_paper() {
+            f.write_str("paper")
+        } else {
+            write!(f, "unit={}", self.unit)
+        }
+    }
+}
+
+impl std::str::FromStr for Selection {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let mut sel = Selection::default();
+        for knob in s.split(',').map(str::trim) {
+            match knob.split_once('=') {
+                None if knob == "paper" => sel = Selection::default(),
+                Some(("unit", v)) => sel.unit = v.parse()?,
+                // A bare unit is the unit knob.
+                None => {
+                    sel.unit = knob.parse().map_err(|e| {
+                        format!("--selection `{s}`: {e}; or `paper` for the paper's selection")
+                    })?
+                }
+                Some((k, _)) => {
+                    return Err(format!(
+                        "--selection `{s}`: unknown knob `{k}` (known: unit); or `paper`"
+                    ));
+                }
+            }
+        }
+        Ok(sel)
+    }
+}
+
+fn aggregate(agg: Agg, xs: impl Iterator<Item = f32>) -> f32 {
+    let (mut best, mut sum, mut n) = (f32::NEG_INFINITY, 0f64, 0usize);
+    for x in xs {
+        // A NaN score counts as the least significant (it must not lift its neighbours).
+        let x = if x.is_nan() { f32::NEG_INFINITY } else { x };
+        best = best.max(x);
+        sum += x as f64;
+        n += 1;
+    }
+    match agg {
+        Agg::Max => best,
+        Agg::Mean if n == 0 => f32::NEG_INFINITY,
+        Agg::Mean => (sum / n as f64) as f32,
+    }
+}
+
+/// Rows (ascending) a node keeps under `unit`.
+///
+/// `scores[j]`: row j's significance (+∞ for affix rows); `doc_index[j]`: the context token of
+/// row j, None for affix rows; `units`: the sentence unit of every context token (needed for
+/// [`Unit::Sentence`]); `drop`: how many rows the plan drops. Token and pooled units drop exactly
+/// `drop` rows; spans and sentences drop at least `drop` (whole units only).
+pub fn select(
+    unit: Unit,
+    scores: &[f32],
+    doc_index: &[Option<usize>],
+    units: Option<&[u32]>,
+    drop: usize,
+) -> Result<Vec<usize>> {
+    let n = scores.len();
+    if doc_index.len() != n {
+        return Err(HomerError::Input(format!(
+            "selection: {n} scores for {} rows",
+            doc_index.len()
+        )));
+    }
+    if drop == 0 {
+        return Ok((0..n).collect());
+    }
+    match unit {
+        Unit::Token => Ok(keep_after_dropping(scores, drop)),
+        Unit::Pool { width, agg } => {
+            let ctx: Vec<usize> = (0..n).filter(|&j| doc_index[j].is_some()).collect();
+            let half_lo = (width.max(1) - 1) / 2;
+            let half_hi = width.max(1) - 1 - half_lo;
+            let mut pooled = scores.to_vec();
+            for (c, &j) in ctx.iter().enumerate() {
+                let lo = c.saturating_sub(half_lo);
+                let hi = (c + half_hi + 1).min(ctx.len());
+                pooled[j] = aggregate(agg, ctx[lo..hi].iter().map(|&r| scores[r]));
+            }
+            Ok(keep_after_dropping(&pooled, drop))
+        }
+        Unit::Span { len, agg } => {
+            let len = len.max(1);
+            whole_units(scores, doc_index, |i| (i / len) as u64, agg, drop)
+        }
+        Unit::Sentence { agg } => {
+            let units = units.ok_or_else(|| {
+                HomerError::Input(
+                    "sentence selection needs the document's sentence units (HomerInput::units)"
+                        .into(),
+                )
+            })?;
+            if let Some(&bad) = doc_index.iter().flatten().find(|&&i| i >= units.len()) {
+                return Err(HomerError::Input(format!(
+                    "selection: context token {bad} has no sentence unit ({} given)",
+                    units.len()
+                )));
+            }
+            whole_units(scores, doc_index, |i| units[i] as u64, agg, drop)
+        }
+    }
+}
+
+/// Keep the best whole units that fit `context rows − drop` rows.
+fn whole_units(
+    scores: &[f32],
+    doc_index: &[Option<usize>],
+    unit_of: impl Fn(usize) -> u64,
+    agg: Agg,
+    drop: usize,
+) -> Result<Vec<usize>> {
+    // Runs of consecutive context rows with the same unit (a unit's rows are adjacent: rows
+    // stay in document order).
+    let mut runs: Vec<(u64, Vec<usize>)> = vec![];
+    for (j, d) in doc_index.iter().enumerate() {
+        let Some(i) = *d else { continue };
+        let u = unit_of(i);
+        match runs.last_mut() {
+            Some((lu, rows)) if *lu == u && *rows.last().unwrap() + 1 == j => rows.push(j),
+            _ => runs.push((u, vec![j])),
+        }
+    }
+    let n_ctx: usize = runs.iter().map(|r| r.1.len()).sum();
+    let mut budget = n_ctx.saturating_sub(drop);
+    let score: Vec<f32> = runs
+        .iter()
+        .map(|(_, rows)| aggregate(agg, rows.iter().map(|&j| scores[j])))
+        .collect();
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+    let mut keep = vec![false; scores.len()];
+    for (j, d) in doc_index.iter().enumerate() {
+        keep[j] = d.is_none();
+    }
+    for u in order {
+        let rows = &runs[u].1;
+        if rows.len() <= budget {
+            budget -= rows.len();
+            for &j in rows {
+                keep[j] = true;
+            }
+        }
+        if budget == 0 {
+            break;
+        }
+    }
+    Ok((0..scores.len()).filter(|&j| keep[j]).collect())
+}
+
+/// Sentence units of a document from its tokens' text: a new unit starts after a token holding
+/// a line break, and after a token ending a sentence (`.`, `?`, `!`, optionally followed by
+/// closing quotes or brackets) unless the next token is only whitespace (which stays with the
+/// sentence it ends). Units longer than `max_len` tokens are split. Returns each token's unit id
+/// (ascending from 0).
+pub fn sentence_units(token_texts: &[String], max_len: usize) -> Vec<u32> {
+    let max_len = max_len.max(1);
+    let mut out = Vec::with_capacity(token_texts.len());
+    let (mut id, mut len) = (0u32, 0usize);
+    for (j, t) in token_texts.iter().enumerate() {
+        if j > 0 {
+            let prev = &token_texts[j - 1];
+            let ends_sentence = prev
+                .trim_end()
+                .trim_end_matches(['"', '\'', ')', ']', '\u{201d}', '\u{2019}'])
+                .ends_with(['.', '?', '!']);
+            let only_space = t.trim().is_empty() && !t.is_empty();
+            let brk = prev.contains('\n') || (ends_sentence && !only_space) || len >= max_len;
+            if brk {
+                id += 1;
+                len = 0;
+            }
+        }
+        out.push(id);
+        len += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INF: f32 = f32::INFINITY;
+
+    fn ctx(p: usize, c: std::ops::Range<usize>, s: usize) -> Vec<Option<usize>> {
+        std::iter::repeat_n(None, p)
+            .chain(c.map(Some))
+            .chain(std::iter::repeat_n(None, s))
+            .collect()
+    }
+
+    #[test]
+    fn token_is_the_paper() {
+        let s = [INF, 1.5, 2.0, 2.5, 2.0, INF];
+        let d = ctx(1, 0..4, 1);
+        assert_eq!(
+            select(Unit::Token, &s, &d, None, 2).unwrap(),
+            vec![0, 3, 4, 5]
+        );
+        assert_eq!(
+            select(Unit::Token, &s, &d, None, 2).unwrap(),
+            keep_after_dropping(&s, 2)
+        );
+    }
+
+    #[test]
+    fn pooling_keeps_neighbours_of_a_peak() {
+        // One peak at context row 4 (row 5); max-pool 3 lifts rows 4 and 6 with it.
+        let mut s = vec![INF];
+        s.extend([0.1, 0.3, 0.2, 0.0, 9.0, 0.05, 0.4, 0.2]);
+        s.push(INF);
+        let d = ctx(1, 10..18, 1);
+        let keep = select(
+            Unit::Pool {
+                width: 3,
+                agg: Agg::Max,
+            },
+            &s,
+            &d,
+            None,
+            5,
+        )
+        .unwrap();
+        assert_eq!(keep, vec![0, 4, 5, 6, 9]);
+        // Token selection keeps the two best single rows instead.
+        assert_eq!(
+            select(Unit::Token, &s, &d, None, 5).unwrap(),
+            vec![0, 2, 5, 7, 9]
+        );
+        // Exactly `drop` rows go; width 1 is the paper's selection.
+        let w1 = Unit::Pool {
+            width: 1,
+            agg: Agg::Mean,
+        };
+        assert_eq!(
+            select(w1, &s, &d, None, 5).unwrap(),
+            keep_after_dropping(&s, 5)
+        );
+        // Mean of 3: row 6 (9, 0.05, 0.4) beats row 4 (0.2, 0, 9). The pool does not reach
+        // across the affixes, or row 1 would score +∞ and be kept.
+        let mean = Unit::Pool {
+            width: 3,
+            agg: Agg::Mean,
+        };
+        let k = select(mean, &s, &d, None, 7).unwrap();
+        assert_eq!(k, vec![0, 6, 9]);
+    }
+
+    #[test]
+    fn spans_are_whole_and_may_underfill() {
+        // Context tokens 0..10 in spans of 4: {0..4}, {4..8}, {8,9}. Budget 10 − 5 = 5 rows.
+        let s = [INF, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.5, 0.5, INF];
+        let d = ctx(1, 0..10, 1);
+        let sp = Unit::Span {
+            len: 4,
+            agg: Agg::Max,
+        };
+        // Span {4..8} (max 1.0) fits (4 rows), span {8,9} (0.5) does not fit the 1 left, span
+        // {0..4} neither: 4 context rows kept, one fewer than planned.
+        assert_eq!(
+            select(sp, &s, &d, None, 5).unwrap(),
+            vec![0, 5, 6, 7, 8, 11]
+        );
+        // Budget 6: {4..8} and then {8,9} fit exactly.
+        assert_eq!(
+            select(sp, &s, &d, None, 4).unwrap(),
+            vec![0, 5, 6, 7, 8, 9, 10, 11]
+        );
+        // Mean: {8,9} (0.5) beats {4..8} (0.25).
+        let mean = Unit::Span {
+            len: 4,
+            agg: Agg::Mean,
+        };
+        assert_eq!(
+            select(mean, &s, &d, None, 4).unwrap(),
+            vec![0, 5, 6, 7, 8, 9, 10, 11]
+        );
+        assert_eq!(select(mean, &s, &d, None, 7).unwrap(), vec![0, 9, 10, 11]);
+        // A kept set of a pruned node: rows are context tokens 2, 3, 8, 9 — span {0..4} is the
+        // run of tokens 2, 3 only.
+        let d2 = vec![None, Some(2), Some(3), Some(8), Some(9), None];
+        let s2 = [INF, 0.2, 0.1, 0.3, 0.0, INF];
+        assert_eq!(select(sp, &s2, &d2, None, 2).unwrap(), vec![0, 3, 4, 5]);
+    }
+
+    #[test]
+    fn sentences_use_the_given_units_and_nan_is_least() {
+        let units = [0u32, 0, 0, 1, 1, 2, 2, 2, 2];
+        let d = ctx(1, 0..9, 0);
+        let s = [INF, 0.0, 0.0, f32::NAN, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0];
+        let u = Unit::Sentence { agg: Agg::Max };
+        assert_eq!(select(u, &s, &d, Some(&units), 7).unwrap(), vec![0, 4, 5]);
+        assert!(select(u, &s, &d, None, 7).is_err());
+        assert!(select(u, &s, &d, Some(&units[..5]), 7).is_err());
+        // A NaN row does not carry its unit: {0..3} with NaN and zeros stays below {3,4}.
+        let s = [
+            INF,
+            f32::NAN,
+            f32::NAN,
+            f32::NAN,
+            0.5,
+            0.5,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+        ];
+        assert_eq!(select(u, &s, &d, Some(&units), 7).unwrap(), vec![0, 4, 5]);
+    }
+
+    #[test]
+    fn sentence_boundaries() {
+        let t = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // "The grass is green. The sky is blue.\n\nJohn11:35 Jesus wept."
+        let toks = t(&[
+            "The", " grass", " is", " green", ".", " The", " sky", " is", " blue", ".", "\n\n",
+            "John", "1", "1", ":", "3", "5", " Jesus", " wept", ".",
+        ]);
+        assert_eq!(
+            sentence_units(&toks, 64),
+            vec![0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+        );
+        // Quotes close the sentence; the cap splits long units.
+        let toks = t(&["He", " said", ".\"", " Then", " a", " b", " c"]);
+        assert_eq!(sentence_units(&toks, 2), vec![0, 0, 1, 2, 2, 3, 3]);
+    }
+
+    #[test]
+    fn selection_spelling() {
+        assert!("paper".parse::<Selection>().unwrap().is_paper());
+        assert_eq!(Selection::default().to_string(), "paper");
+        let s: Selection = "sentence".parse().unwrap();
+        assert_eq!(s.unit, Unit::Sentence { agg: Agg::Max });
+        assert_eq!(s.to_string(), "unit=sentence");
+        assert_eq!(s.to_string().parse::<Selection>().unwrap(), s);
+        assert!("unit=bogus".parse::<Selection>().is_err());
+        assert!("speed=fast".parse::<Selection>().is_err());
+    }
+
+    #[test]
+    fn unit_spelling_round_trips() {
+        for s in [
+            "token",
+            "pool7",
+            "pool5-mean",
+            "span16",
+            "span8-mean",
+            "sentence",
+            "sentence-mean",
+        ] {
+            let u: Unit = s.parse().unwrap();
+            assert_eq!(u.to_string(), s);
+        }
+        assert_eq!("span16-max".parse::<Unit>().unwrap().to_string(), "span16");
+        for bad in ["pool0", "span", "sentences", "token-mean", "pool-3", ""] {
+            assert!(bad.parse::<Unit>().is_err(), "{bad}");
+        }
+    }
+}
