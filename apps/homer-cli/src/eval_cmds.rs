@@ -51,7 +51,8 @@ pub enum EvalCmd {
         trials: usize,
         /// Methods: plain (one prefill, even past the window), truncation (the tail that fits),
         /// pi, ntk, dynamic-ntk, yarn (RoPE scaling, factor = --rope-factor or the smallest that
-        /// holds the prompt), homer, homer+<scaling> (e.g. homer+yarn)
+        /// holds the prompt), homer, homer+<scaling> (e.g. homer+yarn), homer:<selection knobs
+        /// joined by +> (homer:sentence, homer:pool7+query=suffix, homer:span16+budget=2048)
         #[arg(long, value_delimiter = ',', default_value = "plain,homer")]
         method: Vec<Method>,
         /// raw: plain text ending "The pass key is" (default); chat: one turn of the chat template

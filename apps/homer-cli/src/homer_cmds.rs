@@ -30,6 +30,15 @@ pub struct HomerArgs {
     /// Calibration table: default (shipped for the default model), zeros, or a .safetensors path
     #[arg(long, default_value = "default")]
     pub bias: BiasChoice,
+    /// Which rows each node keeps: `paper` (each token on its own, by the last row's query), or
+    /// knobs: unit=token|poolK|spanL|sentence[-mean] (kept or dropped whole; pooled scores),
+    /// query=last|lastN|suffix (the mean query of the last N rows or of the whole question),
+    /// e.g. `sentence,query=suffix`
+    #[arg(long, default_value = "paper")]
+    pub selection: homer_engine::Selection,
+    /// The root's budget in rows (default: the chunk length, as the paper)
+    #[arg(long, alias = "target-len")]
+    pub budget: Option<usize>,
 }
 
 fn read_text(path: &Path) -> Result<String, String> {
@@ -104,6 +113,8 @@ pub fn ask(
         chunk_len: homer.chunk_len,
         warmup_layers: homer.warmup_layers,
         bias: homer.bias,
+        selection: homer.selection,
+        budget: homer.budget,
         system,
         generate: sample.params(),
     };
@@ -202,7 +213,6 @@ pub fn prefill(
     suffix_file: PathBuf,
     model: ModelArgs,
     homer: HomerArgs,
-    target_len: Option<usize>,
     generate: usize,
     replay_kept: bool,
     json: bool,
@@ -226,7 +236,8 @@ pub fn prefill(
     let mut cfg = engine
         .homer_config(homer.chunk_len, homer.warmup_layers, &homer.bias)
         .map_err(|e| e.to_string())?;
-    cfg.target_len = target_len;
+    cfg.target_len = homer.budget;
+    cfg.selection = homer.selection;
     let cancel = AtomicBool::new(false);
     let mut prog = progress_handler(model.quiet || json);
     let t0 = Instant::now();

@@ -155,9 +155,6 @@ enum Cmd {
         model: ModelArgs,
         #[command(flatten)]
         homer: homer_cmds::HomerArgs,
-        /// Root budget (default: the chunk length)
-        #[arg(long)]
-        target_len: Option<usize>,
         /// Append a greedy continuation of this many tokens
         #[arg(long, default_value_t = 0)]
         generate: usize,
@@ -415,7 +412,6 @@ fn run(cli: Cli) -> Result<(), String> {
             suffix_file,
             model,
             homer,
-            target_len,
             generate,
             replay_kept,
             json,
@@ -425,7 +421,6 @@ fn run(cli: Cli) -> Result<(), String> {
             suffix_file,
             model,
             homer,
-            target_len,
             generate,
             replay_kept,
             json,

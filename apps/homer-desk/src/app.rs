@@ -109,6 +109,8 @@ impl Settings {
             chunk_len: (self.chunk_len > 0).then_some(self.chunk_len),
             warmup_layers: self.warmup_layers,
             bias: self.bias.parse().unwrap_or(BiasChoice::Default),
+            selection: Default::default(),
+            budget: None,
             system: None,
             generate: GenerateParams {
                 max_tokens: self.max_tokens.max(1),

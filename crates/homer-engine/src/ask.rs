@@ -141,6 +141,10 @@ pub struct AskParams {
     /// W; None = 12 of 32 layers scaled to the model's depth.
     pub warmup_layers: Option<usize>,
     pub bias: BiasChoice,
+    /// Which rows HOMER's nodes keep (issue 15; the default is the paper's).
+    pub selection: homer::Selection,
+    /// The root's budget in rows; None = the chunk length (the paper's).
+    pub budget: Option<usize>,
     /// System message; None = the template's default.
     pub system: Option<String>,
     pub generate: GenerateParams,
@@ -391,7 +395,10 @@ impl Engine {
         let t0 = Instant::now();
         let all = prompt.concatenated();
         let (logits, cache, trace, plan, stats) = if use_homer {
-            let cfg = self.homer_config(params.chunk_len, params.warmup_layers, &params.bias)?;
+            let mut cfg =
+                self.homer_config(params.chunk_len, params.warmup_layers, &params.bias)?;
+            cfg.selection = params.selection;
+            cfg.target_len = params.budget;
             let out = self.homer_prefill(&prompt, &cfg, cancel, progress)?;
             (
                 out.logits,

@@ -244,6 +244,13 @@ pub enum Method {
     /// HOMER on a RoPE-scaled model (`homer+yarn`, ...): the chunk length becomes half the
     /// scaled window.
     HomerRope(String),
+    /// HOMER with another selection policy and/or root budget (issue 15), spelt
+    /// `homer:<knobs joined by +>`: `homer:sentence`, `homer:pool7+query=suffix`,
+    /// `homer:sentence+budget=2048` (the knobs of `--selection`, and budget=N rows).
+    HomerWith {
+        selection: homer::Selection,
+        budget: Option<usize>,
+    },
 }
 
 const ROPE_KINDS: [&str; 4] = ["pi", "ntk", "dynamic-ntk", "yarn"];
@@ -256,6 +263,36 @@ impl std::str::FromStr for Method {
             "plain" => Method::Plain,
             "truncation" | "truncate" => Method::Truncation,
             "homer" => Method::Homer,
+            _ if s.starts_with("homer:") => {
+                let mut selection = homer::Selection::default();
+                let mut budget = None;
+                for knob in s["homer:".len()..].split('+') {
+                    match knob.strip_prefix("budget=") {
+                        Some(b) => {
+                            budget = Some(b.parse::<usize>().map_err(|_| {
+                                format!("method `{s}`: budget=N needs a number of rows")
+                            })?)
+                        }
+                        None => {
+                            // Each knob in turn, over what came before.
+                            let k: homer::Selection =
+                                knob.parse().map_err(|e| format!("method `{s}`: {e}"))?;
+                            let d = homer::Selection::default();
+                            if k.unit != d.unit {
+                                selection.unit = k.unit;
+                            }
+                            if k.query != d.query {
+                                selection.query = k.query;
+                            }
+                        }
+                    }
+                }
+                if selection.is_paper() && budget.is_none() {
+                    Method::Homer
+                } else {
+                    Method::HomerWith { selection, budget }
+                }
+            }
             _ => match s.strip_prefix("homer+") {
                 Some(k) => Method::HomerRope(rope(k).ok_or_else(|| bad(s))?),
                 None => Method::Rope(rope(s).ok_or_else(|| bad(s))?),
@@ -266,7 +303,7 @@ impl std::str::FromStr for Method {
 
 fn bad(s: &str) -> String {
     format!(
-        "method `{s}`: expected plain, truncation, pi, ntk, dynamic-ntk, yarn, homer or homer+<one of the RoPE scalings>"
+        "method `{s}`: expected plain, truncation, pi, ntk, dynamic-ntk, yarn, homer, homer+<one of the RoPE scalings> or homer:<selection knobs joined by +>"
     )
 }
 
@@ -278,6 +315,16 @@ impl std::fmt::Display for Method {
             Method::Rope(k) => f.write_str(k),
             Method::Homer => f.write_str("homer"),
             Method::HomerRope(k) => write!(f, "homer+{k}"),
+            Method::HomerWith { selection, budget } => {
+                let mut knobs = vec![];
+                if !selection.is_paper() {
+                    knobs.push(selection.to_string().replace(',', "+"));
+                }
+                if let Some(b) = budget {
+                    knobs.push(format!("budget={b}"));
+                }
+                write!(f, "homer:{}", knobs.join("+"))
+            }
         }
     }
 }
@@ -292,7 +339,7 @@ impl Method {
         factor: Option<f64>,
     ) -> std::result::Result<homer_model::RopeScaling, String> {
         match self {
-            Method::Plain | Method::Truncation | Method::Homer => {
+            Method::Plain | Method::Truncation | Method::Homer | Method::HomerWith { .. } => {
                 Ok(homer_model::RopeScaling::None)
             }
             Method::Rope(k) | Method::HomerRope(k) => {
@@ -303,7 +350,10 @@ impl Method {
     }
 
     pub fn uses_homer(&self) -> bool {
-        matches!(self, Method::Homer | Method::HomerRope(_))
+        matches!(
+            self,
+            Method::Homer | Method::HomerRope(_) | Method::HomerWith { .. }
+        )
     }
 }
 
@@ -348,6 +398,33 @@ mod tests {
             }
         );
         assert!(m[4].uses_homer() && !m[2].uses_homer());
+        // HOMER with another selection: knobs joined by +, spelt back the same way.
+        let w: Method = "homer:sentence+query=suffix+budget=2048".parse().unwrap();
+        assert_eq!(
+            w,
+            Method::HomerWith {
+                selection: homer::Selection {
+                    unit: homer::Unit::Sentence {
+                        agg: homer::Agg::Max
+                    },
+                    query: homer::Query::Suffix,
+                },
+                budget: Some(2048),
+            }
+        );
+        assert_eq!(
+            w.to_string(),
+            "homer:unit=sentence+query=suffix+budget=2048"
+        );
+        assert_eq!(w.to_string().parse::<Method>().unwrap(), w);
+        assert!(w.uses_homer());
+        assert_eq!(
+            w.rope_scaling(16400, 8192, None).unwrap(),
+            RopeScaling::None
+        );
+        assert_eq!("homer:paper".parse::<Method>().unwrap(), Method::Homer);
+        assert!("homer:span0".parse::<Method>().is_err());
+        assert!("homer:budget=lots".parse::<Method>().is_err());
     }
 
     #[test]

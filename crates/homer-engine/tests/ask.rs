@@ -39,6 +39,8 @@ fn params(mode: HomerMode) -> AskParams {
         chunk_len: Some(256),
         warmup_layers: Some(0),
         bias: BiasChoice::Zeros,
+        selection: Default::default(),
+        budget: None,
         system: None,
         generate: GenerateParams {
             max_tokens: 5,

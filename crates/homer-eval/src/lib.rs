@@ -169,6 +169,10 @@ pub fn homer_config(
     if v.random_scores {
         cfg.scoring = homer::Scoring::Random { seed: s.seed };
     }
+    if let Method::HomerWith { selection, budget } = method {
+        cfg.selection = *selection;
+        cfg.target_len = *budget;
+    }
     Ok(cfg)
 }
 

@@ -151,7 +151,7 @@ pub fn score(
             }
             Ok(out)
         }
-        Method::Homer | Method::HomerRope(_) => {
+        Method::Homer | Method::HomerRope(_) | Method::HomerWith { .. } => {
             // HOMER + scaling: factor 2 unless given (the reference's setting).
             let mut s2 = s.clone();
             if matches!(method, Method::HomerRope(_)) && s2.rope_factor.is_none() {

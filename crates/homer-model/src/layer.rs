@@ -155,6 +155,23 @@ impl DecoderLayer {
         Attended { hidden, kv, q_last }
     }
 
+    /// Post-RoPE queries of the rows `x` ([w, d], this layer's input residual rows) under the RoPE
+    /// tables of their positions (`cos`/`sin`, [w, ·]): [heads, w, head_dim], the same values
+    /// [`DecoderLayer::attend`] computes for them. HOMER's query window (issue 15) scores with
+    /// the mean of a node's last rows' queries.
+    pub fn queries(&self, x: Tensor<2>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<3> {
+        let [w, _] = x.dims();
+        let (h, hd) = (self.n_heads, self.head_dim);
+        let xn = self.norm(x, &self.attn_norm);
+        let q = self
+            .w_qkv
+            .apply(xn)
+            .slice([0..w, 0..h * hd])
+            .reshape([w, h, hd])
+            .swap_dims(0, 1);
+        rope::apply(q, cos, sin)
+    }
+
     /// Norm, SwiGLU MLP, residual.
     pub fn feed_forward(&self, x: Tensor<2>) -> Tensor<2> {
         let xn = self.norm(x.clone(), &self.ffn_norm);

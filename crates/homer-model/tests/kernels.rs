@@ -115,8 +115,22 @@ fn homer_layer_calls_match_tensor_ops() {
     let positions: Vec<usize> = (0..77).map(|i| (i * 5) % 41).collect();
     let (cos, sin) = fast.rope_tables(&positions);
     let x = fast.embed(&t).unwrap();
+    // `queries` of the last rows (HOMER's query window) are the queries attend computes: its
+    // last row is q_last on both paths.
+    let (wc, ws) = fast.rope_tables(&positions[70..]);
+    let qw =
+        [&fast, &slow].map(|m| m.layers[1].queries(x.clone().slice([70..77, 0..60]), &wc, &ws));
+    assert_eq!(qw[0].dims(), [6, 7, 24]);
     let a = fast.layers[1].attend(x.clone(), &cos, &sin, None);
     let b = slow.layers[1].attend(x, &cos, &sin, None);
+    for q in qw {
+        let last = q.slice([0..6, 6..7, 0..24]).reshape([6, 24]);
+        let e = max_err(
+            &read_f32(last).unwrap(),
+            &read_f32(a.q_last.clone()).unwrap(),
+        );
+        assert!(e < 1e-4, "queries' last row vs q_last: {e}");
+    }
     let pairs: [(&str, Tensor<2>, Tensor<2>); 2] = [
         ("hidden", a.hidden.clone(), b.hidden.clone()),
         ("q_last", a.q_last.clone(), b.q_last.clone()),

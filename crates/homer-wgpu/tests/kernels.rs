@@ -358,20 +358,25 @@ fn homer_prefill_both_ways(model: &Llama, info: &DeviceInfo, kv_dtype: KvDtype) 
     };
     // The paper's per-token selection, then whole spans (nodes may keep fewer rows than planned,
     // so the kernels see parents built from under-filled children).
-    for unit in [
-        homer::Unit::Token,
-        homer::Unit::Span {
-            len: 3,
-            agg: homer::Agg::Max,
-        },
+    // And the mean query of the suffix rows.
+    for (unit, query) in [
+        (homer::Unit::Token, homer::Query::Last),
+        (
+            homer::Unit::Span {
+                len: 3,
+                agg: homer::Agg::Max,
+            },
+            homer::Query::Last,
+        ),
+        (homer::Unit::Token, homer::Query::Suffix),
     ] {
-        cfg.selection = homer::Selection { unit };
+        cfg.selection = homer::Selection { unit, query };
         prefill_both_ways_with(model, info, kv_dtype, &cfg);
     }
 }
 
 fn prefill_both_ways_with(model: &Llama, info: &DeviceInfo, kv_dtype: KvDtype, cfg: &HomerConfig) {
-    let unit = cfg.selection.unit;
+    let unit = cfg.selection;
     let (p, c, s) = (ids(3, 1), ids(100, 2), ids(4, 3));
     let want = prefill(model, &TensorOps, cfg, &p, &c, &s);
     let got = prefill(model, &poisoned_ops(info, 32, 4), cfg, &p, &c, &s);

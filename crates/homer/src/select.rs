@@ -117,11 +117,70 @@ impl std::str::FromStr for Unit {
     }
 }
 
+/// Which of a node's rows query its keys for the significance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Query {
+    /// The last row (the paper).
+    #[default]
+    Last,
+    /// The mean of the last `n` rows' post-RoPE queries (at most the suffix). By linearity the
+    /// score is, per head, the mean over those rows of q·k/√d, then the max over heads; the
+    /// bias is subtracted by distance from the last row, as for the paper's score.
+    Window(usize),
+    /// The mean over every suffix row (the whole question and the template around it).
+    Suffix,
+}
+
+impl Query {
+    /// How many of a node's last rows query, given `suffix_len` suffix rows.
+    pub fn rows(&self, suffix_len: usize) -> usize {
+        match self {
+            Query::Last => 1,
+            Query::Window(n) => (*n).clamp(1, suffix_len.max(1)),
+            Query::Suffix => suffix_len.max(1),
+        }
+    }
+}
+
+impl std::fmt::Display for Query {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Query::Last => write!(f, "last"),
+            Query::Window(n) => write!(f, "last{n}"),
+            Query::Suffix => write!(f, "suffix"),
+        }
+    }
+}
+
+impl std::str::FromStr for Query {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "last" => Ok(Query::Last),
+            "suffix" | "question" => Ok(Query::Suffix),
+            _ => s
+                .strip_prefix("last")
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|&n| n >= 1)
+                .map(|n| {
+                    if n == 1 {
+                        Query::Last
+                    } else {
+                        Query::Window(n)
+                    }
+                })
+                .ok_or_else(|| format!("query `{s}`: expected last, lastN (N ≥ 1 rows) or suffix")),
+        }
+    }
+}
+
 /// A node's whole selection policy (issue 15). The default is the paper's; `--selection`
-/// spells it as comma-separated knobs (`paper`, or e.g. `sentence`, `unit=pool7`).
+/// spells it as comma-separated knobs (`paper`, or e.g. `sentence`, `unit=pool7,query=suffix`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Selection {
     pub unit: Unit,
+    pub query: Query,
 }
 
 impl Selection {
@@ -135,7 +194,16 @@ impl std::fmt::Display for Selection {
         if self.is_paper() {
             f.write_str("paper")
         } else {
-            write!(f, "unit={}", self.unit)
+            // The knobs that differ from the paper's.
+            let d = Selection::default();
+            let mut knobs = vec![];
+            if self.unit != d.unit {
+                knobs.push(format!("unit={}", self.unit));
+            }
+            if self.query != d.query {
+                knobs.push(format!("query={}", self.query));
+            }
+            f.write_str(&knobs.join(","))
         }
     }
 }
@@ -148,6 +216,7 @@ impl std::str::FromStr for Selection {
             match knob.split_once('=') {
                 None if knob == "paper" => sel = Selection::default(),
                 Some(("unit", v)) => sel.unit = v.parse()?,
+                Some(("query", v)) => sel.query = v.parse()?,
                 // A bare unit is the unit knob.
                 None => {
                     sel.unit = knob.parse().map_err(|e| {
@@ -156,7 +225,7 @@ impl std::str::FromStr for Selection {
                 }
                 Some((k, _)) => {
                     return Err(format!(
-                        "--selection `{s}`: unknown knob `{k}` (known: unit); or `paper`"
+                        "--selection `{s}`: unknown knob `{k}` (known: unit, query); or `paper`"
                     ));
                 }
             }
@@ -470,8 +539,25 @@ mod tests {
         assert_eq!(Selection::default().to_string(), "paper");
         let s: Selection = "sentence".parse().unwrap();
         assert_eq!(s.unit, Unit::Sentence { agg: Agg::Max });
+        assert_eq!(s.query, Query::Last);
         assert_eq!(s.to_string(), "unit=sentence");
         assert_eq!(s.to_string().parse::<Selection>().unwrap(), s);
+        let q: Selection = "pool7,query=suffix".parse().unwrap();
+        assert_eq!(q.query, Query::Suffix);
+        assert_eq!(q.to_string(), "unit=pool7,query=suffix");
+        assert_eq!(q.to_string().parse::<Selection>().unwrap(), q);
+        assert_eq!(
+            "query=last8".parse::<Selection>().unwrap().query,
+            Query::Window(8)
+        );
+        assert_eq!(
+            "query=last1".parse::<Selection>().unwrap().query,
+            Query::Last
+        );
+        assert!("query=last0".parse::<Selection>().is_err());
+        assert_eq!(Query::Window(8).rows(5), 5);
+        assert_eq!(Query::Suffix.rows(5), 5);
+        assert_eq!(Query::Last.rows(5), 1);
         assert!("unit=bogus".parse::<Selection>().is_err());
         assert!("speed=fast".parse::<Selection>().is_err());
     }

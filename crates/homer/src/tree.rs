@@ -519,11 +519,31 @@ impl Run<'_> {
                 return Err(HomerError::Cancelled);
             }
             let layer = &self.model.layers[l];
+            let prune_here = l == last && k_drop > 0;
+            // The query window's rows, before attention consumes the residual.
+            let window = self
+                .config
+                .selection
+                .query
+                .rows(self.plan.params.suffix_len);
+            let x_window = (prune_here && window > 1).then(|| {
+                let (n, d) = (meta.len(), self.model.config.hidden_size);
+                (x.clone().slice([n - window..n, 0..d]), n - window..n)
+            });
             let a = layer.attend(x, &cos, &sin, None);
             cache.push(a.kv);
             x = a.hidden;
-            if l == last && k_drop > 0 {
-                let scores = self.score(&a.q_last, &cache[l].k, &meta, node, l)?;
+            if prune_here {
+                let q = match x_window {
+                    None => a.q_last,
+                    Some((xw, rows)) => {
+                        let (wc, ws) = self.model.rope_tables(&meta.positions[rows]);
+                        let q = layer.queries(xw, &wc, &ws); // [H, w, hd]
+                        let [h, _, hd] = q.dims();
+                        q.mean_dim(1).reshape([h, hd])
+                    }
+                };
+                let scores = self.score(&q, &cache[l].k, &meta, node, l)?;
                 let keep = select(
                     self.config.selection.unit,
                     &scores,

@@ -557,7 +557,10 @@ fn unit_selections_keep_units_whole() {
             let dev = device(kind);
             let model = Llama::random(tiny_config(6), 21, &dev);
             let mut cfg = config(24, 2, Scoring::Attention);
-            cfg.selection = Selection { unit };
+            cfg.selection = Selection {
+                unit,
+                ..Default::default()
+            };
             let out = homer_prefill(
                 &model,
                 HomerInput {
@@ -611,6 +614,7 @@ fn unit_selections_keep_units_whole() {
             width: 5,
             agg: Agg::Max,
         },
+        ..Default::default()
     };
     let pooled = run(&model, &p, &c, &s, &cfg);
     let paper = run(&model, &p, &c, &s, &config(24, 2, Scoring::Attention));
@@ -619,8 +623,22 @@ fn unit_selections_keep_units_whole() {
     for (n, plan) in pooled.trace.nodes.iter().zip(&pooled.plan.nodes) {
         assert_eq!(n.rows_out, plan.len_out);
     }
+    // The suffix's mean query ranks differently from the last row's, the same on both
+    // backends (the window's queries come from `DecoderLayer::queries`).
+    let mut kept = vec![];
+    for kind in [BackendKind::Cpu, BackendKind::Wgpu] {
+        let m = Llama::random(tiny_config(6), 21, &device(kind));
+        let mut qc = config(24, 2, Scoring::Attention);
+        qc.selection.query = homer::Query::Suffix;
+        let out = run(&m, &p, &c, &s, &qc);
+        assert_eq!(out.trace.final_len, paper.trace.final_len);
+        kept.push(out.trace.kept);
+    }
+    assert_eq!(kept[0], kept[1]);
+    assert_ne!(kept[0], paper.trace.kept);
     cfg.selection = Selection {
         unit: Unit::Sentence { agg: Agg::Max },
+        ..Default::default()
     };
     let err = homer_prefill(
         &model,
