@@ -284,6 +284,9 @@ impl std::str::FromStr for Method {
                             if k.query != d.query {
                                 selection.query = k.query;
                             }
+                            if k.positions != d.positions {
+                                selection.positions = k.positions;
+                            }
                         }
                     }
                 }
@@ -408,6 +411,7 @@ mod tests {
                         agg: homer::Agg::Max
                     },
                     query: homer::Query::Suffix,
+                    positions: homer::Positions::Local,
                 },
                 budget: Some(2048),
             }

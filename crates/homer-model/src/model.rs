@@ -574,6 +574,14 @@ impl Llama {
         self.rope.tables(positions, &self.device)
     }
 
+    /// Post-RoPE keys `k` [KV, n, head_dim] rotated at positions `from` (row-wise), re-rotated
+    /// to positions `to`, in `k`'s element type (f16 caches are rotated in f32).
+    pub fn rerotate_keys(&self, k: Tensor<3>, from: &[usize], to: &[usize]) -> Tensor<3> {
+        let dtype = k.dtype();
+        let (c, s) = self.rope.shift_tables(from, to, &self.device);
+        crate::rope::apply(k.cast(burn::tensor::DType::F32), &c, &s).cast(dtype)
+    }
+
     /// Run `ids` (at `positions`, default: continuing from `cache.next_position`) through all
     /// layers, appending their K/V to `cache`, one block of rows at a time. Returns the logits of
     /// the last row ([1, vocab]) or of every row ([n, vocab]).

@@ -154,6 +154,43 @@ impl Rope {
     }
 }
 
+impl Rope {
+    /// cos and sin tables [n, head_dim] of the pure rotation (no multiplier) that takes a row
+    /// rotated at position `from[r]` to position `to[r]`: applied with [`apply`], it re-rotates
+    /// cached post-RoPE keys to new position ids (HOMER's re-indexed positions, issue 15). The
+    /// frequencies are those [`Rope::tables`] uses for the larger of the two sets.
+    pub fn shift_tables(
+        &self,
+        from: &[usize],
+        to: &[usize],
+        device: &Device,
+    ) -> (Tensor<2>, Tensor<2>) {
+        assert_eq!(from.len(), to.len(), "shift tables: rows of from and to");
+        let n = from.len();
+        let hd = self.head_dim;
+        let half = hd / 2;
+        let top = from.iter().chain(to).max().map_or(0, |p| p + 1);
+        let seq_len = self.seq_len.load(Ordering::Relaxed).max(top);
+        let inv_freq = self.inv_for(seq_len);
+        let mut cos = vec![0f32; n * hd];
+        let mut sin = vec![0f32; n * hd];
+        for r in 0..n {
+            let d = (to[r] as f64 - from[r] as f64) / self.pos_scale as f64;
+            for (i, &f) in inv_freq.iter().enumerate() {
+                let (s, c) = (d * f as f64).sin_cos();
+                cos[r * hd + i] = c as f32;
+                cos[r * hd + half + i] = c as f32;
+                sin[r * hd + i] = s as f32;
+                sin[r * hd + half + i] = s as f32;
+            }
+        }
+        (
+            Tensor::from_data(TensorData::new(cos, [n, hd]), device),
+            Tensor::from_data(TensorData::new(sin, [n, hd]), device),
+        )
+    }
+}
+
 /// Apply RoPE to `x` [heads, n, head_dim] with tables [n, head_dim].
 pub fn apply(x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<3> {
     let [h, n, hd] = x.dims();

@@ -122,7 +122,25 @@ fn homer_layer_calls_match_tensor_ops() {
         [&fast, &slow].map(|m| m.layers[1].queries(x.clone().slice([70..77, 0..60]), &wc, &ws));
     assert_eq!(qw[0].dims(), [6, 7, 24]);
     let a = fast.layers[1].attend(x.clone(), &cos, &sin, None);
-    let b = slow.layers[1].attend(x, &cos, &sin, None);
+    let b = slow.layers[1].attend(x.clone(), &cos, &sin, None);
+    // Keys re-rotated from these positions to others equal the keys computed at the others
+    // (HOMER's re-indexed positions); f16 keys are rotated in f32 and stored back as f16.
+    let to: Vec<usize> = (0..77).map(|i| (i * 3 + 7) % 60).collect();
+    let (ct, st) = fast.rope_tables(&to);
+    for m in [&fast, &slow] {
+        let want = m.layers[1].attend(x.clone(), &ct, &st, None).kv.k;
+        let got = m.rerotate_keys(a.kv.k.clone(), &positions, &to);
+        let e = max_err(&read_f32(got).unwrap(), &read_f32(want.clone()).unwrap());
+        assert!(e < 1e-4, "re-rotated keys: {e}");
+        let h = m.rerotate_keys(
+            a.kv.k.clone().cast(burn::tensor::DType::F16),
+            &positions,
+            &to,
+        );
+        assert_eq!(h.dtype(), burn::tensor::DType::F16);
+        let e = max_err(&read_f32(h).unwrap(), &read_f32(want).unwrap());
+        assert!(e < 1e-2, "re-rotated f16 keys: {e}");
+    }
     for q in qw {
         let last = q.slice([0..6, 6..7, 0..24]).reshape([6, 24]);
         let e = max_err(

@@ -356,21 +356,26 @@ fn homer_prefill_both_ways(model: &Llama, info: &DeviceInfo, kv_dtype: KvDtype) 
         selection: Default::default(),
         next_position: NextPosition::AfterLast,
     };
-    // The paper's per-token selection, then whole spans (nodes may keep fewer rows than planned,
-    // so the kernels see parents built from under-filled children).
-    // And the mean query of the suffix rows.
-    for (unit, query) in [
-        (homer::Unit::Token, homer::Query::Last),
-        (
-            homer::Unit::Span {
+    // The paper's per-token selection; whole spans (nodes may keep fewer rows than planned, so
+    // the kernels see parents built from under-filled children); the mean query of the suffix
+    // rows with re-indexed positions (re-rotated keys in every merge).
+    use homer::{Agg, Positions, Query, Selection, Unit};
+    for selection in [
+        Selection::default(),
+        Selection {
+            unit: Unit::Span {
                 len: 3,
-                agg: homer::Agg::Max,
+                agg: Agg::Max,
             },
-            homer::Query::Last,
-        ),
-        (homer::Unit::Token, homer::Query::Suffix),
+            ..Default::default()
+        },
+        Selection {
+            query: Query::Suffix,
+            positions: Positions::Reindex,
+            ..Default::default()
+        },
     ] {
-        cfg.selection = homer::Selection { unit, query };
+        cfg.selection = selection;
         prefill_both_ways_with(model, info, kv_dtype, &cfg);
     }
 }

@@ -175,12 +175,50 @@ impl std::str::FromStr for Query {
     }
 }
 
+/// Which position ids the kept rows carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Positions {
+    /// Each chunk's local ids, never renumbered (the paper): merged chunks share ids.
+    #[default]
+    Local,
+    /// Rows numbered by their place in the node, at the leaves and at every merge (each child's
+    /// cached keys re-rotated to the merged numbering before the affixes are averaged), and in
+    /// the final cache.
+    Reindex,
+    /// Local ids while merging; the final cache renumbered 0..n (its keys re-rotated).
+    Root,
+}
+
+impl std::fmt::Display for Positions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Positions::Local => "local",
+            Positions::Reindex => "reindex",
+            Positions::Root => "root",
+        })
+    }
+}
+
+impl std::str::FromStr for Positions {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "local" => Ok(Positions::Local),
+            "reindex" => Ok(Positions::Reindex),
+            "root" => Ok(Positions::Root),
+            _ => Err(format!("positions `{s}`: expected local, reindex or root")),
+        }
+    }
+}
+
 /// A node's whole selection policy (issue 15). The default is the paper's; `--selection`
 /// spells it as comma-separated knobs (`paper`, or e.g. `sentence`, `unit=pool7,query=suffix`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Selection {
     pub unit: Unit,
     pub query: Query,
+    pub positions: Positions,
 }
 
 impl Selection {
@@ -203,6 +241,9 @@ impl std::fmt::Display for Selection {
             if self.query != d.query {
                 knobs.push(format!("query={}", self.query));
             }
+            if self.positions != d.positions {
+                knobs.push(format!("positions={}", self.positions));
+            }
             f.write_str(&knobs.join(","))
         }
     }
@@ -217,6 +258,7 @@ impl std::str::FromStr for Selection {
                 None if knob == "paper" => sel = Selection::default(),
                 Some(("unit", v)) => sel.unit = v.parse()?,
                 Some(("query", v)) => sel.query = v.parse()?,
+                Some(("positions", v)) => sel.positions = v.parse()?,
                 // A bare unit is the unit knob.
                 None => {
                     sel.unit = knob.parse().map_err(|e| {
@@ -225,7 +267,7 @@ impl std::str::FromStr for Selection {
                 }
                 Some((k, _)) => {
                     return Err(format!(
-                        "--selection `{s}`: unknown knob `{k}` (known: unit, query); or `paper`"
+                        "--selection `{s}`: unknown knob `{k}` (known: unit, query, positions); or `paper`"
                     ));
                 }
             }
@@ -545,6 +587,11 @@ mod tests {
         let q: Selection = "pool7,query=suffix".parse().unwrap();
         assert_eq!(q.query, Query::Suffix);
         assert_eq!(q.to_string(), "unit=pool7,query=suffix");
+        let r: Selection = "positions=reindex,span16".parse().unwrap();
+        assert_eq!(r.positions, Positions::Reindex);
+        assert_eq!(r.to_string(), "unit=span16,positions=reindex");
+        assert_eq!(r.to_string().parse::<Selection>().unwrap(), r);
+        assert!("positions=global".parse::<Selection>().is_err());
         assert_eq!(q.to_string().parse::<Selection>().unwrap(), q);
         assert_eq!(
             "query=last8".parse::<Selection>().unwrap().query,

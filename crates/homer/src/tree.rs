@@ -16,7 +16,7 @@ use crate::bias::BiasTable;
 use crate::error::{HomerError, Result};
 use crate::ops::{ChunkTensors, HomerOps, SignificanceInput};
 use crate::plan::{NodePlan, Plan, PlanParams};
-use crate::select::{Selection, select};
+use crate::select::{Positions, Selection, select};
 use crate::trace::{MergeTrace, NodeTrace};
 
 /// Host-side metadata of a node's rows, aligned with its tensors row for row.
@@ -267,8 +267,19 @@ pub fn homer_prefill(
             config.chunk_len, plan.last_position_id
         )));
     }
+    // Re-indexed nodes number their rows 0..len: the longest node sets the largest id.
+    let max_position = match config.selection.positions {
+        Positions::Reindex => plan.nodes.iter().map(|n| n.len_in).max().unwrap_or(1) - 1,
+        _ => plan.last_position_id,
+    };
+    if max_position >= window {
+        return Err(HomerError::Plan(format!(
+            "re-indexed positions reach {max_position}, beyond the model's window of {window}; \
+             use a smaller chunk length"
+        )));
+    }
     if let (Scoring::Attention, Some(b)) = (&config.scoring, &config.bias) {
-        b.check_fits(n_layers, plan.last_position_id)?;
+        b.check_fits(n_layers, max_position)?;
     }
     if config.selection.unit.needs_units() {
         match input.units {
@@ -306,7 +317,13 @@ pub fn homer_prefill(
         done: 0,
         total,
     };
-    let root = run.process(plan.nodes.len() - 1)?;
+    let mut root = run.process(plan.nodes.len() - 1)?;
+    if config.selection.positions != Positions::Local {
+        // The final cache numbered 0..n, its keys re-rotated.
+        let to: Vec<usize> = (0..root.meta.len()).collect();
+        root = run.renumber(root, to);
+    }
+    let last_position_id = *root.meta.positions.last().expect("the root has rows");
     let mut stats = std::mem::take(&mut run.tracker.stats);
     let traces: Vec<NodeTrace> = run
         .traces
@@ -325,8 +342,8 @@ pub fn homer_prefill(
     }
     let kept: Vec<usize> = root.meta.context_index.iter().flatten().copied().collect();
     let next_position = match config.next_position {
-        NextPosition::AfterLast => plan.last_position_id + 1,
-        NextPosition::ReferenceGenerate => plan.last_position_id,
+        NextPosition::AfterLast => last_position_id + 1,
+        NextPosition::ReferenceGenerate => last_position_id,
     };
     let cache = KvCache::from_rows(root.t.cache, next_position);
     let scoring = match (&config.scoring, &config.bias) {
@@ -345,7 +362,7 @@ pub fn homer_prefill(
         n_layers,
         n_chunks: plan.n_chunks,
         height: plan.height,
-        last_position_id: plan.last_position_id,
+        last_position_id,
         final_len: n,
         scoring: scoring.into(),
         ops: ops.name().into(),
@@ -356,7 +373,7 @@ pub fn homer_prefill(
     Ok(HomerOutput {
         cache,
         logits,
-        last_position_id: plan.last_position_id,
+        last_position_id,
         positions: root.meta.positions,
         plan,
         trace,
@@ -388,12 +405,47 @@ impl Run<'_> {
                 self.tracker
                     .observe(left.live_rows() + right.live_rows(), 2);
                 let (p, s) = (self.plan.params.prefix_len, self.plan.params.suffix_len);
+                let (left, right) = if self.config.selection.positions == Positions::Reindex {
+                    // Both children re-rotated to the merged numbering [prefix, left context,
+                    // right context, suffix] before their affixes are averaged.
+                    let (ml, mr) = (left.meta.len() - p - s, right.meta.len() - p - s);
+                    let suffix = p + ml + mr..p + ml + mr + s;
+                    let lt = (0..p + ml).chain(suffix.clone()).collect();
+                    let rt = (0..p).chain(p + ml..p + ml + mr).chain(suffix).collect();
+                    (self.renumber(left, lt), self.renumber(right, rt))
+                } else {
+                    (left, right)
+                };
                 let meta = RowMeta::merge(&left.meta, &right.meta, p, s);
                 let t = self.ops.merge(left.t, right.t, p, s)?;
                 Chunk { t, meta }
             }
         };
         self.run_block(chunk, &node)
+    }
+
+    /// The chunk with its rows at positions `to`: every cached layer's keys re-rotated.
+    fn renumber(&self, chunk: Chunk, to: Vec<usize>) -> Chunk {
+        if chunk.meta.positions == to {
+            return chunk;
+        }
+        let Chunk { t, mut meta } = chunk;
+        let cache = t
+            .cache
+            .into_iter()
+            .map(|kv| homer_model::LayerKv {
+                k: self.model.rerotate_keys(kv.k, &meta.positions, &to),
+                v: kv.v,
+            })
+            .collect();
+        meta.positions = to;
+        Chunk {
+            t: ChunkTensors {
+                hidden: t.hidden,
+                cache,
+            },
+            meta,
+        }
     }
 
     fn leaf(&mut self, i: usize) -> Result<Chunk> {
@@ -421,7 +473,10 @@ impl Run<'_> {
                 cache: Vec::new(),
             },
             meta: RowMeta {
-                positions: self.plan.leaf_positions(i),
+                positions: match self.config.selection.positions {
+                    Positions::Reindex => (0..ids.len()).collect(),
+                    _ => self.plan.leaf_positions(i),
+                },
                 context_index,
             },
         })

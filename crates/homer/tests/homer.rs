@@ -658,6 +658,66 @@ fn unit_selections_keep_units_whole() {
     assert!(err.to_string().contains("sentence units"), "{err}");
 }
 
+/// Re-indexed positions: the final cache is numbered 0..n on both backends (same kept tokens and
+/// logits); with `root`, merging is the paper's (same kept tokens and first logits) and only the
+/// final keys are re-rotated: they equal the paper's keys re-rotated from its positions.
+#[test]
+fn reindexed_positions() {
+    use homer::{Positions, Selection};
+    let (p, c, s) = (ids(3, 41), ids(90, 42), ids(3, 43));
+    let mut outs = vec![];
+    for kind in [BackendKind::Cpu, BackendKind::Wgpu] {
+        let model = Llama::random(tiny_config(6), 21, &device(kind));
+        let mut cfg = config(24, 2, Scoring::Attention);
+        cfg.selection = Selection {
+            positions: Positions::Reindex,
+            ..Default::default()
+        };
+        let out = run(&model, &p, &c, &s, &cfg);
+        let n = out.trace.final_len;
+        assert_eq!(out.positions, (0..n).collect::<Vec<_>>());
+        assert_eq!(out.last_position_id, n - 1);
+        assert_eq!(out.cache.next_position, n);
+        assert!(out.logits.iter().all(|x| x.is_finite()));
+        outs.push(out);
+    }
+    assert_eq!(outs[0].trace.kept, outs[1].trace.kept);
+    let d = max_diff(&outs[0].logits, &outs[1].logits);
+    assert!(d < 1e-3, "reindex: logits differ by {d}");
+
+    let model = Llama::random(tiny_config(6), 21, &device(BackendKind::Cpu));
+    let paper = run(&model, &p, &c, &s, &config(24, 2, Scoring::Attention));
+    assert_ne!(
+        outs[0].trace.kept, paper.trace.kept,
+        "re-indexing changes the scores"
+    );
+    let mut cfg = config(24, 2, Scoring::Attention);
+    cfg.selection.positions = Positions::Root;
+    let root = run(&model, &p, &c, &s, &cfg);
+    assert_eq!(root.trace.kept, paper.trace.kept);
+    assert_eq!(max_diff(&root.logits, &paper.logits), 0.0);
+    let n = root.trace.final_len;
+    assert_eq!(root.positions, (0..n).collect::<Vec<_>>());
+    assert_ne!(paper.positions, root.positions);
+    let to: Vec<usize> = (0..n).collect();
+    for (l, (a, b)) in root
+        .cache
+        .layers
+        .iter()
+        .zip(&paper.cache.layers)
+        .enumerate()
+    {
+        let (a, b) = (a.as_ref().unwrap().filled(), b.as_ref().unwrap().filled());
+        let want = model.rerotate_keys(b.k, &paper.positions, &to);
+        let e = max_diff(&host3(&a.k).0, &host3(&want).0);
+        assert!(
+            e < 1e-6,
+            "layer {l}: root keys vs re-rotated paper keys: {e}"
+        );
+        assert_eq!(max_diff(&host3(&a.v).0, &host3(&b.v).0), 0.0);
+    }
+}
+
 /// Depth-first order: the live state grows with the tree height, not the chunk count.
 #[test]
 fn live_rows_grow_with_height_not_chunks() {
