@@ -58,6 +58,10 @@ pub enum EvalCmd {
         /// raw: plain text ending "The pass key is" (default); chat: one turn of the chat template
         #[arg(long, default_value = "raw")]
         format: PasskeyFormat,
+        /// classic ("The grass is green. …"), or a KJV text file (scripts/fetch-kjv): its
+        /// verses, one a line, without labels
+        #[arg(long, default_value = "classic")]
+        filler: String,
     },
     /// Long-document perplexity (spec §9.4): cumulative perplexity of a KJV text per method
     Perplexity {
@@ -251,6 +255,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
             trials,
             method,
             format,
+            filler,
         } => {
             let mut engine = engine_for(&args)?;
             let s = settings(&engine, &args)?;
@@ -260,6 +265,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
                 trials,
                 methods: method,
                 format,
+                filler: filler_arg(&filler)?,
                 variants: vec![(String::new(), HomerVariant::default())],
             };
             let mut st = Store::open(&s.out_dir, "passkey").map_err(e)?;
@@ -448,15 +454,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
             if let Some(b) = budgets.iter().find(|&&b| !(b > 0.0 && b <= 1.0)) {
                 return Err(format!("--budgets {b}: each must lie in (0, 1]"));
             }
-            let filler = if filler == "classic" {
-                homer_engine::passkey::Filler::Classic
-            } else {
-                let verses =
-                    homer_eval::text::read_verses(std::path::Path::new(&filler)).map_err(e)?;
-                homer_engine::passkey::Filler::Lines(std::sync::Arc::new(
-                    verses.into_iter().map(|v| v.text).collect(),
-                ))
-            };
+            let filler = filler_arg(&filler)?;
             let spec = homer_eval::replay::ReplaySpec {
                 lengths,
                 depths,
@@ -476,6 +474,18 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// `classic`, or a KJV text file whose verses (without labels) become the filler lines.
+fn filler_arg(filler: &str) -> Result<homer_engine::passkey::Filler, String> {
+    if filler == "classic" {
+        return Ok(homer_engine::passkey::Filler::Classic);
+    }
+    let verses =
+        homer_eval::text::read_verses(std::path::Path::new(filler)).map_err(|e| e.to_string())?;
+    Ok(homer_engine::passkey::Filler::Lines(std::sync::Arc::new(
+        verses.into_iter().map(|v| v.text).collect(),
+    )))
 }
 
 fn file_name(p: &std::path::Path) -> String {

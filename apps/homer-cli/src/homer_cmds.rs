@@ -33,8 +33,9 @@ pub struct HomerArgs {
     /// Which rows each node keeps: `paper` (each token on its own, by the last row's query), or
     /// knobs: unit=token|poolK|spanL|sentence[-mean] (kept or dropped whole; pooled scores),
     /// query=last|lastN|suffix (the mean query of the last N rows or of the whole question),
-    /// e.g. `sentence,query=suffix`
-    #[arg(long, default_value = "paper")]
+    /// positions=local|reindex|root (contiguous ids at every merge, or in the final cache),
+    /// e.g. `sentence,query=suffix`; `default` is the engine's choice
+    #[arg(long, default_value = "default", value_parser = homer_engine::parse_selection)]
     pub selection: homer_engine::Selection,
     /// The root's budget in rows (default: the chunk length, as the paper)
     #[arg(long, alias = "target-len")]

@@ -74,6 +74,10 @@ pub struct Settings {
     pub warmup_layers: Option<usize>,
     /// default, zeros or a path.
     pub bias: String,
+    /// HOMER's selection: `default` (the engine's), `paper`, or knobs as `homer --selection`.
+    pub selection: String,
+    /// HOMER's root budget in rows; 0 = the chunk length.
+    pub budget: usize,
     pub temperature: f32,
     pub top_p: f32,
     pub max_tokens: usize,
@@ -88,6 +92,8 @@ impl Default for Settings {
             chunk_len: 0,
             warmup_layers: None,
             bias: "default".into(),
+            selection: "default".into(),
+            budget: 0,
             temperature: 0.0,
             top_p: 1.0,
             max_tokens: 256,
@@ -109,8 +115,9 @@ impl Settings {
             chunk_len: (self.chunk_len > 0).then_some(self.chunk_len),
             warmup_layers: self.warmup_layers,
             bias: self.bias.parse().unwrap_or(BiasChoice::Default),
-            selection: Default::default(),
-            budget: None,
+            selection: homer_engine::parse_selection(&self.selection)
+                .unwrap_or(homer_engine::DEFAULT_SELECTION),
+            budget: (self.budget > 0).then_some(self.budget),
             system: None,
             generate: GenerateParams {
                 max_tokens: self.max_tokens.max(1),
@@ -1173,6 +1180,20 @@ impl DeskApp {
                     .labelled_by(l.id);
             });
             ui.label(RichText::new("default (the shipped table), zeros, or a .safetensors path from `homer calibrate`").small().weak());
+            ui.horizontal(|ui| {
+                let l = ui.label("Selection");
+                ui.add(egui::TextEdit::singleline(&mut self.settings.selection).desired_width(150.0))
+                    .labelled_by(l.id);
+            });
+            match homer_engine::parse_selection(&self.settings.selection) {
+                Ok(s) => ui.label(RichText::new(format!("which tokens merging keeps: {s} (default, paper, or knobs such as sentence,query=suffix)")).small().weak()),
+                Err(e) => ui.label(RichText::new(e).small().color(egui::Color32::from_rgb(200, 60, 60))),
+            };
+            ui.horizontal(|ui| {
+                ui.label("Budget");
+                ui.add(egui::DragValue::new(&mut self.settings.budget).range(0..=131072));
+                ui.label(RichText::new("tokens HOMER keeps in the end; 0 = the chunk length").small().weak());
+            });
             ui.separator();
             ui.label(RichText::new("Sampling").strong());
             ui.add(egui::Slider::new(&mut self.settings.temperature, 0.0..=2.0).text("temperature (0 = greedy)"));

@@ -133,7 +133,23 @@ impl std::str::FromStr for BiasChoice {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+/// The selection `homer ask`, `homer prefill` and homer-desk use unless told otherwise (issue
+/// 15): for now the paper's.
+pub const DEFAULT_SELECTION: homer::Selection = homer::Selection {
+    unit: homer::Unit::Token,
+    query: homer::Query::Last,
+    positions: homer::Positions::Local,
+};
+
+/// A selection as `--selection` spells it: `default` ([`DEFAULT_SELECTION`]), `paper`, or knobs.
+pub fn parse_selection(s: &str) -> std::result::Result<homer::Selection, String> {
+    match s.trim() {
+        "default" | "" => Ok(DEFAULT_SELECTION),
+        k => k.parse(),
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct AskParams {
     pub mode: HomerMode,
     /// C; None = half the model's window.
@@ -141,13 +157,28 @@ pub struct AskParams {
     /// W; None = 12 of 32 layers scaled to the model's depth.
     pub warmup_layers: Option<usize>,
     pub bias: BiasChoice,
-    /// Which rows HOMER's nodes keep (issue 15; the default is the paper's).
+    /// Which rows HOMER's nodes keep (issue 15; default [`DEFAULT_SELECTION`]).
     pub selection: homer::Selection,
     /// The root's budget in rows; None = the chunk length (the paper's).
     pub budget: Option<usize>,
     /// System message; None = the template's default.
     pub system: Option<String>,
     pub generate: GenerateParams,
+}
+
+impl Default for AskParams {
+    fn default() -> Self {
+        AskParams {
+            mode: HomerMode::default(),
+            chunk_len: None,
+            warmup_layers: None,
+            bias: BiasChoice::default(),
+            selection: DEFAULT_SELECTION,
+            budget: None,
+            system: None,
+            generate: GenerateParams::default(),
+        }
+    }
 }
 
 /// What `Engine::ask` returns.

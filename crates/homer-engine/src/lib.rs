@@ -23,7 +23,9 @@ use homer_model::model::PREFILL_BLOCK;
 use homer_model::{BackendKind, DeviceInfo, KvCache, Llama, Logits, WeightDtype, read_f32};
 use serde::Serialize;
 
-pub use ask::{Answer, AskParams, BiasChoice, DocPrompt, HomerMode};
+pub use ask::{
+    Answer, AskParams, BiasChoice, DEFAULT_SELECTION, DocPrompt, HomerMode, parse_selection,
+};
 pub use chat::{ChatTemplate, Message};
 pub use citations::{Citation, citations};
 pub use document::{DocKind, Document, SkipReason, Skipped, ingest, load_document};

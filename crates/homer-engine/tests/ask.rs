@@ -274,6 +274,86 @@ fn passkey_prompt_has_the_needle_at_its_depth() {
     assert!(e.passkey_sample(2000, 1.5, 3, PasskeyFormat::Raw).is_err());
 }
 
+/// The needle in lines of text (the KJV filler of issue 15): a line of its own at the depth,
+/// `needle_token..needle_end` exactly the needle, the lines consecutive from a seeded start.
+#[test]
+fn passkey_in_text_lines() {
+    use homer_engine::passkey::Filler;
+    let e = engine();
+    let lines: Vec<String> = (0..300)
+        .map(|i| format!("And verse {i} said unto them, go in peace."))
+        .collect();
+    let filler = Filler::Lines(std::sync::Arc::new(lines));
+    for depth in [0.0, 0.4, 1.0] {
+        let s = e
+            .passkey_sample_in(1500, depth, 5, PasskeyFormat::Raw, &filler)
+            .unwrap();
+        let p = &s.prompt;
+        assert!(
+            p.total_len() <= 1500 && p.total_len() > 1300,
+            "{}",
+            p.total_len()
+        );
+        let needle = e
+            .tokenizer
+            .decode(&p.context[s.needle_token..s.needle_end], false)
+            .unwrap();
+        assert_eq!(
+            needle.trim(),
+            format!(
+                "The pass key is {0}. Remember it. {0} is the pass key.",
+                s.passkey
+            )
+        );
+        let text = e.tokenizer.decode(&p.context, false).unwrap();
+        let at = text
+            .lines()
+            .position(|l| l.starts_with("The pass key"))
+            .unwrap();
+        let n = text.lines().count();
+        assert!(
+            ((at as f64 / n as f64) - depth).abs() < 0.1,
+            "depth {depth}: line {at} of {n}"
+        );
+        // Consecutive verses around it.
+        let nums: Vec<usize> = text
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("And verse ")?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        assert!(
+            nums.windows(2).all(|w| w[1] == (w[0] + 1) % 300),
+            "{nums:?}"
+        );
+    }
+    let a = e
+        .passkey_sample_in(1500, 0.5, 5, PasskeyFormat::Raw, &filler)
+        .unwrap();
+    let b = e
+        .passkey_sample_in(1500, 0.5, 6, PasskeyFormat::Raw, &filler)
+        .unwrap();
+    assert_ne!(
+        a.prompt.context[..20],
+        b.prompt.context[..20],
+        "the start follows the seed"
+    );
+    assert!(
+        e.passkey_sample_in(
+            1500,
+            0.5,
+            5,
+            PasskeyFormat::Raw,
+            &Filler::Lines(Default::default())
+        )
+        .is_err()
+    );
+}
+
 #[test]
 fn default_bias_table_ships_and_fits_the_default_model() {
     let t = homer_engine::ask::default_bias().unwrap();

@@ -21,6 +21,8 @@ pub struct PasskeySpec {
     pub trials: usize,
     pub methods: Vec<Method>,
     pub format: PasskeyFormat,
+    /// The text the needle hides in (classic: "The grass is green. …").
+    pub filler: homer_engine::passkey::Filler,
     /// Named HOMER variants; the empty name is HOMER as configured. Non-HOMER methods run once
     /// per cell whatever the variants.
     pub variants: Vec<(String, HomerVariant)>,
@@ -56,8 +58,13 @@ pub fn run(
                 } else {
                     ""
                 };
+                // Classic-filler keys are spelt as before fillers existed (recorded runs resume).
+                let filler = match &spec.filler {
+                    homer_engine::passkey::Filler::Classic => String::new(),
+                    f => format!("|{}", f.name()),
+                };
                 let key = format!(
-                    "{model}|{method}|{vname}|{len}|{depth}|{t}|{}|{:?}|{}",
+                    "{model}|{method}|{vname}|{len}|{depth}|{t}|{}|{:?}|{}{filler}",
                     s.seed,
                     spec.format,
                     s.key_tail()
@@ -66,7 +73,13 @@ pub fn run(
                     continue;
                 }
                 if sample.is_none() {
-                    sample = Some(engine.passkey_sample(len, depth, seed, spec.format)?);
+                    sample = Some(engine.passkey_sample_in(
+                        len,
+                        depth,
+                        seed,
+                        spec.format,
+                        &spec.filler,
+                    )?);
                 }
                 let sample = sample.as_ref().unwrap();
                 // "The pass key is " and five digits: a few tokens; 16 leave room.
@@ -120,7 +133,7 @@ pub fn run(
                             "read_tokens": run.prompt_tokens, "passkey": sample.passkey, "answer": run.text,
                             "correct": ok, "prefill_secs": run.prefill_secs, "secs": run.secs,
                             "needle_tokens_kept": needle_kept, "chunks": run.chunks, "cache_rows": run.cache_len,
-                            "window": s.window,
+                            "window": s.window, "filler": spec.filler.name(),
                         }))?;
             }
         }
@@ -142,9 +155,13 @@ pub type Grid = BTreeMap<String, BTreeMap<usize, BTreeMap<String, (usize, usize)
 /// The label of a record: the method, with the variant in brackets when there is one.
 pub fn label(r: &Value) -> String {
     let m = r["method"].as_str().unwrap_or("?");
-    match r["variant"].as_str() {
+    let l = match r["variant"].as_str() {
         Some(v) if !v.is_empty() => format!("{m} [{v}]"),
         _ => m.to_string(),
+    };
+    match r["filler"].as_str() {
+        Some(f) if f != "classic" => format!("{l} ({f} filler)"),
+        _ => l,
     }
 }
 

@@ -57,6 +57,7 @@ impl AllSpec {
                 trials,
                 methods: methods(&ALL_METHODS),
                 format: PasskeyFormat::Raw,
+                filler: homer_engine::passkey::Filler::Classic,
                 variants: vec![(String::new(), HomerVariant::default())],
             },
             perplexity_length: 4 * w,
@@ -87,6 +88,7 @@ impl AllSpec {
                 trials: 1,
                 methods: methods(&ALL_METHODS),
                 format: PasskeyFormat::Raw,
+                filler: homer_engine::passkey::Filler::Classic,
                 variants: vec![(String::new(), HomerVariant::default())],
             },
             perplexity_length: 2 * w,
@@ -156,6 +158,7 @@ fn ablation(
         trials,
         methods: vec![Method::Homer],
         format: PasskeyFormat::Raw,
+        filler: homer_engine::passkey::Filler::Classic,
         variants,
     }
 }
