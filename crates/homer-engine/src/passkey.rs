@@ -287,6 +287,9 @@ impl std::str::FromStr for Method {
                             if k.positions != d.positions {
                                 selection.positions = k.positions;
                             }
+                            if k.suffix != d.suffix {
+                                selection.suffix = k.suffix;
+                            }
                         }
                     }
                 }
@@ -412,6 +415,7 @@ mod tests {
                     },
                     query: homer::Query::Suffix,
                     positions: homer::Positions::Local,
+                    suffix: homer::SuffixRows::Merged,
                 },
                 budget: Some(2048),
             }

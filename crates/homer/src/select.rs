@@ -212,6 +212,40 @@ impl std::str::FromStr for Positions {
     }
 }
 
+/// Where the suffix rows of the final cache come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SuffixRows {
+    /// The root's suffix rows: at every merge the average of its children's copies (the paper).
+    #[default]
+    Merged,
+    /// The suffix read again on top of the final context rows (its rows dropped and the suffix
+    /// tokens run through every layer at the same positions): the question then attends to the
+    /// kept document at every layer instead of being an average of per-chunk readings. Costs S
+    /// rows of a forward pass.
+    Fresh,
+}
+
+impl std::fmt::Display for SuffixRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SuffixRows::Merged => "merged",
+            SuffixRows::Fresh => "fresh",
+        })
+    }
+}
+
+impl std::str::FromStr for SuffixRows {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "merged" => Ok(SuffixRows::Merged),
+            "fresh" => Ok(SuffixRows::Fresh),
+            _ => Err(format!("suffix `{s}`: expected merged or fresh")),
+        }
+    }
+}
+
 /// A node's whole selection policy (issue 15). The default is the paper's; `--selection`
 /// spells it as comma-separated knobs (`paper`, or e.g. `sentence`, `unit=pool7,query=suffix`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -219,6 +253,7 @@ pub struct Selection {
     pub unit: Unit,
     pub query: Query,
     pub positions: Positions,
+    pub suffix: SuffixRows,
 }
 
 impl Selection {
@@ -244,6 +279,9 @@ impl std::fmt::Display for Selection {
             if self.positions != d.positions {
                 knobs.push(format!("positions={}", self.positions));
             }
+            if self.suffix != d.suffix {
+                knobs.push(format!("suffix={}", self.suffix));
+            }
             f.write_str(&knobs.join(","))
         }
     }
@@ -259,6 +297,7 @@ impl std::str::FromStr for Selection {
                 Some(("unit", v)) => sel.unit = v.parse()?,
                 Some(("query", v)) => sel.query = v.parse()?,
                 Some(("positions", v)) => sel.positions = v.parse()?,
+                Some(("suffix", v)) => sel.suffix = v.parse()?,
                 // A bare unit is the unit knob.
                 None => {
                     sel.unit = knob.parse().map_err(|e| {
@@ -267,7 +306,7 @@ impl std::str::FromStr for Selection {
                 }
                 Some((k, _)) => {
                     return Err(format!(
-                        "--selection `{s}`: unknown knob `{k}` (known: unit, query, positions); or `paper`"
+                        "--selection `{s}`: unknown knob `{k}` (known: unit, query, positions, suffix); or `paper`"
                     ));
                 }
             }
@@ -592,6 +631,10 @@ mod tests {
         assert_eq!(r.to_string(), "unit=span16,positions=reindex");
         assert_eq!(r.to_string().parse::<Selection>().unwrap(), r);
         assert!("positions=global".parse::<Selection>().is_err());
+        let f: Selection = "sentence,suffix=fresh".parse().unwrap();
+        assert_eq!(f.suffix, SuffixRows::Fresh);
+        assert_eq!(f.to_string(), "unit=sentence,suffix=fresh");
+        assert_eq!(f.to_string().parse::<Selection>().unwrap(), f);
         assert_eq!(q.to_string().parse::<Selection>().unwrap(), q);
         assert_eq!(
             "query=last8".parse::<Selection>().unwrap().query,

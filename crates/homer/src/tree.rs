@@ -16,7 +16,7 @@ use crate::bias::BiasTable;
 use crate::error::{HomerError, Result};
 use crate::ops::{ChunkTensors, HomerOps, SignificanceInput};
 use crate::plan::{NodePlan, Plan, PlanParams};
-use crate::select::{Positions, Selection, select};
+use crate::select::{Positions, Selection, SuffixRows, select};
 use crate::trace::{MergeTrace, NodeTrace};
 
 /// Host-side metadata of a node's rows, aligned with its tensors row for row.
@@ -333,7 +333,6 @@ pub fn homer_prefill(
 
     let n = root.meta.len();
     let d = model.config.hidden_size;
-    let logits = read_f32(model.logits(root.t.hidden.slice([n - 1..n, 0..d])))?;
     if root.t.cache.len() != n_layers {
         return Err(HomerError::Input(format!(
             "internal: root cached {} of {n_layers} layers",
@@ -345,7 +344,28 @@ pub fn homer_prefill(
         NextPosition::AfterLast => last_position_id + 1,
         NextPosition::ReferenceGenerate => last_position_id,
     };
-    let cache = KvCache::from_rows(root.t.cache, next_position);
+    let s = input.suffix.len();
+    let (logits, mut cache) = match config.selection.suffix {
+        SuffixRows::Merged => (
+            read_f32(model.logits(root.t.hidden.slice([n - 1..n, 0..d])))?,
+            KvCache::from_rows(root.t.cache, next_position),
+        ),
+        SuffixRows::Fresh => {
+            // Drop the merged suffix rows and read the suffix again at their positions.
+            let keep: Vec<usize> = (0..n - s).collect();
+            let g = ops.gather(root.t, &keep)?;
+            let at = &root.meta.positions[n - s..];
+            let mut cache = KvCache::from_rows(g.cache, at[0]);
+            let l = model.forward(
+                input.suffix,
+                Some(at),
+                &mut cache,
+                homer_model::Logits::Last,
+            )?;
+            (read_f32(l)?, cache)
+        }
+    };
+    cache.next_position = next_position;
     let scoring = match (&config.scoring, &config.bias) {
         (Scoring::Attention, Some(b)) if !b.is_zero() => "calibrated",
         (Scoring::Attention, _) => "uncalibrated",

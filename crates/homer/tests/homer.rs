@@ -462,6 +462,25 @@ fn one_chunk_equals_plain_prefill() {
             assert!(dk < 1e-4 && dv < 1e-4, "{kind} layer {l}: K {dk} V {dv}");
         }
         assert_eq!(out.trace.kept, (0..37).collect::<Vec<_>>());
+        // With one chunk nothing merges: every selection knob (a fresh suffix re-reads the
+        // same rows) is the plain prefill too.
+        let mut fresh = config(64, 1, Scoring::Attention);
+        fresh.selection = "span4,query=suffix,positions=reindex,suffix=fresh"
+            .parse()
+            .unwrap();
+        let f = run(&model, &p, &c, &s, &fresh);
+        let d = max_diff(&f.logits, &plain);
+        assert!(d < 1e-4, "{kind}: fresh suffix logits differ by {d}");
+        assert_eq!(f.positions, (0..46).collect::<Vec<_>>());
+        assert_eq!((f.cache.len(), f.cache.next_position), (46, 46));
+        let mut fc = f.cache;
+        let mut pc = cache.clone();
+        let a = model.decode_step(3, &mut fc).unwrap();
+        let b = model.decode_step(3, &mut pc).unwrap();
+        assert!(
+            max_diff(&a, &b) < 1e-4,
+            "{kind}: decoding after a fresh suffix"
+        );
         // Decoding continues identically.
         let mut hc = out.cache;
         let mut pc = cache;
@@ -684,6 +703,27 @@ fn reindexed_positions() {
     assert_eq!(outs[0].trace.kept, outs[1].trace.kept);
     let d = max_diff(&outs[0].logits, &outs[1].logits);
     assert!(d < 1e-3, "reindex: logits differ by {d}");
+
+    // A fresh suffix over many chunks: the same kept tokens as the merged suffix, other first
+    // logits, the same on both backends, a cache of the same rows.
+    let mut fresh = vec![];
+    for kind in [BackendKind::Cpu, BackendKind::Wgpu] {
+        let model = Llama::random(tiny_config(6), 21, &device(kind));
+        let mut cfg = config(24, 2, Scoring::Attention);
+        cfg.selection.suffix = homer::SuffixRows::Fresh;
+        let f = run(&model, &p, &c, &s, &cfg);
+        let m = run(&model, &p, &c, &s, &config(24, 2, Scoring::Attention));
+        assert_eq!(f.trace.kept, m.trace.kept);
+        assert_eq!(f.cache.len(), m.cache.len());
+        assert_eq!(f.cache.next_position, m.cache.next_position);
+        assert!(
+            max_diff(&f.logits, &m.logits) > 1e-3,
+            "{kind}: the suffix was not re-read"
+        );
+        fresh.push(f.logits);
+    }
+    let d = max_diff(&fresh[0], &fresh[1]);
+    assert!(d < 1e-3, "fresh suffix: backends differ by {d}");
 
     let model = Llama::random(tiny_config(6), 21, &device(BackendKind::Cpu));
     let paper = run(&model, &p, &c, &s, &config(24, 2, Scoring::Attention));
