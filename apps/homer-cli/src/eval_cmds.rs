@@ -186,6 +186,9 @@ pub enum EvalCmd {
         /// Budgets as fractions of HOMER's final kept context
         #[arg(long, value_delimiter = ',', default_value = "1,0.25")]
         budgets: Vec<f64>,
+        /// The HOMER that runs: homer (the paper) or homer:<selection knobs joined by +>
+        #[arg(long = "homer-method", default_value = "homer")]
+        homer: Method,
     },
     /// Rebuild results.md and the plots from the records in --out
     Report {
@@ -448,7 +451,13 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
             filler,
             selections,
             budgets,
+            homer,
         } => {
+            if !homer.uses_homer() || matches!(homer, Method::HomerRope(_)) {
+                return Err(format!(
+                    "--homer-method {homer}: expected homer or homer:<selection knobs>"
+                ));
+            }
             let mut engine = engine_for(&args)?;
             let s = settings(&engine, &args)?;
             if let Some(b) = budgets.iter().find(|&&b| !(b > 0.0 && b <= 1.0)) {
@@ -462,6 +471,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
                 filler,
                 selections,
                 budgets,
+                homer,
             };
             let mut st = Store::open(&s.out_dir, "replay").map_err(e)?;
             homer_eval::replay::run(&mut engine, &s, &spec, &mut st, &cancel).map_err(e)?;

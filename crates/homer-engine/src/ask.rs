@@ -139,7 +139,7 @@ pub const DEFAULT_SELECTION: homer::Selection = homer::Selection {
     unit: homer::Unit::Token,
     query: homer::Query::Last,
     positions: homer::Positions::Local,
-    suffix: homer::SuffixRows::Merged,
+    reread: homer::Reread::None,
 };
 
 /// A selection as `--selection` spells it: `default` ([`DEFAULT_SELECTION`]), `paper`, or knobs.

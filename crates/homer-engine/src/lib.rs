@@ -31,7 +31,7 @@ pub use citations::{Citation, citations};
 pub use document::{DocKind, Document, SkipReason, Skipped, ingest, load_document};
 pub use error::{EngineError, Result};
 pub use history::{ChatHistory, Exchange};
-pub use homer::{Positions, Query, Selection, SuffixRows, Unit};
+pub use homer::{Positions, Query, Reread, Selection, Unit};
 pub use sampling::{SamplingParams, top_k};
 pub use tokenizer::{TokenStream, Tokenizer};
 

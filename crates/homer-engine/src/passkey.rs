@@ -287,8 +287,8 @@ impl std::str::FromStr for Method {
                             if k.positions != d.positions {
                                 selection.positions = k.positions;
                             }
-                            if k.suffix != d.suffix {
-                                selection.suffix = k.suffix;
+                            if k.reread != d.reread {
+                                selection.reread = k.reread;
                             }
                         }
                     }
@@ -415,7 +415,7 @@ mod tests {
                     },
                     query: homer::Query::Suffix,
                     positions: homer::Positions::Local,
-                    suffix: homer::SuffixRows::Merged,
+                    reread: homer::Reread::None,
                 },
                 budget: Some(2048),
             }

@@ -37,6 +37,9 @@ pub struct ReplaySpec {
     pub selections: Vec<String>,
     /// Fractions of HOMER's final kept context (1 = the same budget).
     pub budgets: Vec<f64>,
+    /// The HOMER that runs (`homer`, or `homer:<knobs>`): its answer is the `<method>-tree` row
+    /// and its kept set the `homer` selection (named after the method when it is not the paper's).
+    pub homer: Method,
 }
 
 /// What a selection name means.
@@ -159,6 +162,10 @@ pub fn run(
         .map(|n| Ok((n.clone(), parse_selection(n)?)))
         .collect::<Result<_>>()?;
     let filler = spec.filler.name();
+    let (tree_name, kept_name) = match spec.homer {
+        Method::Homer => ("homer-tree".to_string(), "homer".to_string()),
+        ref m => (format!("{m}-tree"), m.to_string()),
+    };
     let params = GenerateParams {
         max_tokens: 16,
         loop_ngram: 0,
@@ -177,10 +184,11 @@ pub fn run(
             )
         };
         let mut todo = vec![];
-        if !store.has(&key("homer-tree", 1.0)) {
-            todo.push(("homer-tree".to_string(), Sel::Homer, 1.0));
+        if !store.has(&key(&tree_name, 1.0)) {
+            todo.push((tree_name.clone(), Sel::Homer, 1.0));
         }
         for (name, sel) in &sels {
+            let name = if *sel == Sel::Homer { &kept_name } else { name };
             for &f in &spec.budgets {
                 if *sel == Sel::Homer && f != 1.0 {
                     continue;
@@ -202,7 +210,7 @@ pub fn run(
         )?;
         let prompt = &sample.prompt;
         let needle = sample.needle_token..sample.needle_end;
-        let method = Method::Homer;
+        let method = spec.homer.clone();
         crate::set_rope(engine, &method, prompt.total_len(), s)?;
         let cfg = crate::homer_config(
             engine,
@@ -221,7 +229,7 @@ pub fn run(
         let n = prompt.context.len();
         let doc_index: Vec<Option<usize>> = (0..n).map(Some).collect();
         let mut homer_answer = None;
-        if todo.iter().any(|t| t.0 == "homer-tree") {
+        if todo.iter().any(|t| t.0 == tree_name) {
             let g = engine.decode(
                 out.logits,
                 out.cache,
@@ -236,7 +244,7 @@ pub fn run(
         for (name, sel, f) in todo {
             let b = ((budget as f64) * f).round() as usize;
             let mut rng = StdRng::seed_from_u64(c.seed ^ 0xC0FFEE ^ (f * 1000.0) as u64);
-            let (kept, text, secs) = if name == "homer-tree" {
+            let (kept, text, secs) = if name == tree_name {
                 (
                     trace.kept.clone(),
                     homer_answer.clone().unwrap_or_default(),

@@ -212,36 +212,42 @@ impl std::str::FromStr for Positions {
     }
 }
 
-/// Where the suffix rows of the final cache come from.
+/// What is read again after merging, on top of (or instead of) the root's cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum SuffixRows {
-    /// The root's suffix rows: at every merge the average of its children's copies (the paper).
+pub enum Reread {
+    /// Nothing: the root's rows are the cache, its suffix rows the average of its children's
+    /// copies at every merge (the paper).
     #[default]
-    Merged,
-    /// The suffix read again on top of the final context rows (its rows dropped and the suffix
-    /// tokens run through every layer at the same positions): the question then attends to the
-    /// kept document at every layer instead of being an average of per-chunk readings. Costs S
-    /// rows of a forward pass.
-    Fresh,
+    None,
+    /// The suffix: its merged rows dropped and the suffix tokens run through every layer over the
+    /// kept context at the same positions, so the question attends to the kept document at
+    /// every layer. Costs S rows of a forward pass.
+    Suffix,
+    /// Everything kept: prefix + kept context tokens (document order) + suffix read as one plain
+    /// prompt at positions 0..n (≤ the chunk length, inside the window) — merging only chooses
+    /// what to keep. Costs a plain prefill of the final cache's length.
+    All,
 }
 
-impl std::fmt::Display for SuffixRows {
+impl std::fmt::Display for Reread {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            SuffixRows::Merged => "merged",
-            SuffixRows::Fresh => "fresh",
+            Reread::None => "none",
+            Reread::Suffix => "suffix",
+            Reread::All => "all",
         })
     }
 }
 
-impl std::str::FromStr for SuffixRows {
+impl std::str::FromStr for Reread {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
-            "merged" => Ok(SuffixRows::Merged),
-            "fresh" => Ok(SuffixRows::Fresh),
-            _ => Err(format!("suffix `{s}`: expected merged or fresh")),
+            "none" => Ok(Reread::None),
+            "suffix" => Ok(Reread::Suffix),
+            "all" => Ok(Reread::All),
+            _ => Err(format!("reread `{s}`: expected none, suffix or all")),
         }
     }
 }
@@ -253,7 +259,7 @@ pub struct Selection {
     pub unit: Unit,
     pub query: Query,
     pub positions: Positions,
-    pub suffix: SuffixRows,
+    pub reread: Reread,
 }
 
 impl Selection {
@@ -279,8 +285,8 @@ impl std::fmt::Display for Selection {
             if self.positions != d.positions {
                 knobs.push(format!("positions={}", self.positions));
             }
-            if self.suffix != d.suffix {
-                knobs.push(format!("suffix={}", self.suffix));
+            if self.reread != d.reread {
+                knobs.push(format!("reread={}", self.reread));
             }
             f.write_str(&knobs.join(","))
         }
@@ -297,7 +303,7 @@ impl std::str::FromStr for Selection {
                 Some(("unit", v)) => sel.unit = v.parse()?,
                 Some(("query", v)) => sel.query = v.parse()?,
                 Some(("positions", v)) => sel.positions = v.parse()?,
-                Some(("suffix", v)) => sel.suffix = v.parse()?,
+                Some(("reread", v)) => sel.reread = v.parse()?,
                 // A bare unit is the unit knob.
                 None => {
                     sel.unit = knob.parse().map_err(|e| {
@@ -306,7 +312,7 @@ impl std::str::FromStr for Selection {
                 }
                 Some((k, _)) => {
                     return Err(format!(
-                        "--selection `{s}`: unknown knob `{k}` (known: unit, query, positions, suffix); or `paper`"
+                        "--selection `{s}`: unknown knob `{k}` (known: unit, query, positions, reread); or `paper`"
                     ));
                 }
             }
@@ -631,9 +637,14 @@ mod tests {
         assert_eq!(r.to_string(), "unit=span16,positions=reindex");
         assert_eq!(r.to_string().parse::<Selection>().unwrap(), r);
         assert!("positions=global".parse::<Selection>().is_err());
-        let f: Selection = "sentence,suffix=fresh".parse().unwrap();
-        assert_eq!(f.suffix, SuffixRows::Fresh);
-        assert_eq!(f.to_string(), "unit=sentence,suffix=fresh");
+        let f: Selection = "sentence,reread=suffix".parse().unwrap();
+        assert_eq!(f.reread, Reread::Suffix);
+        assert_eq!(
+            "reread=all".parse::<Selection>().unwrap().reread,
+            Reread::All
+        );
+        assert!("reread=twice".parse::<Selection>().is_err());
+        assert_eq!(f.to_string(), "unit=sentence,reread=suffix");
         assert_eq!(f.to_string().parse::<Selection>().unwrap(), f);
         assert_eq!(q.to_string().parse::<Selection>().unwrap(), q);
         assert_eq!(

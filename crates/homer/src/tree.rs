@@ -16,7 +16,7 @@ use crate::bias::BiasTable;
 use crate::error::{HomerError, Result};
 use crate::ops::{ChunkTensors, HomerOps, SignificanceInput};
 use crate::plan::{NodePlan, Plan, PlanParams};
-use crate::select::{Positions, Selection, SuffixRows, select};
+use crate::select::{Positions, Reread, Selection, select};
 use crate::trace::{MergeTrace, NodeTrace};
 
 /// Host-side metadata of a node's rows, aligned with its tensors row for row.
@@ -318,10 +318,15 @@ pub fn homer_prefill(
         total,
     };
     let mut root = run.process(plan.nodes.len() - 1)?;
-    if config.selection.positions != Positions::Local {
-        // The final cache numbered 0..n, its keys re-rotated.
+    if config.selection.positions != Positions::Local || config.selection.reread == Reread::All {
+        // The final cache numbered 0..n, its keys re-rotated (a full re-read replaces them).
         let to: Vec<usize> = (0..root.meta.len()).collect();
-        root = run.renumber(root, to);
+        root = if config.selection.reread == Reread::All {
+            root.meta.positions = to;
+            root
+        } else {
+            run.renumber(root, to)
+        };
     }
     let last_position_id = *root.meta.positions.last().expect("the root has rows");
     let mut stats = std::mem::take(&mut run.tracker.stats);
@@ -345,12 +350,12 @@ pub fn homer_prefill(
         NextPosition::ReferenceGenerate => last_position_id,
     };
     let s = input.suffix.len();
-    let (logits, mut cache) = match config.selection.suffix {
-        SuffixRows::Merged => (
+    let (logits, mut cache) = match config.selection.reread {
+        Reread::None => (
             read_f32(model.logits(root.t.hidden.slice([n - 1..n, 0..d])))?,
             KvCache::from_rows(root.t.cache, next_position),
         ),
-        SuffixRows::Fresh => {
+        Reread::Suffix => {
             // Drop the merged suffix rows and read the suffix again at their positions.
             let keep: Vec<usize> = (0..n - s).collect();
             let g = ops.gather(root.t, &keep)?;
@@ -362,6 +367,19 @@ pub fn homer_prefill(
                 &mut cache,
                 homer_model::Logits::Last,
             )?;
+            (read_f32(l)?, cache)
+        }
+        Reread::All => {
+            // prefix + kept context + suffix as one plain prompt at 0..n.
+            let ids: Vec<u32> = input
+                .prefix
+                .iter()
+                .copied()
+                .chain(kept.iter().map(|&i| input.context[i]))
+                .chain(input.suffix.iter().copied())
+                .collect();
+            drop(root.t);
+            let (l, cache) = model.prefill(&ids, homer_model::Logits::Last)?;
             (read_f32(l)?, cache)
         }
     };

@@ -465,7 +465,7 @@ fn one_chunk_equals_plain_prefill() {
         // With one chunk nothing merges: every selection knob (a fresh suffix re-reads the
         // same rows) is the plain prefill too.
         let mut fresh = config(64, 1, Scoring::Attention);
-        fresh.selection = "span4,query=suffix,positions=reindex,suffix=fresh"
+        fresh.selection = "span4,query=suffix,positions=reindex,reread=suffix"
             .parse()
             .unwrap();
         let f = run(&model, &p, &c, &s, &fresh);
@@ -710,7 +710,7 @@ fn reindexed_positions() {
     for kind in [BackendKind::Cpu, BackendKind::Wgpu] {
         let model = Llama::random(tiny_config(6), 21, &device(kind));
         let mut cfg = config(24, 2, Scoring::Attention);
-        cfg.selection.suffix = homer::SuffixRows::Fresh;
+        cfg.selection.reread = homer::Reread::Suffix;
         let f = run(&model, &p, &c, &s, &cfg);
         let m = run(&model, &p, &c, &s, &config(24, 2, Scoring::Attention));
         assert_eq!(f.trace.kept, m.trace.kept);
@@ -756,6 +756,23 @@ fn reindexed_positions() {
         );
         assert_eq!(max_diff(&host3(&a.v).0, &host3(&b.v).0), 0.0);
     }
+
+    // Re-reading everything kept: exactly a plain prefill of prefix + kept tokens + suffix.
+    let mut cfg = config(24, 2, Scoring::Attention);
+    cfg.selection.reread = homer::Reread::All;
+    let all = run(&model, &p, &c, &s, &cfg);
+    assert_eq!(all.trace.kept, paper.trace.kept);
+    let ids: Vec<u32> = p
+        .iter()
+        .chain(all.trace.kept.iter().map(|&i| &c[i]))
+        .chain(&s)
+        .copied()
+        .collect();
+    let (l, plain) = model.prefill(&ids, Logits::Last).unwrap();
+    assert_eq!(max_diff(&all.logits, &read_f32(l).unwrap()), 0.0);
+    assert_eq!(all.positions, (0..ids.len()).collect::<Vec<_>>());
+    assert_eq!(all.cache.len(), ids.len());
+    assert_eq!(all.cache.next_position, plain.next_position);
 }
 
 /// Depth-first order: the live state grows with the tree height, not the chunk count.
