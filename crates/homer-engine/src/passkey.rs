@@ -264,8 +264,9 @@ impl std::str::FromStr for Method {
             "truncation" | "truncate" => Method::Truncation,
             "homer" => Method::Homer,
             _ if s.starts_with("homer:") => {
-                let mut selection = homer::Selection::default();
+                // budget=N is the method's; every other knob is `--selection`'s, parsed once.
                 let mut budget = None;
+                let mut knobs = vec![];
                 for knob in s["homer:".len()..].split('+') {
                     match knob.strip_prefix("budget=") {
                         Some(b) => {
@@ -273,26 +274,17 @@ impl std::str::FromStr for Method {
                                 format!("method `{s}`: budget=N needs a number of rows")
                             })?)
                         }
-                        None => {
-                            // Each knob in turn, over what came before.
-                            let k: homer::Selection =
-                                knob.parse().map_err(|e| format!("method `{s}`: {e}"))?;
-                            let d = homer::Selection::default();
-                            if k.unit != d.unit {
-                                selection.unit = k.unit;
-                            }
-                            if k.query != d.query {
-                                selection.query = k.query;
-                            }
-                            if k.positions != d.positions {
-                                selection.positions = k.positions;
-                            }
-                            if k.reread != d.reread {
-                                selection.reread = k.reread;
-                            }
-                        }
+                        None => knobs.push(knob),
                     }
                 }
+                let selection: homer::Selection = if knobs.is_empty() {
+                    homer::Selection::default()
+                } else {
+                    knobs
+                        .join(",")
+                        .parse()
+                        .map_err(|e| format!("method `{s}`: {e}"))?
+                };
                 if selection.is_paper() && budget.is_none() {
                     Method::Homer
                 } else {

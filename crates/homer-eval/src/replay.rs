@@ -243,7 +243,9 @@ pub fn run(
         let mut whole_filler = BTreeMap::new();
         for (name, sel, f) in todo {
             let b = ((budget as f64) * f).round() as usize;
-            let mut rng = StdRng::seed_from_u64(c.seed ^ 0xC0FFEE ^ (f * 1000.0) as u64);
+            // `shredded` takes as many filler tokens as `whole` at the same budget and seed.
+            let seed = c.seed ^ 0xC0FFEE ^ (f * 1000.0) as u64;
+            let mut rng = StdRng::seed_from_u64(seed);
             let (kept, text, secs) = if name == tree_name {
                 (
                     trace.kept.clone(),
@@ -256,8 +258,7 @@ pub fn run(
                     Sel::Whole => whole_units(&units, needle.clone(), b, &mut rng),
                     Sel::Shredded => {
                         let count = *whole_filler.entry(budget_name(f)).or_insert_with(|| {
-                            let mut r =
-                                StdRng::seed_from_u64(c.seed ^ 0xC0FFEE ^ (f * 1000.0) as u64);
+                            let mut r = StdRng::seed_from_u64(seed);
                             whole_units(&units, needle.clone(), b, &mut r).len() - needle.len()
                         });
                         shredded(n, needle.clone(), count, &mut rng)
