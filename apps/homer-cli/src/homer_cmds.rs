@@ -34,10 +34,13 @@ pub struct HomerArgs {
     /// knobs: unit=token|poolK|spanL|sentence[-mean] (kept or dropped whole; pooled scores),
     /// query=last|lastN|suffix (the mean query of the last N rows or of the whole question),
     /// positions=local|reindex|root (contiguous ids at every merge, or in the final cache),
-    /// e.g. `sentence,query=suffix`; `default` is the engine's choice
+    /// reread=none|suffix|all (read the question, or the whole kept prompt, again),
+    /// prior=none|lexical (whole units also ranked by their BM25 match to the question),
+    /// e.g. `sentence,query=suffix`; `default` is the engine's: sentence,reread=all,prior=lexical
     #[arg(long, default_value = "default", value_parser = homer_engine::parse_selection)]
     pub selection: homer_engine::Selection,
-    /// The root's budget in rows (default: the chunk length, as the paper)
+    /// The root's budget in rows (default: 512 when the selection rereads all it kept,
+    /// reread=all; else the chunk length, as the paper)
     #[arg(long, alias = "target-len")]
     pub budget: Option<usize>,
 }
@@ -237,7 +240,9 @@ pub fn prefill(
     let mut cfg = engine
         .homer_config(homer.chunk_len, homer.warmup_layers, &homer.bias)
         .map_err(|e| e.to_string())?;
-    cfg.target_len = homer.budget;
+    cfg.target_len = homer
+        .budget
+        .or_else(|| homer_engine::default_budget(&homer.selection));
     cfg.selection = homer.selection;
     let cancel = AtomicBool::new(false);
     let mut prog = progress_handler(model.quiet || json);

@@ -124,6 +124,9 @@ fn prefill_on_wgpu_uses_the_wgsl_kernels_and_matches_the_oracle() {
             "0",
             "--bias",
             "zeros",
+            // The paper's selection: this compares the paper's kernels with their oracle.
+            "--selection",
+            "paper",
             "--json",
         ];
         if !ops.is_empty() {

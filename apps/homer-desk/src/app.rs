@@ -76,7 +76,7 @@ pub struct Settings {
     pub bias: String,
     /// HOMER's selection: `default` (the engine's), `paper`, or knobs as `homer --selection`.
     pub selection: String,
-    /// HOMER's root budget in rows; 0 = the chunk length.
+    /// HOMER's root budget in rows; 0 = the selection's default (`homer_engine::default_budget`).
     pub budget: usize,
     pub temperature: f32,
     pub top_p: f32,
@@ -1192,7 +1192,7 @@ impl DeskApp {
             ui.horizontal(|ui| {
                 ui.label("Budget");
                 ui.add(egui::DragValue::new(&mut self.settings.budget).range(0..=131072));
-                ui.label(RichText::new("tokens HOMER keeps in the end; 0 = the chunk length").small().weak());
+                ui.label(RichText::new(format!("tokens HOMER keeps in the end; 0 = the selection's default ({})", homer_engine::parse_selection(&self.settings.selection).ok().and_then(|s| homer_engine::default_budget(&s)).map_or("the chunk length".to_string(), |b| b.to_string()))).small().weak());
             });
             ui.separator();
             ui.label(RichText::new("Sampling").strong());

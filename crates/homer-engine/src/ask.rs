@@ -134,13 +134,30 @@ impl std::str::FromStr for BiasChoice {
 }
 
 /// The selection `homer ask`, `homer prefill` and homer-desk use unless told otherwise (issue
-/// 15): for now the paper's.
+/// 15): whole sentences, ranked by attention fused with their lexical match to the question,
+/// and the kept prompt read again as one plain prompt (with [`DEFAULT_REREAD_BUDGET`] rows).
+/// The paper's algorithm is `--selection paper`. Measured in docs/results/selection.
 pub const DEFAULT_SELECTION: homer::Selection = homer::Selection {
-    unit: homer::Unit::Token,
+    unit: homer::Unit::Sentence {
+        agg: homer::Agg::Max,
+    },
     query: homer::Query::Last,
     positions: homer::Positions::Local,
-    reread: homer::Reread::None,
+    reread: homer::Reread::All,
+    prior: homer::Prior::Lexical,
 };
+
+/// The root budget, in rows, of a selection that reads its kept tokens again as one plain prompt
+/// (`reread=all`) when no budget is given: the kept prompt is read like any short prompt, and the
+/// default model reads a needle among a few hundred tokens far better than among thousands
+/// (issue 15's replay bench, docs/results/selection).
+pub const DEFAULT_REREAD_BUDGET: usize = 512;
+
+/// The root budget `selection` runs with when none is given: [`DEFAULT_REREAD_BUDGET`] under
+/// `reread=all`, else None (the chunk length, the paper's).
+pub fn default_budget(selection: &homer::Selection) -> Option<usize> {
+    (selection.reread == homer::Reread::All).then_some(DEFAULT_REREAD_BUDGET)
+}
 
 /// A selection as `--selection` spells it: `default` ([`DEFAULT_SELECTION`]), `paper`, or knobs.
 pub fn parse_selection(s: &str) -> std::result::Result<homer::Selection, String> {
@@ -160,7 +177,7 @@ pub struct AskParams {
     pub bias: BiasChoice,
     /// Which rows HOMER's nodes keep (issue 15; default [`DEFAULT_SELECTION`]).
     pub selection: homer::Selection,
-    /// The root's budget in rows; None = the chunk length (the paper's).
+    /// The root's budget in rows; None = [`default_budget`] of the selection.
     pub budget: Option<usize>,
     /// System message; None = the template's default.
     pub system: Option<String>,
@@ -345,6 +362,48 @@ impl Engine {
         })
     }
 
+    /// [`homer::Prior::Lexical`]'s prior: the BM25 score (the `bm25` crate, English stemming and
+    /// stop words) of every selection unit's text against the question (the suffix's text), given
+    /// to each token of the unit; 0 where the unit shares no word with the question.
+    fn lexical_prior(
+        &self,
+        prompt: &DocPrompt,
+        unit: homer::Unit,
+        units: Option<&[u32]>,
+    ) -> Result<Vec<f32>> {
+        let n = prompt.context.len();
+        let unit_of: Vec<u32> = match (unit, units) {
+            (homer::Unit::Sentence { .. }, Some(u)) => u.to_vec(),
+            (homer::Unit::Span { len, .. }, _) => (0..n).map(|i| (i / len.max(1)) as u32).collect(),
+            _ => {
+                return Err(EngineError::Setting(format!(
+                    "prior=lexical needs whole units (sentence or spanL), not unit={unit}"
+                )));
+            }
+        };
+        // Unit ids ascend along the context: each unit is one run of tokens.
+        let mut runs: Vec<std::ops::Range<usize>> = vec![];
+        for i in 0..n {
+            match runs.last_mut() {
+                Some(r) if unit_of[r.start] == unit_of[i] => r.end = i + 1,
+                _ => runs.push(i..i + 1),
+            }
+        }
+        let corpus = runs
+            .iter()
+            .map(|r| self.tokenizer.decode(&prompt.context[r.clone()], true))
+            .collect::<Result<Vec<String>>>()?;
+        let question = self.tokenizer.decode(&prompt.suffix, true)?;
+        let search =
+            bm25::SearchEngineBuilder::<u32>::with_corpus(bm25::Language::English, corpus).build();
+        let mut prior = vec![0f32; n];
+        for hit in search.search(&question, runs.len()) {
+            let r = &runs[hit.document.id as usize];
+            prior[r.clone()].fill(hit.score.max(0.0));
+        }
+        Ok(prior)
+    }
+
     fn run_homer(
         &self,
         prompt: &DocPrompt,
@@ -360,6 +419,12 @@ impl Engine {
         } else {
             None
         };
+        let prior = match config.selection.prior {
+            homer::Prior::None => None,
+            homer::Prior::Lexical => {
+                Some(self.lexical_prior(prompt, config.selection.unit, units.as_deref())?)
+            }
+        };
         Ok(homer::homer_prefill(
             &self.model,
             HomerInput {
@@ -367,6 +432,7 @@ impl Engine {
                 context: &prompt.context,
                 suffix: &prompt.suffix,
                 units: units.as_deref(),
+                prior: prior.as_deref(),
             },
             config,
             ops,
@@ -430,7 +496,7 @@ impl Engine {
             let mut cfg =
                 self.homer_config(params.chunk_len, params.warmup_layers, &params.bias)?;
             cfg.selection = params.selection;
-            cfg.target_len = params.budget;
+            cfg.target_len = params.budget.or_else(|| default_budget(&params.selection));
             let out = self.homer_prefill(&prompt, &cfg, cancel, progress)?;
             (
                 out.logits,

@@ -24,14 +24,15 @@ use homer_model::{BackendKind, DeviceInfo, KvCache, Llama, Logits, WeightDtype, 
 use serde::Serialize;
 
 pub use ask::{
-    Answer, AskParams, BiasChoice, DEFAULT_SELECTION, DocPrompt, HomerMode, parse_selection,
+    Answer, AskParams, BiasChoice, DEFAULT_REREAD_BUDGET, DEFAULT_SELECTION, DocPrompt, HomerMode,
+    default_budget, parse_selection,
 };
 pub use chat::{ChatTemplate, Message};
 pub use citations::{Citation, citations};
 pub use document::{DocKind, Document, SkipReason, Skipped, ingest, load_document};
 pub use error::{EngineError, Result};
 pub use history::{ChatHistory, Exchange};
-pub use homer::{Positions, Query, Reread, Selection, Unit};
+pub use homer::{Positions, Prior, Query, Reread, Selection, Unit};
 pub use sampling::{SamplingParams, top_k};
 pub use tokenizer::{TokenStream, Tokenizer};
 

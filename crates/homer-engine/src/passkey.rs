@@ -246,7 +246,8 @@ pub enum Method {
     HomerRope(String),
     /// HOMER with another selection policy and/or root budget (issue 15), spelt
     /// `homer:<knobs joined by +>`: `homer:sentence`, `homer:pool7+query=suffix`,
-    /// `homer:sentence+budget=2048` (the knobs of `--selection`, and budget=N rows).
+    /// `homer:sentence+budget=2048` (the knobs of `--selection`, and budget=N rows; none = the
+    /// chunk length); `homer:default` is the engine's default selection and budget, spelt out.
     HomerWith {
         selection: homer::Selection,
         budget: Option<usize>,
@@ -263,6 +264,11 @@ impl std::str::FromStr for Method {
             "plain" => Method::Plain,
             "truncation" | "truncate" => Method::Truncation,
             "homer" => Method::Homer,
+            // The engine's default, spelt out (records keep their meaning if the default moves).
+            "homer:default" => Method::homer_with(
+                crate::DEFAULT_SELECTION,
+                crate::default_budget(&crate::DEFAULT_SELECTION),
+            ),
             _ if s.starts_with("homer:") => {
                 // budget=N is the method's; every other knob is `--selection`'s, parsed once.
                 let mut budget = None;
@@ -285,11 +291,7 @@ impl std::str::FromStr for Method {
                         .parse()
                         .map_err(|e| format!("method `{s}`: {e}"))?
                 };
-                if selection.is_paper() && budget.is_none() {
-                    Method::Homer
-                } else {
-                    Method::HomerWith { selection, budget }
-                }
+                Method::homer_with(selection, budget)
             }
             _ => match s.strip_prefix("homer+") {
                 Some(k) => Method::HomerRope(rope(k).ok_or_else(|| bad(s))?),
@@ -328,6 +330,15 @@ impl std::fmt::Display for Method {
 }
 
 impl Method {
+    /// HOMER with `selection` and `budget`: [`Method::Homer`] for the paper's.
+    pub fn homer_with(selection: homer::Selection, budget: Option<usize>) -> Method {
+        if selection.is_paper() && budget.is_none() {
+            Method::Homer
+        } else {
+            Method::HomerWith { selection, budget }
+        }
+    }
+
     /// The RoPE scaling the method runs a `total`-token prompt with: `factor` when given, else
     /// the smallest whole factor whose scaled window holds the prompt.
     pub fn rope_scaling(
@@ -408,6 +419,7 @@ mod tests {
                     query: homer::Query::Suffix,
                     positions: homer::Positions::Local,
                     reread: homer::Reread::None,
+                    prior: homer::Prior::None,
                 },
                 budget: Some(2048),
             }
@@ -423,6 +435,17 @@ mod tests {
             RopeScaling::None
         );
         assert_eq!("homer:paper".parse::<Method>().unwrap(), Method::Homer);
+        // The default is spelt out: its record keys name the configuration that ran.
+        let d: Method = "homer:default".parse().unwrap();
+        assert_eq!(
+            d,
+            Method::homer_with(
+                crate::DEFAULT_SELECTION,
+                crate::default_budget(&crate::DEFAULT_SELECTION)
+            )
+        );
+        assert_ne!(d.to_string(), "homer:default");
+        assert_eq!(d.to_string().parse::<Method>().unwrap(), d);
         assert!("homer:span0".parse::<Method>().is_err());
         assert!("homer:budget=lots".parse::<Method>().is_err());
     }

@@ -178,6 +178,90 @@ fn auto_runs_homer_only_past_the_window() {
 }
 
 #[test]
+fn a_lexical_prior_keeps_the_sentence_that_matches_the_question() {
+    // A long document of look-alike lines and one line sharing rare words with the question.
+    // Attention in the tiny random model knows nothing; the lexical prior does: the matching
+    // sentence wins the first place of every node that holds it, so it survives every merge.
+    let e = engine();
+    let cancel = AtomicBool::new(false);
+    let mut text: String = (1..=14)
+        .map(|i| format!("Line {i}: the number {} is written here.\n", i * 37 % 1000))
+        .collect();
+    let needle = "The zebra sleeps under the old bridge.";
+    let at = text[..text.len() / 3].rfind('\n').unwrap() + 1;
+    text.insert_str(at, &format!("{needle}\n"));
+    let d = Document::from_text("zebra.txt", &text);
+    let question = "Where does the zebra sleep?";
+    let mut p = params(HomerMode::Always);
+    // The budget counts the affix rows too: theirs plus room for one or two lines.
+    let affixes = {
+        let q = e.document_prompt(&[d.clone()], question, None).unwrap();
+        q.prefix.len() + q.suffix.len()
+    };
+    let a_few_lines = affixes + 64;
+    p.selection = "sentence,reread=all,prior=lexical".parse().unwrap();
+    p.budget = Some(a_few_lines);
+    let a = e
+        .ask(
+            &[d.clone()],
+            question,
+            &p,
+            &cancel,
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .unwrap();
+    let t = a.trace.as_ref().unwrap();
+    assert!(t.n_chunks >= 2, "the document must span chunks");
+    let kept_text = e
+        .tokenizer
+        .decode(
+            &t.kept
+                .iter()
+                .map(|&i| a.prompt.context[i])
+                .collect::<Vec<_>>(),
+            false,
+        )
+        .unwrap();
+    assert!(kept_text.contains(needle), "kept: {kept_text:?}");
+    assert!(t.kept.len() + a.prompt.prefix.len() + a.prompt.suffix.len() <= a_few_lines);
+    // Without the prior the same budget keeps what random attention likes: not that sentence
+    // (checked so the assertion above is the prior's doing).
+    p.selection = "sentence,reread=all".parse().unwrap();
+    let b = e
+        .ask(&[d], question, &p, &cancel, &mut |_| {}, &mut |_| {})
+        .unwrap();
+    let kept_b = e
+        .tokenizer
+        .decode(
+            &b.trace
+                .as_ref()
+                .unwrap()
+                .kept
+                .iter()
+                .map(|&i| b.prompt.context[i])
+                .collect::<Vec<_>>(),
+            false,
+        )
+        .unwrap();
+    assert!(
+        !kept_b.contains(needle),
+        "kept without the prior: {kept_b:?}"
+    );
+}
+
+#[test]
+fn only_reread_all_defaults_to_a_short_budget() {
+    use homer_engine::{DEFAULT_REREAD_BUDGET, default_budget};
+    let paper = homer_engine::Selection::default();
+    assert_eq!(default_budget(&paper), None);
+    let all: homer_engine::Selection = "sentence,reread=all".parse().unwrap();
+    assert_eq!(default_budget(&all), Some(DEFAULT_REREAD_BUDGET));
+    let suffix_only: homer_engine::Selection = "sentence,reread=suffix".parse().unwrap();
+    assert_eq!(default_budget(&suffix_only), None);
+}
+
+#[test]
 fn user_errors_are_messages() {
     let e = engine();
     let cancel = AtomicBool::new(false);

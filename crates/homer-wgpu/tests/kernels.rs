@@ -315,6 +315,7 @@ fn prefill(
             context: c,
             suffix: s,
             units: None,
+            prior: None,
         },
         cfg,
         ops,

@@ -14,6 +14,11 @@
 //!   (never more). A unit cut by a chunk boundary is two units at the leaves and one again once
 //!   both halves meet in a merge.
 //!
+//! With [`Prior::Lexical`] whole units are ranked by the reciprocal-rank fusion of their attention
+//! score and a per-token prior the caller computes (the engine: each unit's BM25 match to the
+//! question), so a unit that shares the question's rare words is kept even where a small
+//! model's attention does not find it.
+//!
 //! Ties are broken towards the earlier row (units: the unit starting earlier), so selection is
 //! deterministic. Affix rows (score +∞) are always kept.
 
@@ -252,14 +257,53 @@ impl std::str::FromStr for Reread {
     }
 }
 
+/// A second opinion on the units besides attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prior {
+    /// Attention significance alone (the paper).
+    #[default]
+    None,
+    /// Lexical relevance of each unit to the question ([`crate::HomerInput::prior`], BM25 in the
+    /// engine), fused with the attention ranking by reciprocal ranks: a unit scores
+    /// `1/(K + rank by attention) + 1/(K + rank by prior)` (K = [`RRF_K`]; units without any
+    /// lexical match get the attention term only). Whole units (spans, sentences) only.
+    Lexical,
+}
+
+/// The constant of reciprocal-rank fusion (Cormack et al., SIGIR 2009: 60).
+pub const RRF_K: f64 = 60.0;
+
+impl std::fmt::Display for Prior {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Prior::None => "none",
+            Prior::Lexical => "lexical",
+        })
+    }
+}
+
+impl std::str::FromStr for Prior {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Prior::None),
+            "lexical" => Ok(Prior::Lexical),
+            _ => Err(format!("prior `{s}`: expected none or lexical")),
+        }
+    }
+}
+
 /// A node's whole selection policy (issue 15). The default is the paper's; `--selection`
 /// spells it as comma-separated knobs (`paper`, or e.g. `sentence`, `unit=pool7,query=suffix`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Selection {
     pub unit: Unit,
     pub query: Query,
     pub positions: Positions,
     pub reread: Reread,
+    pub prior: Prior,
 }
 
 impl Selection {
@@ -288,6 +332,9 @@ impl std::fmt::Display for Selection {
             if self.reread != d.reread {
                 knobs.push(format!("reread={}", self.reread));
             }
+            if self.prior != d.prior {
+                knobs.push(format!("prior={}", self.prior));
+            }
             f.write_str(&knobs.join(","))
         }
     }
@@ -304,6 +351,7 @@ impl std::str::FromStr for Selection {
                 Some(("query", v)) => sel.query = v.parse()?,
                 Some(("positions", v)) => sel.positions = v.parse()?,
                 Some(("reread", v)) => sel.reread = v.parse()?,
+                Some(("prior", v)) => sel.prior = v.parse()?,
                 // A bare unit is the unit knob.
                 None => {
                     sel.unit = knob.parse().map_err(|e| {
@@ -312,10 +360,16 @@ impl std::str::FromStr for Selection {
                 }
                 Some((k, _)) => {
                     return Err(format!(
-                        "--selection `{s}`: unknown knob `{k}` (known: unit, query, positions, reread); or `paper`"
+                        "--selection `{s}`: unknown knob `{k}` (known: unit, query, positions, reread, prior); or `paper`"
                     ));
                 }
             }
+        }
+        if sel.prior != Prior::None && !sel.unit.whole_units() {
+            return Err(format!(
+                "--selection `{s}`: prior={} ranks whole units; add unit=sentence or unit=spanL",
+                sel.prior
+            ));
         }
         Ok(sel)
     }
@@ -350,7 +404,30 @@ pub fn select(
     units: Option<&[u32]>,
     drop: usize,
 ) -> Result<Vec<usize>> {
+    select_with_prior(unit, scores, doc_index, units, None, drop)
+}
+
+/// [`select`] with a per-context-token prior ([`Prior::Lexical`]): whole units are ranked by the
+/// reciprocal-rank fusion of their attention score and their prior (a unit's prior is the max
+/// over its tokens; 0 = no lexical match, attention term only). Token and pooled units ignore
+/// the prior.
+pub fn select_with_prior(
+    unit: Unit,
+    scores: &[f32],
+    doc_index: &[Option<usize>],
+    units: Option<&[u32]>,
+    prior: Option<&[f32]>,
+    drop: usize,
+) -> Result<Vec<usize>> {
     let n = scores.len();
+    if let Some(p) = prior {
+        if let Some(&bad) = doc_index.iter().flatten().find(|&&i| i >= p.len()) {
+            return Err(HomerError::Input(format!(
+                "selection: context token {bad} has no prior ({} given)",
+                p.len()
+            )));
+        }
+    }
     if doc_index.len() != n {
         return Err(HomerError::Input(format!(
             "selection: {n} scores for {} rows",
@@ -376,7 +453,7 @@ pub fn select(
         }
         Unit::Span { len, agg } => {
             let len = len.max(1);
-            whole_units(scores, doc_index, |i| (i / len) as u64, agg, drop)
+            whole_units(scores, doc_index, |i| (i / len) as u64, agg, prior, drop)
         }
         Unit::Sentence { agg } => {
             let units = units.ok_or_else(|| {
@@ -391,7 +468,7 @@ pub fn select(
                     units.len()
                 )));
             }
-            whole_units(scores, doc_index, |i| units[i] as u64, agg, drop)
+            whole_units(scores, doc_index, |i| units[i] as u64, agg, prior, drop)
         }
     }
 }
@@ -402,6 +479,7 @@ fn whole_units(
     doc_index: &[Option<usize>],
     unit_of: impl Fn(usize) -> u64,
     agg: Agg,
+    prior: Option<&[f32]>,
     drop: usize,
 ) -> Result<Vec<usize>> {
     // Runs of consecutive context rows with the same unit (a unit's rows are adjacent: rows
@@ -421,8 +499,34 @@ fn whole_units(
         .iter()
         .map(|(_, rows)| aggregate(agg, rows.iter().map(|&j| scores[j])))
         .collect();
-    let mut order: Vec<usize> = (0..runs.len()).collect();
-    order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+    let by_score = |score: &[f32]| {
+        let mut order: Vec<usize> = (0..score.len()).collect();
+        order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+        order
+    };
+    let mut order = by_score(&score);
+    if let Some(p) = prior {
+        // NaN priors count as no match.
+        let lex: Vec<f32> = runs
+            .iter()
+            .map(|(_, rows)| {
+                rows.iter()
+                    .map(|&j| p[doc_index[j].unwrap()])
+                    .filter(|v| v.is_finite())
+                    .fold(0f32, f32::max)
+            })
+            .collect();
+        let mut fused = vec![0f64; runs.len()];
+        for (rank, &u) in order.iter().enumerate() {
+            fused[u] += 1.0 / (RRF_K + rank as f64);
+        }
+        for (rank, &u) in by_score(&lex).iter().enumerate() {
+            if lex[u] > 0.0 {
+                fused[u] += 1.0 / (RRF_K + rank as f64);
+            }
+        }
+        order.sort_by(|&a, &b| fused[b].total_cmp(&fused[a]).then(a.cmp(&b)));
+    }
     let mut keep = vec![false; scores.len()];
     for (j, d) in doc_index.iter().enumerate() {
         keep[j] = d.is_none();
@@ -601,6 +705,41 @@ mod tests {
             0.0,
         ];
         assert_eq!(select(u, &s, &d, Some(&units), 7).unwrap(), vec![0, 4, 5]);
+    }
+
+    #[test]
+    fn a_lexical_prior_fuses_ranks() {
+        // Four sentences of two rows after one prefix row; attention ranks them 0 > 1 > 2 > 3.
+        let units = [0u32, 0, 1, 1, 2, 2, 3, 3];
+        let d = ctx(1, 0..8, 0);
+        let s = [INF, 4.0, 0.0, 3.0, 0.0, 2.0, 0.0, 1.0, 0.0];
+        let u = Unit::Sentence { agg: Agg::Max };
+        let keep = |prior: Option<&[f32]>, drop| {
+            select_with_prior(u, &s, &d, Some(&units), prior, drop).unwrap()
+        };
+        // No prior, or one that matches nothing: attention alone.
+        assert_eq!(keep(None, 6), vec![0, 1, 2]);
+        assert_eq!(keep(Some(&[0.0; 8]), 6), vec![0, 1, 2]);
+        // Sentence 3 alone matches the question: 1/(K+3) + 1/K beats 1/K.
+        let p = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 5.0];
+        assert_eq!(keep(Some(&p), 6), vec![0, 7, 8]);
+        // Two matches: the better-matching one first, then the other matches, then attention.
+        let p = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 5.0, 5.0];
+        assert_eq!(keep(Some(&p), 4), vec![0, 5, 6, 7, 8]);
+        // A NaN prior is no match; a short prior is an error.
+        let p = [f32::NAN; 8];
+        assert_eq!(keep(Some(&p), 6), vec![0, 1, 2]);
+        assert!(select_with_prior(u, &s, &d, Some(&units), Some(&[1.0; 3]), 6).is_err());
+        // Token units ignore it; the knob needs whole units.
+        assert_eq!(
+            select_with_prior(Unit::Token, &s, &d, None, Some(&[9.0; 8]), 6).unwrap(),
+            vec![0, 1, 3]
+        );
+        assert!("prior=lexical".parse::<Selection>().is_err());
+        let sel: Selection = "sentence,prior=lexical".parse().unwrap();
+        assert_eq!(sel.prior, Prior::Lexical);
+        assert_eq!(sel.to_string(), "unit=sentence,prior=lexical");
+        assert_eq!(sel.to_string().parse::<Selection>().unwrap(), sel);
     }
 
     #[test]

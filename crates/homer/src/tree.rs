@@ -16,7 +16,7 @@ use crate::bias::BiasTable;
 use crate::error::{HomerError, Result};
 use crate::ops::{ChunkTensors, HomerOps, SignificanceInput};
 use crate::plan::{NodePlan, Plan, PlanParams};
-use crate::select::{Positions, Reread, Selection, select};
+use crate::select::{Positions, Reread, Selection, select_with_prior};
 use crate::trace::{MergeTrace, NodeTrace};
 
 /// Host-side metadata of a node's rows, aligned with its tensors row for row.
@@ -155,6 +155,9 @@ pub struct HomerInput<'a> {
     /// The sentence unit of every context token ([`crate::select::sentence_units`]), for a
     /// selection by sentences; None otherwise.
     pub units: Option<&'a [u32]>,
+    /// A per-context-token prior for [`crate::Prior::Lexical`] (the lexical relevance of the
+    /// token's unit to the question, ≥ 0); None otherwise.
+    pub prior: Option<&'a [f32]>,
 }
 
 /// Reported after every layer of every node.
@@ -280,6 +283,24 @@ pub fn homer_prefill(
     }
     if let (Scoring::Attention, Some(b)) = (&config.scoring, &config.bias) {
         b.check_fits(n_layers, max_position)?;
+    }
+    if config.selection.prior != crate::Prior::None {
+        match input.prior {
+            Some(p) if p.len() == input.context.len() => {}
+            Some(p) => {
+                return Err(HomerError::Input(format!(
+                    "{} prior values for {} context tokens",
+                    p.len(),
+                    input.context.len()
+                )));
+            }
+            None => {
+                return Err(HomerError::Input(format!(
+                    "selection `{}` needs a prior for every context token",
+                    config.selection
+                )));
+            }
+        }
     }
     if config.selection.unit.needs_units() {
         match input.units {
@@ -637,11 +658,16 @@ impl Run<'_> {
                     }
                 };
                 let scores = self.score(&q, &cache[l].k, &meta, node, l)?;
-                let keep = select(
+                let prior = match self.config.selection.prior {
+                    crate::Prior::None => None,
+                    _ => self.input.prior,
+                };
+                let keep = select_with_prior(
                     self.config.selection.unit,
                     &scores,
                     &meta.context_index,
                     self.input.units,
+                    prior,
                     k_drop,
                 )?;
                 let mut kept_mask = vec![false; meta.len()];
