@@ -284,41 +284,34 @@ pub fn homer_prefill(
     if let (Scoring::Attention, Some(b)) = (&config.scoring, &config.bias) {
         b.check_fits(n_layers, max_position)?;
     }
+    // Per-context-token inputs the selection needs: present, and one value per token.
+    let per_token = |len: Option<usize>, what: &str, missing: String| match len {
+        Some(l) if l == input.context.len() => Ok(()),
+        Some(l) => Err(HomerError::Input(format!(
+            "{l} {what} for {} context tokens",
+            input.context.len()
+        ))),
+        None => Err(HomerError::Input(missing)),
+    };
     if config.selection.prior != crate::Prior::None {
-        match input.prior {
-            Some(p) if p.len() == input.context.len() => {}
-            Some(p) => {
-                return Err(HomerError::Input(format!(
-                    "{} prior values for {} context tokens",
-                    p.len(),
-                    input.context.len()
-                )));
-            }
-            None => {
-                return Err(HomerError::Input(format!(
-                    "selection `{}` needs a prior for every context token",
-                    config.selection
-                )));
-            }
-        }
+        per_token(
+            input.prior.map(<[f32]>::len),
+            "prior values",
+            format!(
+                "selection `{}` needs a prior for every context token",
+                config.selection
+            ),
+        )?;
     }
     if config.selection.unit.needs_units() {
-        match input.units {
-            Some(u) if u.len() == input.context.len() => {}
-            Some(u) => {
-                return Err(HomerError::Input(format!(
-                    "{} sentence units for {} context tokens",
-                    u.len(),
-                    input.context.len()
-                )));
-            }
-            None => {
-                return Err(HomerError::Input(format!(
-                    "selection `{}` needs the document's sentence units",
-                    config.selection
-                )));
-            }
-        }
+        per_token(
+            input.units.map(<[u32]>::len),
+            "sentence units",
+            format!(
+                "selection `{}` needs the document's sentence units",
+                config.selection
+            ),
+        )?;
     }
     let total = plan
         .nodes
