@@ -95,23 +95,42 @@ fn kept_summary(
     serde_json::Value::Array(out)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn ask(
-    question: String,
-    doc_paths: Vec<PathBuf>,
-    model: ModelArgs,
-    homer: HomerArgs,
-    sample: SampleArgs,
-    system: Option<String>,
-    trace: Option<PathBuf>,
-    stats: bool,
-) -> Result<(), String> {
+/// `homer ask`'s settings besides the questions and documents.
+pub struct AskOptions {
+    pub model: ModelArgs,
+    pub homer: HomerArgs,
+    pub sample: SampleArgs,
+    pub system: Option<String>,
+    pub trace: Option<PathBuf>,
+    pub stats: bool,
+    pub doc_cache_mb: Option<usize>,
+}
+
+/// Answer each question about `doc_paths` in turn; HOMER's question-independent work on the
+/// documents is kept in the engine's document cache and reused from the second question on.
+pub fn ask(questions: Vec<String>, doc_paths: Vec<PathBuf>, o: AskOptions) -> Result<(), String> {
+    let AskOptions {
+        model,
+        homer,
+        sample,
+        system,
+        trace,
+        stats,
+        doc_cache_mb,
+    } = o;
     let docs = doc_paths
         .iter()
         .map(|p| homer_engine::load_document(p))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     let engine = load(&model)?;
+    if let Some(mb) = doc_cache_mb {
+        engine
+            .doc_cache
+            .lock()
+            .map_err(|_| "the document cache is unusable after a failed question".to_string())?
+            .set_budget(mb << 20);
+    }
     let params = AskParams {
         mode: homer.mode,
         chunk_len: homer.chunk_len,
@@ -121,89 +140,124 @@ pub fn ask(
         budget: homer.budget,
         system,
         generate: sample.params(),
+        // --doc-cache-mb 0: nothing kept, every question runs the whole prefill as one.
+        reuse_document: doc_cache_mb != Some(0),
     };
     let cancel = AtomicBool::new(false);
-    let mut prog = progress_handler(model.quiet);
-    let mut stdout = std::io::stdout();
-    let a = engine
-        .ask(&docs, &question, &params, &cancel, &mut prog, &mut |t| {
-            let _ = stdout.write_all(t.as_bytes());
-            let _ = stdout.flush();
-        })
-        .map_err(|e| e.to_string())?;
-    println!();
-    let g = &a.generation;
-    let summary = a
-        .trace
-        .as_ref()
-        .map(|t| kept_summary(&a.prompt, &docs, &t.kept));
-    if stats || !model.quiet {
-        let window = engine.model.config.max_position_embeddings;
-        eprintln!(
-            "prompt {} tokens (prefix {}, documents {}, suffix {}; window {window}); {}",
-            a.prompt.total_len(),
-            a.prompt.prefix.len(),
-            a.prompt.context.len(),
-            a.prompt.suffix.len(),
-            if a.used_homer {
-                "HOMER"
-            } else {
-                "plain prefill"
-            }
-        );
-        if let (Some(t), Some(s)) = (&a.trace, &a.homer_stats) {
-            eprintln!(
-                "HOMER: {} chunks, tree height {}, C {}, W {}, {} scoring; kept {} of {} document tokens; cache {} rows; last position {}",
-                t.n_chunks,
-                t.height,
-                t.chunk_len,
-                t.warmup_layers,
-                t.scoring,
-                t.kept.len(),
-                t.context_len,
-                a.cache_len,
-                t.last_position_id
-            );
-            eprintln!(
-                "       peak live rows {} in {} chunks (depth-first)",
-                s.peak_live_rows, s.peak_live_chunks
-            );
+    let several = questions.len() > 1;
+    let mut traces = vec![];
+    for (qi, question) in questions.iter().enumerate() {
+        if several {
+            println!("{}Q{}: {question}", if qi > 0 { "\n" } else { "" }, qi + 1);
+            print!("A{}: ", qi + 1);
         }
-        if let Some(sum) = &summary {
-            for d in sum.as_array().unwrap() {
+        let mut prog = progress_handler(model.quiet);
+        let mut stdout = std::io::stdout();
+        let a = engine
+            .ask(&docs, question, &params, &cancel, &mut prog, &mut |t| {
+                let _ = stdout.write_all(t.as_bytes());
+                let _ = stdout.flush();
+            })
+            .map_err(|e| e.to_string())?;
+        println!();
+        let g = &a.generation;
+        let summary = a
+            .trace
+            .as_ref()
+            .map(|t| kept_summary(&a.prompt, &docs, &t.kept));
+        if stats || !model.quiet {
+            let window = engine.model.config.max_position_embeddings;
+            eprintln!(
+                "prompt {} tokens (prefix {}, documents {}, suffix {}; window {window}); {}",
+                a.prompt.total_len(),
+                a.prompt.prefix.len(),
+                a.prompt.context.len(),
+                a.prompt.suffix.len(),
+                if a.used_homer {
+                    "HOMER"
+                } else {
+                    "plain prefill"
+                }
+            );
+            if let (Some(t), Some(s)) = (&a.trace, &a.homer_stats) {
                 eprintln!(
-                    "kept in {} per tenth: {}",
-                    d["document"].as_str().unwrap_or(""),
-                    d["kept_per_tenth"]
+                    "HOMER: {} chunks, tree height {}, C {}, W {}, {} scoring; kept {} of {} document tokens; cache {} rows; last position {}",
+                    t.n_chunks,
+                    t.height,
+                    t.chunk_len,
+                    t.warmup_layers,
+                    t.scoring,
+                    t.kept.len(),
+                    t.context_len,
+                    a.cache_len,
+                    t.last_position_id
                 );
-                for l in d["top_lines"].as_array().unwrap().iter().take(3) {
+                eprintln!(
+                    "       peak live rows {} in {} chunks (depth-first); the tree {:.1}s",
+                    s.peak_live_rows, s.peak_live_chunks, s.seconds
+                );
+                let u = engine
+                    .doc_cache
+                    .lock()
+                    .map(|c| c.usage())
+                    .unwrap_or_default();
+                eprintln!(
+                    "document cache: {} of {} leaves reused, {} computed and kept; {} leaves of {} document(s) held, {:.1} of {:.0} MiB",
+                    s.leaves_reused,
+                    t.n_chunks,
+                    s.leaves_stored,
+                    u.leaves,
+                    u.documents,
+                    u.bytes as f64 / (1 << 20) as f64,
+                    u.budget as f64 / (1 << 20) as f64
+                );
+            }
+            if let Some(sum) = &summary {
+                for d in sum.as_array().unwrap() {
                     eprintln!(
-                        "  line {:>6}: {:>3} kept  {}",
-                        l["line"],
-                        l["kept_tokens"],
-                        l["text"].as_str().unwrap_or("")
+                        "kept in {} per tenth: {}",
+                        d["document"].as_str().unwrap_or(""),
+                        d["kept_per_tenth"]
                     );
+                    for l in d["top_lines"].as_array().unwrap().iter().take(3) {
+                        eprintln!(
+                            "  line {:>6}: {:>3} kept  {}",
+                            l["line"],
+                            l["kept_tokens"],
+                            l["text"].as_str().unwrap_or("")
+                        );
+                    }
                 }
             }
+            eprintln!(
+                "prefill {:.1}s; answer {} tokens at {:.2} tok/s; stop: {:?}; peak RSS {} MiB",
+                g.prefill_secs,
+                g.ids.len(),
+                g.decode_tokens_per_sec(),
+                g.stop,
+                peak_rss_bytes().map_or("?".into(), |b| (b >> 20).to_string())
+            );
         }
-        eprintln!(
-            "prefill {:.1}s; answer {} tokens at {:.2} tok/s; stop: {:?}; peak RSS {} MiB",
-            g.prefill_secs,
-            g.ids.len(),
-            g.decode_tokens_per_sec(),
-            g.stop,
-            peak_rss_bytes().map_or("?".into(), |b| (b >> 20).to_string())
-        );
+        if trace.is_some() {
+            traces.push(serde_json::json!({
+                "question": question,
+                "answer": g.text,
+                "used_homer": a.used_homer,
+                "prefill_secs": g.prefill_secs,
+                "homer_stats": a.homer_stats,
+                "documents": a.prompt.docs.iter().map(|d| serde_json::json!({"name": d.name, "path": d.path, "tokens": d.tokens})).collect::<Vec<_>>(),
+                "kept_summary": summary,
+                "trace": a.trace,
+            }));
+        }
     }
     if let Some(path) = trace {
-        let v = serde_json::json!({
-            "question": question,
-            "answer": g.text,
-            "used_homer": a.used_homer,
-            "documents": a.prompt.docs.iter().map(|d| serde_json::json!({"name": d.name, "path": d.path, "tokens": d.tokens})).collect::<Vec<_>>(),
-            "kept_summary": summary,
-            "trace": a.trace,
-        });
+        // One question: its object; several: an array of them, in order.
+        let v = if several {
+            serde_json::Value::Array(traces)
+        } else {
+            traces.pop().unwrap_or_default()
+        };
         write_json(&path, &v)?;
         eprintln!("trace written to {}", path.display());
     }
@@ -235,6 +289,7 @@ pub fn prefill(
         prefix: tok.encode(&p, true).map_err(|e| e.to_string())?,
         context: tok.encode(&c, false).map_err(|e| e.to_string())?,
         suffix: tok.encode(&s, false).map_err(|e| e.to_string())?,
+        question: None,
         docs: vec![],
     };
     let mut cfg = engine
@@ -455,6 +510,7 @@ pub fn bench_kernels(
             prefix: ids[..32].to_vec(),
             context: ids[32..n - 16].to_vec(),
             suffix: ids[n - 16..].to_vec(),
+            question: None,
             docs: vec![],
         };
         let cfg = engine

@@ -123,7 +123,20 @@ impl SampleArgs {
 enum Cmd {
     /// Ask a question about documents; HOMER merges them when they exceed the model's window
     Ask {
-        question: String,
+        /// The question (more with --question or --questions)
+        question: Option<String>,
+        /// Another question about the same documents (repeatable): each is answered in turn,
+        /// and HOMER's question-independent work on the documents is done once for all
+        #[arg(long = "question")]
+        more_questions: Vec<String>,
+        /// A file of questions, one a line (blank lines skipped), answered after the others
+        #[arg(long)]
+        questions: Option<PathBuf>,
+        /// Memory the document cache may hold between questions, in MiB (default: a quarter of
+        /// the available memory, at most 8 GiB; 0 keeps nothing and runs each question's prefill
+        /// whole)
+        #[arg(long)]
+        doc_cache_mb: Option<usize>,
         /// A .txt or .md document (repeatable)
         #[arg(long = "doc", required = true)]
         docs: Vec<PathBuf>,
@@ -398,6 +411,9 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Cmd::Ask {
             question,
+            more_questions,
+            questions,
+            doc_cache_mb,
             docs,
             model,
             homer,
@@ -405,7 +421,40 @@ fn run(cli: Cli) -> Result<(), String> {
             system,
             trace,
             stats,
-        } => homer_cmds::ask(question, docs, model, homer, sample, system, trace, stats)?,
+        } => {
+            let mut all: Vec<String> = question.into_iter().chain(more_questions).collect();
+            if let Some(path) = questions {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    format!("cannot read the questions file {}: {e}", path.display())
+                })?;
+                all.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(String::from),
+                );
+            }
+            if all.is_empty() {
+                return Err(
+                    "no question: give one (`homer ask --doc FILE \"question\"`), --question, or \
+                     --questions FILE"
+                        .into(),
+                );
+            }
+            homer_cmds::ask(
+                all,
+                docs,
+                homer_cmds::AskOptions {
+                    model,
+                    homer,
+                    sample,
+                    system,
+                    trace,
+                    stats,
+                    doc_cache_mb,
+                },
+            )?
+        }
         Cmd::Prefill {
             prefix_file,
             context_file,
@@ -686,6 +735,7 @@ fn run(cli: Cli) -> Result<(), String> {
                             prefix: ids[..32].to_vec(),
                             context: ids[32..n - 16].to_vec(),
                             suffix: ids[n - 16..].to_vec(),
+                            question: None,
                             docs: vec![],
                         };
                         let cfg = engine

@@ -128,6 +128,7 @@ impl Settings {
                 },
                 ..GenerateParams::default()
             },
+            reuse_document: true,
         }
     }
 }
@@ -226,6 +227,9 @@ pub struct DeskApp {
     shot_frames: u32,
     screenshot_requested: bool,
     shot: Arc<std::sync::Mutex<Option<Arc<egui::ColorImage>>>>,
+    /// The documents (by name) the last question that read them whole was about, and its
+    /// prefill seconds: what later questions' document-cache notes compare with.
+    read_once: Option<(Vec<String>, f64)>,
 }
 
 impl DeskApp {
@@ -300,6 +304,7 @@ impl DeskApp {
             shared_device,
             kept_view: KeptView::default(),
             stale: Default::default(),
+            read_once: None,
             model_info: None,
             worker,
             events: erx,
@@ -428,6 +433,7 @@ impl DeskApp {
                 }),
                 citations: vec![],
                 when: homer_engine::history::now(),
+                doc_cache: None,
             });
             self.save_history();
             self.stale.push_back(Some(self.history.exchanges.len() - 1));
@@ -557,6 +563,22 @@ impl DeskApp {
             }
             Event::Finished(f) => {
                 let g = &f.answer.generation;
+                let names: Vec<String> = f.docs.iter().map(|d| d.name.clone()).collect();
+                let note = match (&f.answer.homer_stats, &f.answer.trace) {
+                    (Some(s), Some(t)) => {
+                        // The question that read the documents sets the time later ones beat.
+                        if s.leaves_stored > 0 && s.leaves_reused == 0 {
+                            self.read_once = Some((names.clone(), g.prefill_secs));
+                        }
+                        let first = self
+                            .read_once
+                            .as_ref()
+                            .filter(|(d, _)| *d == names && !self.opts.hide_timings)
+                            .map(|(_, secs)| *secs);
+                        homer_engine::reuse_note(s, t.n_chunks, &f.doc_cache, first, g.prefill_secs)
+                    }
+                    _ => None,
+                };
                 let stop = serde_json::to_value(g.stop)
                     .ok()
                     .and_then(|v| v.as_str().map(String::from))
@@ -573,6 +595,7 @@ impl DeskApp {
                     decode_tokens_per_sec: g.decode_tokens_per_sec(),
                     citations: f.citations.clone(),
                     when: homer_engine::history::now(),
+                    doc_cache: note,
                 });
                 self.save_history();
                 let n = self.last.as_ref().map_or(0, |l| l.0 + 1);
@@ -939,6 +962,9 @@ impl DeskApp {
                             " · prefill {:.1} s · {:.1} tokens/s",
                             ex.prefill_secs, ex.decode_tokens_per_sec
                         );
+                    }
+                    if let Some(note) = &ex.doc_cache {
+                        meta += &format!(" · {note}");
                     }
                     ui.label(RichText::new(meta).small().weak());
                     if !ex.citations.is_empty() {

@@ -60,6 +60,8 @@ pub struct Finished {
     pub dense: Vec<homer_engine::Citation>,
     /// (document, byte range) of every context token.
     pub token_bytes: Vec<(usize, std::ops::Range<usize>)>,
+    /// The engine's document cache after the answer.
+    pub doc_cache: homer_engine::DocCacheUsage,
 }
 
 pub enum Event {
@@ -279,6 +281,11 @@ fn ask(
                 .unwrap_or_default();
             let cites = dense.iter().take(CITATIONS).cloned().collect();
             let token_bytes = homer_engine::citations::token_bytes(&answer.prompt, &owned);
+            let doc_cache = e
+                .doc_cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .usage();
             out.send(Event::Finished(Box::new(Finished {
                 question,
                 answer,
@@ -286,6 +293,7 @@ fn ask(
                 citations: cites,
                 dense,
                 token_bytes,
+                doc_cache,
             })));
         }
         Ok(Err(homer_engine::EngineError::Cancelled)) => out.send(Event::Cancelled),

@@ -258,12 +258,43 @@ fn drop_ask_stream_views_and_history() {
     snapshot(&mut h, "kept_tokens");
     assert_eq!(h.state().tab, Tab::Kept);
 
+    // A second question about the same document reuses the first's leaves, and says so.
+    let n = trace.n_chunks;
+    let first = h.state().history.exchanges[0]
+        .doc_cache
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        first.starts_with(&format!(
+            "document read: {n} leaves kept for later questions"
+        )),
+        "{first}"
+    );
+    h.state_mut().question = "Who was sick?".into();
+    h.run_steps(1);
+    h.get_by_label("Chat").click();
+    h.run_steps(1);
+    h.get_by_label("Ask").click();
+    h.run_steps(1);
+    wait(&mut h, "the second answer", |a| !a.busy());
+    assert!(h.state().errors.is_empty(), "{:?}", h.state().errors);
+    let second = h.state().history.exchanges.last().unwrap().clone();
+    assert_eq!(second.question, "Who was sick?");
+    let note = second.doc_cache.clone().unwrap_or_default();
+    assert!(
+        note.starts_with(&format!(
+            "document read once: {n} of {n} leaves from the cache"
+        )),
+        "{note}"
+    );
+    h.get_by_label_contains(&note);
+
     // A restart finds the history.
     drop(h);
     let mut h = harness(&data);
     h.run_steps(3);
     h.get_by_label(&format!("Q: {question}"));
-    assert_eq!(h.state().history.exchanges.len(), 1);
+    assert_eq!(h.state().history.exchanges.len(), 2);
 }
 
 #[test]

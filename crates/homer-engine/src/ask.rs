@@ -41,6 +41,10 @@ pub struct DocPrompt {
     pub prefix: Vec<u32>,
     pub context: Vec<u32>,
     pub suffix: Vec<u32>,
+    /// The question alone, for what matches words against the document (the lexical prior of
+    /// [`homer::Prior::Lexical`]); `None`: the suffix's text (template and all) stands for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub question: Option<String>,
     pub docs: Vec<DocSpan>,
 }
 
@@ -76,6 +80,7 @@ impl DocPrompt {
             prefix: self.prefix.clone(),
             context: self.context[cut..].to_vec(),
             suffix: self.suffix.clone(),
+            question: self.question.clone(),
             docs,
         }
     }
@@ -182,6 +187,9 @@ pub struct AskParams {
     /// System message; None = the template's default.
     pub system: Option<String>,
     pub generate: GenerateParams,
+    /// Keep HOMER's question-independent work on the documents in the engine's document cache
+    /// and reuse it for later questions about them (issue 16; the answer is the same).
+    pub reuse_document: bool,
 }
 
 impl Default for AskParams {
@@ -195,6 +203,7 @@ impl Default for AskParams {
             budget: None,
             system: None,
             generate: GenerateParams::default(),
+            reuse_document: true,
         }
     }
 }
@@ -297,6 +306,7 @@ impl Engine {
             prefix,
             context,
             suffix,
+            question: Some(question.to_string()),
             docs: spans,
         })
     }
@@ -357,13 +367,65 @@ impl Engine {
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<homer::HomerOutput> {
-        self.run_homer(prompt, config, self.ops()?.as_ref(), cancel, &mut |p| {
-            progress(Progress::Homer(p.clone()))
-        })
+        self.run_homer(
+            prompt,
+            config,
+            self.ops()?.as_ref(),
+            None,
+            cancel,
+            &mut |p| progress(Progress::Homer(p.clone())),
+        )
+    }
+
+    /// [`Engine::homer_prefill`] through the engine's document cache: leaves already computed
+    /// for this prompt's prefix and context (by an earlier question) are reused, new ones kept.
+    pub fn homer_prefill_cached(
+        &self,
+        prompt: &DocPrompt,
+        config: &HomerConfig,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<homer::HomerOutput> {
+        let key = self.doc_key(prompt);
+        let mut cache = self
+            .doc_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut store = cache.store(key);
+        self.run_homer(
+            prompt,
+            config,
+            self.ops()?.as_ref(),
+            Some(&mut store),
+            cancel,
+            &mut |p| progress(Progress::Homer(p.clone())),
+        )
+    }
+
+    /// The document cache's key for `prompt`: the model state its leaves' rows depend on (the
+    /// weights' file and format, RoPE, KV precision) and the prefix and context tokens.
+    pub fn doc_key(&self, prompt: &DocPrompt) -> crate::DocKey {
+        let c = &self.model.config;
+        let kv = self.model.layers.first().map(|l| l.kv_dtype);
+        crate::DocKey {
+            model: format!(
+                "{}|{}|{}|{:?}|{}|{:?}|{}",
+                self.model_path.display(),
+                self.format,
+                c.rope_theta,
+                c.rope_scaling,
+                c.max_position_embeddings,
+                kv,
+                self.device.backend
+            ),
+            prefix: prompt.prefix.clone(),
+            context: prompt.context.clone(),
+        }
     }
 
     /// [`homer::Prior::Lexical`]'s prior: the BM25 score (the `bm25` crate, English stemming and
-    /// stop words) of every selection unit's text against the question (the suffix's text), given
+    /// stop words) of every selection unit's text against the question ([`DocPrompt::question`],
+    /// else the suffix's text), given
     /// to each token of the unit; 0 where the unit shares no word with the question.
     fn lexical_prior(
         &self,
@@ -393,7 +455,10 @@ impl Engine {
             .iter()
             .map(|r| self.tokenizer.decode(&prompt.context[r.clone()], true))
             .collect::<Result<Vec<String>>>()?;
-        let question = self.tokenizer.decode(&prompt.suffix, true)?;
+        let question = match &prompt.question {
+            Some(q) => q.clone(),
+            None => self.tokenizer.decode(&prompt.suffix, true)?,
+        };
         let search =
             bm25::SearchEngineBuilder::<u32>::with_corpus(bm25::Language::English, corpus).build();
         let mut prior = vec![0f32; n];
@@ -409,23 +474,31 @@ impl Engine {
         prompt: &DocPrompt,
         config: &HomerConfig,
         ops: &dyn homer::HomerOps,
+        store: Option<&mut dyn homer::LeafStore>,
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(&homer::HomerProgress),
     ) -> Result<homer::HomerOutput> {
         // HOMER's chunks use local positions; dynamic NTK follows them (no whole-prompt length).
         self.model.set_rope_seq_len(0);
+        let t0 = Instant::now();
         let units = if config.selection.unit.needs_units() {
             Some(self.tokenizer.sentence_units(&prompt.context)?)
         } else {
             None
         };
+        let t1 = Instant::now();
         let prior = match config.selection.prior {
             homer::Prior::None => None,
             homer::Prior::Lexical => {
                 Some(self.lexical_prior(prompt, config.selection.unit, units.as_deref())?)
             }
         };
-        Ok(homer::homer_prefill(
+        tracing::debug!(
+            "sentence units {:.2}s, lexical prior {:.2}s",
+            (t1 - t0).as_secs_f64(),
+            t1.elapsed().as_secs_f64()
+        );
+        Ok(homer::homer_prefill_with_store(
             &self.model,
             HomerInput {
                 prefix: &prompt.prefix,
@@ -436,6 +509,7 @@ impl Engine {
             },
             config,
             ops,
+            store,
             cancel,
             progress,
         )?)
@@ -452,7 +526,7 @@ impl Engine {
         let ops = self.ops()?;
         let timed = homer::TimedOps::new(ops.as_ref());
         let t0 = std::time::Instant::now();
-        let out = self.run_homer(prompt, config, &timed, cancel, &mut |_| {})?;
+        let out = self.run_homer(prompt, config, &timed, None, cancel, &mut |_| {})?;
         Ok((out, timed.times(), t0.elapsed().as_secs_f64()))
     }
 
@@ -497,7 +571,11 @@ impl Engine {
                 self.homer_config(params.chunk_len, params.warmup_layers, &params.bias)?;
             cfg.selection = params.selection;
             cfg.target_len = params.budget.or_else(|| default_budget(&params.selection));
-            let out = self.homer_prefill(&prompt, &cfg, cancel, progress)?;
+            let out = if params.reuse_document {
+                self.homer_prefill_cached(&prompt, &cfg, cancel, progress)?
+            } else {
+                self.homer_prefill(&prompt, &cfg, cancel, progress)?
+            };
             (
                 out.logits,
                 out.cache,
@@ -606,6 +684,7 @@ mod tests {
             prefix: vec![1, 2],
             context: (100..120).collect(),
             suffix: vec![3],
+            question: None,
             docs: vec![span("a", 0..12), span("b", 12..20)],
         };
         let t = p.truncated(10);

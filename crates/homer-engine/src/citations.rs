@@ -187,6 +187,7 @@ mod tests {
             prefix: vec![1],
             context: vec![5; n],
             suffix: vec![2],
+            question: None,
             docs: vec![DocSpan {
                 name: "doc.txt".into(),
                 path: "doc.txt".into(),
@@ -229,6 +230,7 @@ mod tests {
             prefix: vec![],
             context: vec![0; 200],
             suffix: vec![],
+            question: None,
             docs: vec![DocSpan {
                 name: "x".into(),
                 path: "x".into(),

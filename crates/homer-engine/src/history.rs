@@ -26,6 +26,9 @@ pub struct Exchange {
     pub citations: Vec<Citation>,
     /// Seconds since the Unix epoch.
     pub when: u64,
+    /// What the document cache did for this answer ([`crate::reuse_note`]), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc_cache: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -120,6 +123,7 @@ mod tests {
             decode_tokens_per_sec: 3.0,
             citations: vec![],
             when: 7,
+            doc_cache: None,
         });
         h.save(&p).unwrap();
         let back = ChatHistory::load(&p).unwrap();

@@ -5,6 +5,7 @@
 pub mod ask;
 pub mod chat;
 pub mod citations;
+pub mod doc_cache;
 pub mod document;
 pub mod error;
 pub mod fetch;
@@ -29,6 +30,7 @@ pub use ask::{
 };
 pub use chat::{ChatTemplate, Message};
 pub use citations::{Citation, citations};
+pub use doc_cache::{DocCache, DocCacheUsage, DocKey, reuse_note};
 pub use document::{DocKind, Document, SkipReason, Skipped, ingest, load_document};
 pub use error::{EngineError, Result};
 pub use history::{ChatHistory, Exchange};
@@ -108,6 +110,8 @@ pub struct Engine {
     pub format: String,
     /// Which implementation of HOMER's significance/gather/merge a HOMER prefill uses.
     pub homer_ops: OpsChoice,
+    /// Leaves of recent documents, reused by later questions ([`AskParams::reuse_document`]).
+    pub doc_cache: std::sync::Mutex<DocCache>,
 }
 
 /// HOMER's backend operations: the WGSL kernels of `homer-wgpu` or burn tensor ops (the oracle).
@@ -291,6 +295,7 @@ impl Engine {
             model_path: path,
             format: src.describe(),
             homer_ops: OpsChoice::Auto,
+            doc_cache: std::sync::Mutex::new(DocCache::new(DocCache::default_budget())),
         })
     }
 

@@ -216,6 +216,7 @@ impl Engine {
                         prefix,
                         context,
                         suffix,
+                        question: None,
                         docs: vec![],
                     },
                     passkey,

@@ -47,6 +47,7 @@ fn params(mode: HomerMode) -> AskParams {
             stop_at_eos: false,
             ..Default::default()
         },
+        reuse_document: false,
     }
 }
 
@@ -451,4 +452,60 @@ fn default_bias_table_ships_and_fits_the_default_model() {
     let near: f32 = last[1..9].iter().sum::<f32>() / 8.0;
     let far: f32 = last[2048..4096].iter().sum::<f32>() / 2048.0;
     assert!(near > far, "near {near} far {far}");
+}
+
+/// Issue 16 through the engine: a second question about the same document reuses every leaf of
+/// the first from the document cache and answers exactly as an uncached run; a budget too small
+/// for two documents evicts the older one, which is then recomputed (and still answers the same).
+#[test]
+fn the_document_cache_reuses_leaves_evicts_and_recomputes() {
+    let e = engine();
+    let cancel = AtomicBool::new(false);
+    let (d1, d2) = (doc(8), doc(9));
+    // One warm-up layer: the leaves run two layers, the first of which a stored leaf covers.
+    let mut plain = params(HomerMode::Always);
+    plain.warmup_layers = Some(1);
+    let mut cached = plain.clone();
+    cached.reuse_document = true;
+    let ask = |d: &Document, q: &str, p: &AskParams| {
+        e.ask(&[d.clone()], q, p, &cancel, &mut |_| {}, &mut |_| {})
+            .unwrap()
+    };
+    let same = |a: &homer_engine::Answer, b: &homer_engine::Answer| {
+        assert_eq!(a.generation.ids, b.generation.ids);
+        assert_eq!(
+            a.trace.as_ref().unwrap().kept,
+            b.trace.as_ref().unwrap().kept
+        );
+    };
+    let stats = |a: &homer_engine::Answer| {
+        let s = a.homer_stats.as_ref().unwrap();
+        (s.leaves_stored, s.leaves_reused)
+    };
+    let q1 = "Which number is on line 7?";
+    let q2 = "What is written on the last line of the document?";
+    let a1 = ask(&d1, q1, &cached);
+    let n = a1.trace.as_ref().unwrap().n_chunks;
+    assert!(n >= 2, "the document must span chunks");
+    assert_eq!(stats(&a1), (n, 0));
+    same(&a1, &ask(&d1, q1, &plain));
+    let a2 = ask(&d1, q2, &cached);
+    assert_eq!(stats(&a2), (0, n));
+    same(&a2, &ask(&d1, q2, &plain));
+    let usage = e.doc_cache.lock().unwrap().usage();
+    assert_eq!((usage.documents, usage.leaves), (1, n));
+    assert!(usage.bytes > 0 && usage.bytes <= usage.budget);
+    // Room for one document only: the second evicts the first, whose next question recomputes.
+    e.doc_cache
+        .lock()
+        .unwrap()
+        .set_budget(usage.bytes + usage.bytes / 2);
+    let b1 = ask(&d2, q1, &cached);
+    assert_eq!(stats(&b1).1, 0);
+    let usage = e.doc_cache.lock().unwrap().usage();
+    assert_eq!((usage.documents, usage.evictions), (1, 1));
+    let a3 = ask(&d1, q2, &cached);
+    assert_eq!(stats(&a3), (n, 0));
+    same(&a3, &a2);
+    assert!(e.doc_cache.lock().unwrap().bytes() <= usage.budget);
 }

@@ -300,6 +300,7 @@ fn homer_wgsl_kernels_equal_oracle_ops_on_the_default_model() {
             .tokenizer
             .encode("\nWho is the Word?", false)
             .unwrap(),
+        question: None,
         docs: vec![],
     };
     assert!(prompt.context.len() > 110, "{}", prompt.context.len());

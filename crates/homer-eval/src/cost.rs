@@ -54,6 +54,7 @@ pub fn prompt_of(tokens: &[u32], length: usize) -> DocPrompt {
         prefix: tokens[..a].to_vec(),
         context: tokens[a..length - a].to_vec(),
         suffix: tokens[length - a..length].to_vec(),
+        question: None,
         docs: vec![],
     }
 }

@@ -179,6 +179,7 @@ pub fn score(
                     prefix: tokens[..a].to_vec(),
                     context: tokens[a..end - a].to_vec(),
                     suffix: tokens[end - a..end].to_vec(),
+                    question: None,
                     docs: vec![],
                 };
                 let cfg = homer_config(engine, method, end, &s2, &HomerVariant::default())?;

@@ -39,6 +39,6 @@ pub use plan::{NodePlan, Plan, PlanParams};
 pub use select::{Agg, Positions, Prior, Query, Reread, Selection, Unit};
 pub use trace::{MergeTrace, NodeTrace};
 pub use tree::{
-    HomerConfig, HomerInput, HomerOutput, HomerProgress, HomerStats, NextPosition, RowMeta,
-    Scoring, default_warmup_layers, homer_prefill,
+    HomerConfig, HomerInput, HomerOutput, HomerProgress, HomerStats, LeafState, LeafStore,
+    NextPosition, RowMeta, Scoring, default_warmup_layers, homer_prefill, homer_prefill_with_store,
 };

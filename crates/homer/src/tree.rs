@@ -4,12 +4,13 @@
 //! soon as it is merged. Live state is the node being computed plus one finished left sibling per
 //! level of the current path, so it grows with the tree height, not the chunk count.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::tensor::Tensor;
-use homer_model::{KvCache, Llama, read_f32};
+use homer_model::{KvCache, LayerKv, Llama, read_f32};
 use serde::Serialize;
 
 use crate::bias::BiasTable;
@@ -185,6 +186,51 @@ pub struct HomerStats {
     /// Largest number of chunks held at once.
     pub peak_live_chunks: usize,
     pub seconds: f64,
+    /// Leaves whose question-independent start came from the [`LeafStore`] (none without one).
+    pub leaves_reused: usize,
+    /// Leaves whose start was computed and handed to the [`LeafStore`].
+    pub leaves_stored: usize,
+    /// Row-layers the reused leaves did not compute again.
+    pub row_layers_reused: u64,
+}
+
+/// The question-independent start of one leaf (issue 16): its prefix and context rows — the
+/// suffix left out — through the leaf's layers up to the attention half of its last one (where
+/// it prunes): every layer's post-RoPE keys and values (`kv`, one per layer) and the rows'
+/// residual stream after that last attention half (`hidden`, [rows, d]). Attention is causal and
+/// the suffix comes last, so these rows are the same for every question asked with the same
+/// prefix, context, chunking and model; only the pruning needs the question.
+#[derive(Debug, Clone)]
+pub struct LeafState {
+    pub hidden: Tensor<2>,
+    pub kv: Vec<LayerKv>,
+}
+
+impl LeafState {
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.hidden.dims()[0]
+    }
+    /// Bytes of tensor data held.
+    pub fn bytes(&self) -> usize {
+        let size = |dims: &[usize], dtype: burn::tensor::DType| {
+            dims.iter().product::<usize>() * dtype.size()
+        };
+        size(&self.hidden.dims(), self.hidden.dtype())
+            + self
+                .kv
+                .iter()
+                .map(|l| size(&l.k.dims(), l.k.dtype()) + size(&l.v.dims(), l.v.dtype()))
+                .sum::<usize>()
+    }
+}
+
+/// Where a prefill finds and leaves [`LeafState`]s between questions (the engine's document
+/// cache). A leaf is named by its context token range and the number of layers its state covers;
+/// the store itself answers for one (model, prefix, context) — the caller keys it.
+pub trait LeafStore {
+    fn get(&mut self, context: &Range<usize>, layers: usize) -> Option<LeafState>;
+    fn put(&mut self, context: &Range<usize>, layers: usize, state: &LeafState);
 }
 
 pub struct HomerOutput {
@@ -204,6 +250,26 @@ pub struct HomerOutput {
 struct Chunk {
     t: ChunkTensors,
     meta: RowMeta,
+    /// Set when the rows have been through the attention half of layer `t.cache.len() - 1`
+    /// already (a leaf from a [`LeafStore`]): `t.hidden` is that half's output.
+    attended: Option<Attended>,
+}
+
+/// [`Run::run_rows`]' result: the rows' state and what the pruning layer needs of them.
+struct RowsRun {
+    state: LeafState,
+    /// The last row's post-RoPE query at the leaf's last layer, [heads, head_dim].
+    q_last: Tensor<2>,
+    /// The rows' residual entering the leaf's last layer.
+    last_in: Tensor<2>,
+}
+
+/// What the pruning layer needs of its attention half besides its output.
+struct Attended {
+    /// The last row's post-RoPE query, [heads, head_dim].
+    q_last: Tensor<2>,
+    /// The suffix rows' residual entering the layer, [S, d] (the query window's source).
+    suffix_in: Tensor<2>,
 }
 
 impl Chunk {
@@ -227,7 +293,7 @@ impl Tracker {
     }
 }
 
-struct Run<'a> {
+struct Run<'a, 's> {
     model: &'a Llama,
     input: HomerInput<'a>,
     plan: &'a Plan,
@@ -239,6 +305,7 @@ struct Run<'a> {
     traces: Vec<Option<NodeTrace>>,
     done: u64,
     total: u64,
+    store: Option<&'s mut dyn LeafStore>,
 }
 
 /// Build HOMER's compact cache for `input` (spec §1–§7).
@@ -247,6 +314,24 @@ pub fn homer_prefill(
     input: HomerInput<'_>,
     config: &HomerConfig,
     ops: &dyn HomerOps,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&HomerProgress),
+) -> Result<HomerOutput> {
+    homer_prefill_with_store(model, input, config, ops, None, cancel, progress)
+}
+
+/// [`homer_prefill`] that reuses leaves' question-independent starts (issue 16). With a store,
+/// every leaf runs its prefix and context rows through all its layers but the pruning one on
+/// their own (taken from the store when it has them, else computed and handed to it), then its
+/// suffix rows over their cached keys and values, then the last layer on all rows as usual. The
+/// result equals [`homer_prefill`]'s up to float rounding (causal attention: the context rows
+/// never see the suffix); a first question and a later one run the same arithmetic.
+pub fn homer_prefill_with_store(
+    model: &Llama,
+    input: HomerInput<'_>,
+    config: &HomerConfig,
+    ops: &dyn HomerOps,
+    store: Option<&mut dyn LeafStore>,
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&HomerProgress),
 ) -> Result<HomerOutput> {
@@ -330,6 +415,7 @@ pub fn homer_prefill(
         traces: vec![None; plan.nodes.len()],
         done: 0,
         total,
+        store,
     };
     let mut root = run.process(plan.nodes.len() - 1)?;
     if config.selection.positions != Positions::Local || config.selection.reread == Reread::All {
@@ -441,11 +527,11 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-impl Run<'_> {
+impl Run<'_, '_> {
     fn process(&mut self, id: usize) -> Result<Chunk> {
         let node = self.plan.nodes[id].clone();
         let chunk = match node.children {
-            None => self.leaf(node.leaves.start)?,
+            None => self.leaf(&node)?,
             Some([l, r]) => {
                 let left = self.process(l)?;
                 let held = left.live_rows();
@@ -470,7 +556,11 @@ impl Run<'_> {
                 };
                 let meta = RowMeta::merge(&left.meta, &right.meta, p, s);
                 let t = self.ops.merge(left.t, right.t, p, s)?;
-                Chunk { t, meta }
+                Chunk {
+                    t,
+                    meta,
+                    attended: None,
+                }
             }
         };
         self.run_block(chunk, &node)
@@ -481,7 +571,11 @@ impl Run<'_> {
         if chunk.meta.positions == to {
             return chunk;
         }
-        let Chunk { t, mut meta } = chunk;
+        let Chunk {
+            t,
+            mut meta,
+            attended,
+        } = chunk;
         let cache = t
             .cache
             .into_iter()
@@ -497,10 +591,12 @@ impl Run<'_> {
                 cache,
             },
             meta,
+            attended,
         }
     }
 
-    fn leaf(&mut self, i: usize) -> Result<Chunk> {
+    fn leaf(&mut self, node: &NodePlan) -> Result<Chunk> {
+        let i = node.leaves.start;
         let slice = self.plan.chunks[i].clone();
         let HomerInput {
             prefix,
@@ -514,24 +610,132 @@ impl Run<'_> {
             .chain(suffix)
             .copied()
             .collect();
-        let hidden = self.model.embed(&ids)?;
         let context_index = std::iter::repeat_n(None, prefix.len())
-            .chain(slice.map(Some))
+            .chain(slice.clone().map(Some))
             .chain(std::iter::repeat_n(None, suffix.len()))
+            .collect();
+        let meta = RowMeta {
+            positions: match self.config.selection.positions {
+                Positions::Reindex => (0..ids.len()).collect(),
+                _ => self.plan.leaf_positions(i),
+            },
+            context_index,
+        };
+        // A stored start covers every layer of the leaf, the last (where it prunes) up to its
+        // attention half.
+        let layers = node.layers.end;
+        let n_doc = prefix.len() + slice.len();
+        if self.store.is_none() || n_doc == 0 || node.layers.start != 0 {
+            let hidden = self.model.embed(&ids)?;
+            return Ok(Chunk {
+                t: ChunkTensors {
+                    hidden,
+                    cache: Vec::new(),
+                },
+                meta,
+                attended: None,
+            });
+        }
+        let stored = self
+            .store
+            .as_mut()
+            .and_then(|s| s.get(&slice, layers))
+            .filter(|s| s.rows() == n_doc && s.kv.len() == layers);
+        let doc = match stored {
+            Some(s) => {
+                self.tracker.stats.leaves_reused += 1;
+                self.tracker.stats.row_layers_reused += (n_doc * layers) as u64;
+                self.done += (n_doc * (layers - 1)) as u64;
+                s
+            }
+            None => {
+                let (cos, sin) = self.model.rope_tables(&meta.positions[..n_doc]);
+                let x = self.model.embed(&ids[..n_doc])?;
+                let s = self.run_rows(node, x, &cos, &sin, None)?.state;
+                if let Some(store) = self.store.as_mut() {
+                    store.put(&slice, layers, &s);
+                }
+                self.tracker.stats.leaves_stored += 1;
+                s
+            }
+        };
+        // The suffix rows over the document rows' keys and values, layer by layer.
+        let (cos, sin) = self.model.rope_tables(&meta.positions[n_doc..]);
+        let x = self.model.embed(&ids[n_doc..])?;
+        let q = self.run_rows(node, x, &cos, &sin, Some(&doc.kv))?;
+        let cache = doc
+            .kv
+            .into_iter()
+            .zip(q.state.kv)
+            .map(|(d, s)| LayerKv {
+                k: Tensor::cat(vec![d.k, s.k], 1),
+                v: Tensor::cat(vec![d.v, s.v], 1),
+            })
             .collect();
         Ok(Chunk {
             t: ChunkTensors {
-                hidden,
-                cache: Vec::new(),
+                hidden: Tensor::cat(vec![doc.hidden, q.state.hidden], 0),
+                cache,
             },
-            meta: RowMeta {
-                positions: match self.config.selection.positions {
-                    Positions::Reindex => (0..ids.len()).collect(),
-                    _ => self.plan.leaf_positions(i),
-                },
-                context_index,
-            },
+            meta,
+            attended: Some(Attended {
+                q_last: q.q_last,
+                suffix_in: q.last_in,
+            }),
         })
+    }
+
+    /// `x`'s rows of leaf `node` through every layer of the leaf but the last, then the last
+    /// one's attention half (no pruning), each layer attending to `past`'s rows of that layer
+    /// first when given.
+    fn run_rows(
+        &mut self,
+        node: &NodePlan,
+        mut x: Tensor<2>,
+        cos: &Tensor<2>,
+        sin: &Tensor<2>,
+        past: Option<&[LayerKv]>,
+    ) -> Result<RowsRun> {
+        let last = node.layers.end - 1;
+        let mut kv = Vec::with_capacity(last + 1);
+        for l in 0..=last {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(HomerError::Cancelled);
+            }
+            let layer = &self.model.layers[l];
+            let x_in = (l == last).then(|| x.clone());
+            let a = layer.attend(x, cos, sin, past.map(|p| &p[l]));
+            kv.push(a.kv);
+            if let Some(last_in) = x_in {
+                return Ok(RowsRun {
+                    state: LeafState {
+                        hidden: a.hidden,
+                        kv,
+                    },
+                    q_last: a.q_last,
+                    last_in,
+                });
+            }
+            x = layer.feed_forward(a.hidden);
+            homer_model::backend::layer_done(&x.device());
+            let rows = x.dims()[0];
+            self.done += rows as u64;
+            self.tracker.observe(rows * (kv.len() + 1), 1);
+            (self.progress)(&HomerProgress {
+                node: node.id,
+                nodes: self.plan.nodes.len(),
+                leaf: Some(node.leaves.start),
+                n_chunks: self.plan.n_chunks,
+                height: node.height,
+                tree_height: self.plan.height,
+                layer: l,
+                rows_in: node.len_in,
+                rows_out: node.len_in,
+                done: self.done,
+                total: self.total,
+            });
+        }
+        unreachable!("the loop returns at the leaf's last layer")
     }
 
     fn score(
@@ -581,7 +785,11 @@ impl Run<'_> {
     }
 
     fn run_block(&mut self, chunk: Chunk, node: &NodePlan) -> Result<Chunk> {
-        let Chunk { t, mut meta } = chunk;
+        let Chunk {
+            t,
+            mut meta,
+            mut attended,
+        } = chunk;
         let ChunkTensors {
             hidden: mut x,
             mut cache,
@@ -592,7 +800,13 @@ impl Run<'_> {
         } else {
             meta.len() == node.len_in
         };
-        if !rows_ok || cache.len() != node.layers.start {
+        // A leaf from a store arrives with every layer run but its last's feed-forward half.
+        let start = cache.len() - usize::from(attended.is_some());
+        let start_ok = match &attended {
+            Some(_) => node.is_leaf() && start + 1 == node.layers.end,
+            None => start == node.layers.start,
+        };
+        if !rows_ok || !start_ok {
             return Err(HomerError::Input(format!(
                 "internal: node {} has {} rows and {} cached layers, planned {} and {}",
                 node.id,
@@ -621,7 +835,7 @@ impl Run<'_> {
             dropped: vec![],
             dropped_scores: vec![],
         };
-        for l in node.layers.clone() {
+        for l in start..node.layers.end {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(HomerError::Cancelled);
             }
@@ -633,16 +847,28 @@ impl Run<'_> {
                 .selection
                 .query
                 .rows(self.plan.params.suffix_len);
-            let x_window = (prune_here && window > 1).then(|| {
-                let (n, d) = (meta.len(), self.model.config.hidden_size);
-                (x.clone().slice([n - window..n, 0..d]), n - window..n)
-            });
-            let a = layer.attend(x, &cos, &sin, None);
-            cache.push(a.kv);
-            x = a.hidden;
+            let (n, d) = (meta.len(), self.model.config.hidden_size);
+            let pre = if l == start { attended.take() } else { None };
+            let (q_last, x_window) = match pre {
+                // The attention half ran with the stored rows: x is its output already.
+                Some(Attended { q_last, suffix_in }) => {
+                    let s = suffix_in.dims()[0];
+                    let xw = (prune_here && window > 1)
+                        .then(|| (suffix_in.slice([s - window..s, 0..d]), n - window..n));
+                    (q_last, xw)
+                }
+                None => {
+                    let xw = (prune_here && window > 1)
+                        .then(|| (x.clone().slice([n - window..n, 0..d]), n - window..n));
+                    let a = layer.attend(x, &cos, &sin, None);
+                    cache.push(a.kv);
+                    x = a.hidden;
+                    (a.q_last, xw)
+                }
+            };
             if prune_here {
                 let q = match x_window {
-                    None => a.q_last,
+                    None => q_last,
                     Some((xw, rows)) => {
                         let (wc, ws) = self.model.rope_tables(&meta.positions[rows]);
                         let q = layer.queries(xw, &wc, &ws); // [H, w, hd]
@@ -722,6 +948,7 @@ impl Run<'_> {
         Ok(Chunk {
             t: ChunkTensors { hidden: x, cache },
             meta,
+            attended: None,
         })
     }
 }
