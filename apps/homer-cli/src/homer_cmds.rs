@@ -104,6 +104,7 @@ pub struct AskOptions {
     pub trace: Option<PathBuf>,
     pub stats: bool,
     pub doc_cache_mb: Option<usize>,
+    pub doc_cache_disk_mb: u64,
 }
 
 /// Answer each question about `doc_paths` in turn; HOMER's question-independent work on the
@@ -117,6 +118,7 @@ pub fn ask(questions: Vec<String>, doc_paths: Vec<PathBuf>, o: AskOptions) -> Re
         trace,
         stats,
         doc_cache_mb,
+        doc_cache_disk_mb,
     } = o;
     let docs = doc_paths
         .iter()
@@ -130,6 +132,12 @@ pub fn ask(questions: Vec<String>, doc_paths: Vec<PathBuf>, o: AskOptions) -> Re
             .lock()
             .map_err(|_| "the document cache is unusable after a failed question".to_string())?
             .set_budget(mb << 20);
+    }
+    if doc_cache_disk_mb > 0 && doc_cache_mb != Some(0) {
+        engine.use_disk_cache(
+            homer_engine::fetch::homer_home().join("doc-cache"),
+            doc_cache_disk_mb << 20,
+        );
     }
     let params = AskParams {
         mode: homer.mode,

@@ -137,6 +137,10 @@ enum Cmd {
         /// whole)
         #[arg(long)]
         doc_cache_mb: Option<usize>,
+        /// Disk the document cache may fill under $HOMER_HOME/doc-cache, in MiB, so a later
+        /// `homer ask` about the same documents starts from it (default 4096; 0: none)
+        #[arg(long, default_value_t = 4096)]
+        doc_cache_disk_mb: u64,
         /// A .txt or .md document (repeatable)
         #[arg(long = "doc", required = true)]
         docs: Vec<PathBuf>,
@@ -414,6 +418,7 @@ fn run(cli: Cli) -> Result<(), String> {
             more_questions,
             questions,
             doc_cache_mb,
+            doc_cache_disk_mb,
             docs,
             model,
             homer,
@@ -452,6 +457,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     trace,
                     stats,
                     doc_cache_mb,
+                    doc_cache_disk_mb,
                 },
             )?
         }
@@ -861,8 +867,15 @@ fn peak_rss_bytes() -> Option<u64> {
 }
 
 fn main() -> ExitCode {
+    // HOMER_LOG picks the log levels; unset, homer's own warnings show (a corrupt cache file, a
+    // missing calibration table), not its dependencies'.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOMER_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "error,homer=warn,homer_model=warn,homer_engine=warn,homer_wgpu=warn,homer_eval=warn",
+        )
+    });
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("HOMER_LOG"))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {

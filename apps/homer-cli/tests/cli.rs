@@ -476,3 +476,115 @@ fn eval_all_quick_writes_every_table_and_plot() {
         std::fs::read_to_string(out.join("passkey.jsonl")).unwrap()
     );
 }
+
+/// Issue 16's disk tier across processes: a `homer ask` killed while writing a document-cache
+/// file leaves a torn temporary file that the next run ignores (and removes); that run writes
+/// every leaf, a third process takes them all from disk and answers the same, and a corrupted
+/// file is noticed by its checksum and recomputed.
+#[test]
+fn a_killed_cache_write_is_ignored_and_later_runs_reuse_the_document_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let cache = home.join("doc-cache");
+    let doc = dir.path().join("notes.txt");
+    let text: String = (1..=14)
+        .map(|i| format!("Note {i}: the code word is w{i}.\n"))
+        .collect();
+    std::fs::write(&doc, text).unwrap();
+    let model = fixtures().join("tiny-llama").display().to_string();
+    let doc = doc.display().to_string();
+    let args = [
+        "ask",
+        "What is the code word of note 3?",
+        "--doc",
+        &doc,
+        "--model",
+        &model,
+        "--backend",
+        "cpu",
+        "--homer",
+        "always",
+        "--chunk-len",
+        "256",
+        "--warmup-layers",
+        "0",
+        "--max-tokens",
+        "4",
+    ];
+    let files = |ext: &str| -> Vec<PathBuf> {
+        std::fs::read_dir(&cache)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == ext))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_homer"))
+            .args(args)
+            .env("HOMER_HOME", &home)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    };
+
+    // 1. Killed halfway through writing its first leaf.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_homer"))
+        .args(args)
+        .env("HOMER_HOME", &home)
+        .env("HOMER_DOC_CACHE_TEST_PAUSE_MS", "120000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while files("tmp").is_empty() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "no cache write began"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let torn = files("tmp");
+    assert_eq!(torn.len(), 1);
+    assert!(files("safetensors").is_empty());
+
+    // 2. The next run ignores the torn file, computes every leaf and writes it whole.
+    let (answer, stderr) = run();
+    let n = files("safetensors").len();
+    assert!(n >= 2, "{stderr}");
+    assert!(files("tmp").is_empty(), "the torn file is removed");
+    assert!(
+        stderr.contains(&format!("0 of {n} leaves reused, {n} computed and kept")),
+        "{stderr}"
+    );
+
+    // 3. A new process takes every leaf from disk and answers the same.
+    let (again, stderr) = run();
+    assert_eq!(again, answer);
+    assert!(
+        stderr.contains(&format!("{n} of {n} leaves reused, 0 computed")),
+        "{stderr}"
+    );
+
+    // 4. A flipped byte in one file's data: that leaf is recomputed, the answer unchanged.
+    let victim = &files("safetensors")[0];
+    let mut bytes = std::fs::read(victim).unwrap();
+    let at = bytes.len() - 5;
+    bytes[at] ^= 0x40;
+    std::fs::write(victim, bytes).unwrap();
+    let (again, stderr) = run();
+    assert_eq!(again, answer);
+    assert!(
+        stderr.contains(&format!("{} of {n} leaves reused, 1 computed", n - 1)),
+        "{stderr}"
+    );
+    assert!(stderr.contains("checksum"), "{stderr}");
+}

@@ -285,7 +285,12 @@ impl DeskApp {
             }
         }
         let (etx, erx) = std::sync::mpsc::channel();
-        let worker = Worker::spawn(cc.egui_ctx.clone(), etx, opts.token_pace);
+        let worker = Worker::spawn(
+            cc.egui_ctx.clone(),
+            etx,
+            opts.token_pace,
+            opts.data_dir.join("doc-cache"),
+        );
         let (files_tx, files_rx) = std::sync::mpsc::channel();
         let mut app = DeskApp {
             settings,

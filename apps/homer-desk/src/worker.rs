@@ -119,6 +119,7 @@ impl Worker {
         ctx: egui::Context,
         events: Sender<Event>,
         token_pace: Option<std::time::Duration>,
+        doc_cache_dir: std::path::PathBuf,
     ) -> Worker {
         let (tx, rx) = std::sync::mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
@@ -132,6 +133,7 @@ impl Worker {
                         tx: events,
                         ctx,
                         token_pace,
+                        doc_cache_dir,
                     },
                     c,
                 )
@@ -151,6 +153,8 @@ struct Out {
     tx: Sender<Event>,
     ctx: egui::Context,
     token_pace: Option<std::time::Duration>,
+    /// Where the engine keeps documents' leaves between runs of the app.
+    doc_cache_dir: std::path::PathBuf,
 }
 
 impl Out {
@@ -196,6 +200,10 @@ fn run(rx: Receiver<Command>, out: Out, cancel: Arc<AtomicBool>) {
                             ),
                             device: e.device.clone(),
                         })));
+                        e.use_disk_cache(
+                            out.doc_cache_dir.clone(),
+                            homer_engine::DocCache::DEFAULT_DISK_BUDGET,
+                        );
                         engine = Some(e);
                     }
                     Ok(Err(err)) => out.send(Event::LoadFailed(load_hint(&err.to_string()))),

@@ -402,6 +402,15 @@ impl Engine {
         )
     }
 
+    /// Keep the document cache's leaves on disk in `dir` too (at most `budget` bytes of files),
+    /// so a later process reopens a document without recomputing it.
+    pub fn use_disk_cache(&self, dir: std::path::PathBuf, budget: u64) {
+        self.doc_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .set_disk(dir, self.model.device.clone(), budget);
+    }
+
     /// The document cache's key for `prompt`: the model state its leaves' rows depend on (the
     /// weights' file and format, RoPE, KV precision) and the prefix and context tokens.
     pub fn doc_key(&self, prompt: &DocPrompt) -> crate::DocKey {

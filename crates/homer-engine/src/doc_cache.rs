@@ -10,8 +10,11 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::path::PathBuf;
 
 use homer::{LeafState, LeafStore};
+
+use crate::doc_disk::{DiskTier, key_hash};
 
 /// What a cached leaf's rows depend on besides its own context range and layer count.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +27,8 @@ pub struct DocKey {
 
 struct Entry {
     key: DocKey,
+    /// [`key_hash`] of the key (the disk tier's name for it).
+    hash: String,
     leaves: HashMap<(Range<usize>, usize), LeafState>,
     bytes: usize,
 }
@@ -33,6 +38,7 @@ pub struct DocCache {
     budget: usize,
     entries: Vec<Entry>,
     evictions: usize,
+    disk: Option<DiskTier>,
 }
 
 /// How full the cache is.
@@ -53,8 +59,37 @@ impl DocCache {
             budget,
             entries: vec![],
             evictions: 0,
+            disk: None,
         }
     }
+
+    /// Also keep leaves on disk in `dir` (at most `budget` bytes of files), and look there for
+    /// leaves memory does not hold. Torn, stale or corrupt files there are ignored and removed.
+    pub fn set_disk(&mut self, dir: PathBuf, device: homer_model::Device, budget: u64) {
+        self.disk = match DiskTier::open(dir.clone(), device, budget) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(
+                    "document cache: cannot use {} ({e}); keeping leaves in memory only",
+                    dir.display()
+                );
+                None
+            }
+        };
+    }
+
+    /// No disk tier.
+    pub fn no_disk(&mut self) {
+        self.disk = None;
+    }
+
+    /// Bytes of the disk tier's files (0 without one).
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk.as_ref().map_or(0, DiskTier::bytes)
+    }
+
+    /// The disk tier's default budget: 4 GiB of files.
+    pub const DEFAULT_DISK_BUDGET: u64 = 4 << 30;
 
     /// The default budget: a quarter of the memory available now, at most 8 GiB (256 MiB when
     /// the available memory cannot be read).
@@ -109,6 +144,7 @@ impl DocCache {
             Some(i) => i,
             None => {
                 self.entries.push(Entry {
+                    hash: key_hash(&key),
                     key,
                     leaves: HashMap::new(),
                     bytes: 0,
@@ -148,10 +184,27 @@ impl DocStore<'_> {
 
 impl LeafStore for DocStore<'_> {
     fn get(&mut self, context: &Range<usize>, layers: usize) -> Option<LeafState> {
-        self.entry().leaves.get(&(context.clone(), layers)).cloned()
+        if let Some(s) = self.entry().leaves.get(&(context.clone(), layers)) {
+            return Some(s.clone());
+        }
+        let hash = self.entry().hash.clone();
+        let s = self.cache.disk.as_ref()?.load(&hash, context, layers)?;
+        self.keep(context, layers, &s);
+        Some(s)
     }
 
     fn put(&mut self, context: &Range<usize>, layers: usize, state: &LeafState) {
+        self.keep(context, layers, state);
+        let hash = self.entry().hash.clone();
+        if let Some(d) = &self.cache.disk {
+            d.save(&hash, context, layers, state);
+        }
+    }
+}
+
+impl DocStore<'_> {
+    /// Hold `state` in memory if the budget allows (evicting older documents first).
+    fn keep(&mut self, context: &Range<usize>, layers: usize, state: &LeafState) {
         let bytes = state.bytes();
         let budget = self.cache.budget;
         // Older documents make room first; a leaf that cannot fit even then is not kept.

@@ -6,6 +6,7 @@ pub mod ask;
 pub mod chat;
 pub mod citations;
 pub mod doc_cache;
+pub mod doc_disk;
 pub mod document;
 pub mod error;
 pub mod fetch;
