@@ -110,6 +110,40 @@ pub struct AskOptions {
 /// Answer each question about `doc_paths` in turn; HOMER's question-independent work on the
 /// documents is kept in the engine's document cache and reused from the second question on.
 pub fn ask(questions: Vec<String>, doc_paths: Vec<PathBuf>, o: AskOptions) -> Result<(), String> {
+    let several = questions.len() > 1;
+    let mut next = questions.into_iter();
+    ask_each(&mut || Ok(next.next()), several, doc_paths, o)
+}
+
+/// `homer chat --doc`: questions from stdin, one a line (an empty line or end of input ends),
+/// each answered from the documents, which are read once for all of them.
+pub fn chat_about(doc_paths: Vec<PathBuf>, o: AskOptions) -> Result<(), String> {
+    use std::io::BufRead;
+    let stdin = std::io::stdin();
+    ask_each(
+        &mut || {
+            eprint!("> ");
+            let _ = std::io::stderr().flush();
+            let mut line = String::new();
+            let n = stdin
+                .lock()
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+            Ok((n > 0 && !line.trim().is_empty()).then(|| line.trim().to_string()))
+        },
+        false,
+        doc_paths,
+        o,
+    )
+}
+
+/// Answer the questions `next` gives (until None) about `doc_paths`; `label` numbers them.
+fn ask_each(
+    next: &mut dyn FnMut() -> Result<Option<String>, String>,
+    label: bool,
+    doc_paths: Vec<PathBuf>,
+    o: AskOptions,
+) -> Result<(), String> {
     let AskOptions {
         model,
         homer,
@@ -152,9 +186,11 @@ pub fn ask(questions: Vec<String>, doc_paths: Vec<PathBuf>, o: AskOptions) -> Re
         reuse_document: doc_cache_mb != Some(0),
     };
     let cancel = AtomicBool::new(false);
-    let several = questions.len() > 1;
+    let several = label;
     let mut traces = vec![];
-    for (qi, question) in questions.iter().enumerate() {
+    for qi in 0.. {
+        let Some(question) = next()? else { break };
+        let question = &question;
         if several {
             println!("{}Q{}: {question}", if qi > 0 { "\n" } else { "" }, qi + 1);
             print!("A{}: ", qi + 1);

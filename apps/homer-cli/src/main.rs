@@ -226,6 +226,16 @@ enum Cmd {
         /// System message
         #[arg(long)]
         system: Option<String>,
+        /// Chat about these documents (repeatable): each line you type is a question answered
+        /// from them (HOMER past the window), the documents read once for all questions; earlier
+        /// turns are not part of later prompts
+        #[arg(long = "doc")]
+        docs: Vec<PathBuf>,
+        #[command(flatten)]
+        homer: homer_cmds::HomerArgs,
+        /// Print sizes and timing to stderr after each answer even with --quiet
+        #[arg(long)]
+        stats: bool,
     },
     /// Next-token top-K ids, tokens and logits
     Logits {
@@ -531,6 +541,27 @@ fn run(cli: Cli) -> Result<(), String> {
             model,
             sample,
             system,
+            docs,
+            homer,
+            stats,
+        } if !docs.is_empty() => homer_cmds::chat_about(
+            docs,
+            homer_cmds::AskOptions {
+                model,
+                homer,
+                sample,
+                system,
+                trace: None,
+                stats,
+                doc_cache_mb: None,
+                doc_cache_disk_mb: homer_engine::DocCache::DEFAULT_DISK_BUDGET >> 20,
+            },
+        )?,
+        Cmd::Chat {
+            model,
+            sample,
+            system,
+            ..
         } => {
             let engine = load(&model)?;
             let mut messages = Vec::new();

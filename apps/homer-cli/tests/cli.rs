@@ -588,3 +588,64 @@ fn a_killed_cache_write_is_ignored_and_later_runs_reuse_the_document_from_disk()
     );
     assert!(stderr.contains("checksum"), "{stderr}");
 }
+
+/// `homer chat --doc`: every line is a question about the document, which is read once.
+#[test]
+fn chat_about_a_document_reads_it_once() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("notes.txt");
+    let text: String = (1..=14)
+        .map(|i| format!("Note {i}: the code word is w{i}.\n"))
+        .collect();
+    std::fs::write(&doc, text).unwrap();
+    let model = fixtures().join("tiny-llama").display().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_homer"))
+        .args([
+            "chat",
+            "--doc",
+            &doc.display().to_string(),
+            "--model",
+            &model,
+            "--backend",
+            "cpu",
+            "--homer",
+            "always",
+            "--chunk-len",
+            "256",
+            "--warmup-layers",
+            "0",
+            "--max-tokens",
+            "4",
+            "--quiet",
+            "--stats",
+        ])
+        .env("HOMER_HOME", dir.path().join("home"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the code word of note 3?\nAnd of note 12?\n\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("document cache:"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].contains(" 0 of 2 leaves reused, 2 computed"),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].contains(" 2 of 2 leaves reused, 0 computed"),
+        "{stderr}"
+    );
+}
