@@ -256,6 +256,23 @@ fn ask_each(
                     u.budget as f64 / (1 << 20) as f64
                 );
             }
+            if let Some(r) = a.doc_reuse.filter(|r| r.plain) {
+                let u = engine
+                    .doc_cache
+                    .lock()
+                    .map(|c| c.usage())
+                    .unwrap_or_default();
+                eprintln!(
+                    "document cache: the documents' prefix {}; {:.1} of {:.0} MiB held",
+                    if r.reused > 0 {
+                        "reused"
+                    } else {
+                        "computed and kept"
+                    },
+                    u.bytes as f64 / (1 << 20) as f64,
+                    u.budget as f64 / (1 << 20) as f64
+                );
+            }
             if let Some(sum) = &summary {
                 for d in sum.as_array().unwrap() {
                     eprintln!(

@@ -569,21 +569,18 @@ impl DeskApp {
             Event::Finished(f) => {
                 let g = &f.answer.generation;
                 let names: Vec<String> = f.docs.iter().map(|d| d.name.clone()).collect();
-                let note = match (&f.answer.homer_stats, &f.answer.trace) {
-                    (Some(s), Some(t)) => {
-                        // The question that read the documents sets the time later ones beat.
-                        if s.leaves_stored > 0 && s.leaves_reused == 0 {
-                            self.read_once = Some((names.clone(), g.prefill_secs));
-                        }
-                        let first = self
-                            .read_once
-                            .as_ref()
-                            .filter(|(d, _)| *d == names && !self.opts.hide_timings)
-                            .map(|(_, secs)| *secs);
-                        homer_engine::reuse_note(s, t.n_chunks, &f.doc_cache, first, g.prefill_secs)
+                let note = f.answer.doc_reuse.and_then(|r| {
+                    // The question that read the documents sets the time later ones beat.
+                    if r.stored > 0 && r.reused == 0 {
+                        self.read_once = Some((names.clone(), g.prefill_secs));
                     }
-                    _ => None,
-                };
+                    let first = self
+                        .read_once
+                        .as_ref()
+                        .filter(|(d, _)| *d == names && !self.opts.hide_timings)
+                        .map(|(_, secs)| *secs);
+                    homer_engine::reuse_note(&r, &f.doc_cache, first, g.prefill_secs)
+                });
                 let stop = serde_json::to_value(g.stop)
                     .ok()
                     .and_then(|v| v.as_str().map(String::from))

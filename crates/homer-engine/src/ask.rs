@@ -10,6 +10,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use homer::{BiasTable, HomerConfig, HomerInput, HomerStats, MergeTrace, Plan};
+use homer_model::model::PREFILL_BLOCK;
+use homer_model::read_f32;
 use serde::Serialize;
 
 use crate::chat::Message;
@@ -220,6 +222,8 @@ pub struct Answer {
     pub homer_stats: Option<HomerStats>,
     /// Rows in the cache decoding started from.
     pub cache_len: usize,
+    /// What the document cache did ([`AskParams::reuse_document`]); None when it was not used.
+    pub doc_reuse: Option<crate::DocReuse>,
 }
 
 /// The table shipped in `assets/bias/` for the default model, calibrated at C = 4096 on the King
@@ -575,6 +579,7 @@ impl Engine {
         };
         let t0 = Instant::now();
         let all = prompt.concatenated();
+        let mut doc_reuse = None;
         let (logits, cache, trace, plan, stats) = if use_homer {
             let mut cfg =
                 self.homer_config(params.chunk_len, params.warmup_layers, &params.bias)?;
@@ -585,6 +590,9 @@ impl Engine {
             } else {
                 self.homer_prefill(&prompt, &cfg, cancel, progress)?
             };
+            if params.reuse_document {
+                doc_reuse = Some(crate::DocReuse::of_homer(&out.stats, out.plan.n_chunks));
+            }
             (
                 out.logits,
                 out.cache,
@@ -592,6 +600,10 @@ impl Engine {
                 Some(out.plan),
                 Some(out.stats),
             )
+        } else if params.reuse_document && !prompt.context.is_empty() {
+            let (l, c, r) = self.prefill_reusing(&prompt, cancel, progress)?;
+            doc_reuse = Some(r);
+            (l, c, None, None, None)
         } else {
             let (l, c) = self.prefill(&all, cancel, progress)?;
             (l, c, None, None, None)
@@ -609,7 +621,81 @@ impl Engine {
             plan,
             homer_stats: stats,
             cache_len,
+            doc_reuse,
         })
+    }
+
+    /// A plain prefill whose document prefix (prefix + context rows, every layer's K/V) comes from
+    /// the document cache when an earlier question about the same documents left it there, else
+    /// is computed and kept; then the suffix runs over it.
+    fn prefill_reusing(
+        &self,
+        prompt: &DocPrompt,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<(Vec<f32>, homer_model::KvCache, crate::DocReuse)> {
+        let all = prompt.concatenated();
+        let n_doc = prompt.prefix.len() + prompt.context.len();
+        let layers = self.model.n_layers();
+        let name = 0..prompt.context.len();
+        let mut key = self.doc_key(prompt);
+        key.model.push_str("|plain prefix");
+        let mut guard = self
+            .doc_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut store = guard.store(key);
+        let stored = homer::LeafStore::get(&mut store, &name, layers)
+            .filter(|s| s.kv.len() == layers && s.rows() == n_doc);
+        // Dynamic NTK takes its frequencies from the whole prompt, as one full forward would.
+        self.model.set_rope_seq_len(all.len());
+        let mut reuse = crate::DocReuse {
+            parts: 1,
+            plain: true,
+            ..Default::default()
+        };
+        let mut cache = match stored {
+            Some(s) => {
+                reuse.reused = 1;
+                homer_model::KvCache::from_rows(s.kv, n_doc)
+            }
+            None => {
+                let mut cache = homer_model::KvCache::with_capacity(layers, all.len());
+                for (i, block) in all[..n_doc].chunks(PREFILL_BLOCK).enumerate() {
+                    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Err(EngineError::Cancelled);
+                    }
+                    self.model
+                        .forward(block, None, &mut cache, homer_model::Logits::None)?;
+                    progress(Progress::Prefill {
+                        done: (i * PREFILL_BLOCK + block.len()).min(n_doc),
+                        total: all.len(),
+                    });
+                }
+                let kv = cache
+                    .layers
+                    .iter()
+                    .map(|b| b.as_ref().map(|b| b.filled()))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        EngineError::Setting("internal: a layer cached no rows".into())
+                    })?;
+                // Only the K/V are used; the hidden rows are a one-column placeholder.
+                let hidden = homer_model::Tensor::<2>::zeros([n_doc, 1], &self.model.device);
+                homer::LeafStore::put(&mut store, &name, layers, &homer::LeafState { hidden, kv });
+                reuse.stored = 1;
+                cache
+            }
+        };
+        drop(guard);
+        let logits =
+            self.model
+                .forward(&all[n_doc..], None, &mut cache, homer_model::Logits::Last)?;
+        progress(Progress::Prefill {
+            done: all.len(),
+            total: all.len(),
+        });
+        Ok((read_f32(logits)?, cache, reuse))
     }
 
     /// Calibrate HOMER's significance for this model (spec §4.5) on `samples` windows of

@@ -231,30 +231,68 @@ impl DocStore<'_> {
     }
 }
 
+/// What the document cache did for one answer: of its `parts` (HOMER's leaves, or 1 for a plain
+/// prompt's document prefix), how many came from the cache and how many were computed into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct DocReuse {
+    pub parts: usize,
+    pub reused: usize,
+    pub stored: usize,
+    /// A plain prompt (no HOMER): the part is the documents' KV prefix.
+    pub plain: bool,
+}
+
+impl DocReuse {
+    /// A HOMER prefill's use of the cache, from its stats.
+    pub fn of_homer(stats: &homer::HomerStats, n_chunks: usize) -> Self {
+        DocReuse {
+            parts: n_chunks,
+            reused: stats.leaves_reused,
+            stored: stats.leaves_stored,
+            plain: false,
+        }
+    }
+}
+
 /// One line on what the document cache did for an answer (None when its prefill did not go
-/// through the cache): how many of the `n_chunks` leaves came from it or went into it, and how
-/// much it holds; with `first_secs`, the prefill time of the question that read the document, set
-/// beside this one's (`this_secs`).
+/// through the cache): how many leaves (or the plain prompt's document prefix) came from it or
+/// went into it, and how much it holds; with `first_secs`, the prefill time of the question that
+/// read the document, set beside this one's (`this_secs`).
 pub fn reuse_note(
-    stats: &homer::HomerStats,
-    n_chunks: usize,
+    r: &DocReuse,
     usage: &DocCacheUsage,
     first_secs: Option<f64>,
     this_secs: f64,
 ) -> Option<String> {
     let held = format!("{} held", human_bytes(usage.bytes));
-    if stats.leaves_reused > 0 {
+    let n_chunks = r.parts;
+    if r.plain {
+        return if r.reused > 0 {
+            let mut s = format!("document read once: its prefix from the cache ({held})");
+            if let Some(first) = first_secs {
+                s += &format!("; this question {this_secs:.0} s instead of {first:.0} s");
+            }
+            Some(s)
+        } else if r.stored > 0 {
+            Some(format!(
+                "document read: its prefix kept for later questions ({held})"
+            ))
+        } else {
+            None
+        };
+    }
+    if r.reused > 0 {
         let mut s = format!(
             "document read once: {} of {n_chunks} leaves from the cache ({held})",
-            stats.leaves_reused
+            r.reused
         );
         if let Some(first) = first_secs {
             s += &format!("; this question {this_secs:.0} s instead of {first:.0} s");
         }
         Some(s)
-    } else if stats.leaves_stored > 0 {
-        let kept = usage.leaves.min(stats.leaves_stored);
-        Some(if kept < stats.leaves_stored {
+    } else if r.stored > 0 {
+        let kept = usage.leaves.min(r.stored);
+        Some(if kept < r.stored {
             format!(
                 "document read: {kept} of {n_chunks} leaves kept for later questions; the cache's \
                  budget ({}) holds no more",
@@ -353,27 +391,39 @@ mod tests {
             budget: 4096 << 20,
             evictions: 0,
         };
-        let stats = |stored, reused| homer::HomerStats {
-            leaves_stored: stored,
-            leaves_reused: reused,
-            ..Default::default()
+        let stats = |stored, reused| DocReuse {
+            parts: 8,
+            stored,
+            reused,
+            plain: false,
         };
         assert_eq!(
-            reuse_note(&stats(0, 8), 8, &usage, Some(139.1), 33.8).unwrap(),
+            reuse_note(&stats(0, 8), &usage, Some(139.1), 33.8).unwrap(),
             "document read once: 8 of 8 leaves from the cache (849 MiB held); this question 34 s \
              instead of 139 s"
         );
         assert_eq!(
-            reuse_note(&stats(8, 0), 8, &usage, None, 139.1).unwrap(),
+            reuse_note(&stats(8, 0), &usage, None, 139.1).unwrap(),
             "document read: 8 leaves kept for later questions (849 MiB held)"
         );
         let full = DocCacheUsage { leaves: 3, ..usage };
         assert_eq!(
-            reuse_note(&stats(8, 0), 8, &full, None, 139.1).unwrap(),
+            reuse_note(&stats(8, 0), &full, None, 139.1).unwrap(),
             "document read: 3 of 8 leaves kept for later questions; the cache's budget (4.0 GiB) \
              holds no more"
         );
-        assert_eq!(reuse_note(&stats(0, 0), 8, &usage, None, 1.0), None);
+        assert_eq!(reuse_note(&stats(0, 0), &usage, None, 1.0), None);
+        let plain = DocReuse {
+            parts: 1,
+            reused: 1,
+            stored: 0,
+            plain: true,
+        };
+        assert_eq!(
+            reuse_note(&plain, &usage, Some(60.0), 2.0).unwrap(),
+            "document read once: its prefix from the cache (849 MiB held); this question 2 s \
+             instead of 60 s"
+        );
     }
 
     #[test]

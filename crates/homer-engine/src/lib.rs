@@ -31,7 +31,7 @@ pub use ask::{
 };
 pub use chat::{ChatTemplate, Message};
 pub use citations::{Citation, citations};
-pub use doc_cache::{DocCache, DocCacheUsage, DocKey, reuse_note};
+pub use doc_cache::{DocCache, DocCacheUsage, DocKey, DocReuse, reuse_note};
 pub use document::{DocKind, Document, SkipReason, Skipped, ingest, load_document};
 pub use error::{EngineError, Result};
 pub use history::{ChatHistory, Exchange};

@@ -509,3 +509,32 @@ fn the_document_cache_reuses_leaves_evicts_and_recomputes() {
     same(&a3, &a2);
     assert!(e.doc_cache.lock().unwrap().bytes() <= usage.budget);
 }
+
+/// Issue 16, item 4: a prompt that fits the window keeps its documents' KV prefix; the next
+/// question runs only its own rows and answers as a whole plain prefill does.
+#[test]
+fn a_plain_prompt_reuses_its_document_prefix() {
+    let e = engine();
+    let cancel = AtomicBool::new(false);
+    let d = doc(3);
+    let mut cached = params(HomerMode::Never);
+    cached.reuse_document = true;
+    let plain = params(HomerMode::Never);
+    let ask = |q: &str, p: &AskParams| {
+        e.ask(&[d.clone()], q, p, &cancel, &mut |_| {}, &mut |_| {})
+            .unwrap()
+    };
+    for (i, q) in ["Which number is on line 2?", "What is on the first line?"]
+        .iter()
+        .enumerate()
+    {
+        let a = ask(q, &cached);
+        let r = a.doc_reuse.expect("the cache was used");
+        assert!(r.plain && !a.used_homer);
+        assert_eq!((r.stored, r.reused), if i == 0 { (1, 0) } else { (0, 1) });
+        let b = ask(q, &plain);
+        assert_eq!(b.doc_reuse, None);
+        assert_eq!(a.generation.ids, b.generation.ids, "question {i}");
+        assert_eq!(a.cache_len, b.cache_len);
+    }
+}
