@@ -468,8 +468,15 @@ fn the_document_cache_reuses_leaves_evicts_and_recomputes() {
     let mut cached = plain.clone();
     cached.reuse_document = true;
     let ask = |d: &Document, q: &str, p: &AskParams| {
-        e.ask(&[d.clone()], q, p, &cancel, &mut |_| {}, &mut |_| {})
-            .unwrap()
+        e.ask(
+            std::slice::from_ref(d),
+            q,
+            p,
+            &cancel,
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .unwrap()
     };
     let same = |a: &homer_engine::Answer, b: &homer_engine::Answer| {
         assert_eq!(a.generation.ids, b.generation.ids);
@@ -521,8 +528,15 @@ fn a_plain_prompt_reuses_its_document_prefix() {
     cached.reuse_document = true;
     let plain = params(HomerMode::Never);
     let ask = |q: &str, p: &AskParams| {
-        e.ask(&[d.clone()], q, p, &cancel, &mut |_| {}, &mut |_| {})
-            .unwrap()
+        e.ask(
+            std::slice::from_ref(&d),
+            q,
+            p,
+            &cancel,
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .unwrap()
     };
     for (i, q) in ["Which number is on line 2?", "What is on the first line?"]
         .iter()

@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use burn::tensor::{Tensor, TensorData};
 use homer::{
     BiasTable, ChunkTensors, HomerConfig, HomerInput, HomerOps, HomerOutput, NextPosition, Scoring,
-    SignificanceInput, TensorOps, homer_prefill,
+    SignificanceInput, TensorOps,
 };
 use homer_model::{
     BackendKind, Device, DeviceInfo, KvDtype, LayerKv, Llama, LlamaConfig, read_f32,
@@ -308,7 +308,19 @@ fn prefill(
     c: &[u32],
     s: &[u32],
 ) -> HomerOutput {
-    homer_prefill(
+    prefill_stored(model, ops, cfg, p, c, s, None)
+}
+
+fn prefill_stored(
+    model: &Llama,
+    ops: &dyn HomerOps,
+    cfg: &HomerConfig,
+    p: &[u32],
+    c: &[u32],
+    s: &[u32],
+    store: Option<&mut dyn homer::LeafStore>,
+) -> HomerOutput {
+    homer::homer_prefill_with_store(
         model,
         HomerInput {
             prefix: p,
@@ -319,10 +331,24 @@ fn prefill(
         },
         cfg,
         ops,
+        store,
         &AtomicBool::new(false),
         &mut |_| {},
     )
     .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A leaf store in a map (issue 16's document cache, without its budget).
+#[derive(Default)]
+struct MapStore(std::collections::HashMap<(std::ops::Range<usize>, usize), homer::LeafState>);
+
+impl homer::LeafStore for MapStore {
+    fn get(&mut self, c: &std::ops::Range<usize>, layers: usize) -> Option<homer::LeafState> {
+        self.0.get(&(c.clone(), layers)).cloned()
+    }
+    fn put(&mut self, c: &std::ops::Range<usize>, layers: usize, s: &homer::LeafState) {
+        self.0.insert((c.clone(), layers), s.clone());
+    }
 }
 
 #[test]
@@ -386,6 +412,28 @@ fn prefill_both_ways_with(model: &Llama, info: &DeviceInfo, kv_dtype: KvDtype, c
     let (p, c, s) = (ids(3, 1), ids(100, 2), ids(4, 3));
     let want = prefill(model, &TensorOps, cfg, &p, &c, &s);
     let got = prefill(model, &poisoned_ops(info, 32, 4), cfg, &p, &c, &s);
+    // The kernels on a document cache's leaves (issue 16): filled by another question, then
+    // reused by this one; the same result as without a store.
+    let mut store = MapStore::default();
+    let ops = poisoned_ops(info, 32, 4);
+    let other = ids(4, 9);
+    let _ = prefill_stored(model, &ops, cfg, &p, &c, &other, Some(&mut store));
+    let stored = prefill_stored(model, &ops, cfg, &p, &c, &s, Some(&mut store));
+    assert_eq!(stored.stats.leaves_reused, 8, "{kv_dtype} {unit}");
+    assert_eq!(
+        stored.trace.kept, want.trace.kept,
+        "{kv_dtype} {unit}: with a store"
+    );
+    let d = stored
+        .logits
+        .iter()
+        .zip(&want.logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        d < 1e-4,
+        "{kv_dtype} {unit}: logits with a store differ by {d}"
+    );
     assert_eq!(want.plan.n_chunks, 8);
     assert!(
         want.trace
