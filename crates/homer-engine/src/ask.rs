@@ -242,7 +242,63 @@ pub fn default_bias() -> Result<BiasTable> {
     )?)
 }
 
+/// Stand-ins for user text in a rendered chat template: `\u{E000}<index>\u{E001}` (private-use
+/// characters, removed from the user text itself).
+const MARK_OPEN: char = '\u{E000}';
+const MARK_CLOSE: char = '\u{E001}';
+
+pub(crate) fn marker(i: usize) -> String {
+    format!("{MARK_OPEN}{i}{MARK_CLOSE}")
+}
+
 impl Engine {
+    /// Token ids of a rendered template piece `s` whose user texts stand as [`marker`]s: the
+    /// template's own text with special-token matching on (its control tokens), each marker's
+    /// text (`texts[i]`) as data ([`crate::Tokenizer::encode_text`]). A space that ends the
+    /// template text before a marker goes with the user text, as one tokenisation would put it.
+    /// `add_special`: a BOS first where the model wants one.
+    pub(crate) fn encode_marked(
+        &self,
+        s: &str,
+        texts: &[String],
+        add_special: bool,
+    ) -> Result<Vec<u32>> {
+        let mut ids = vec![];
+        let mut rest = s;
+        let mut first = true;
+        loop {
+            let Some(open) = rest.find(MARK_OPEN) else {
+                if !rest.is_empty() || (first && add_special) {
+                    ids.extend(self.tokenizer.encode(rest, first && add_special)?);
+                }
+                return Ok(ids);
+            };
+            let body = open + MARK_OPEN.len_utf8();
+            let close = rest[body..]
+                .find(MARK_CLOSE)
+                .map(|j| body + j)
+                .ok_or_else(|| EngineError::Template("a text marker lost its end".into()))?;
+            let i: usize = rest[body..close]
+                .parse()
+                .map_err(|_| EngineError::Template("a text marker was altered".into()))?;
+            let text = texts
+                .get(i)
+                .ok_or_else(|| EngineError::Template(format!("no text for marker {i}")))?;
+            let (mut tmpl, mut user) = (&rest[..open], String::new());
+            if let Some(t) = tmpl.strip_suffix(' ') {
+                tmpl = t;
+                user.push(' ');
+            }
+            user.extend(text.chars().filter(|c| *c != MARK_OPEN && *c != MARK_CLOSE));
+            if !tmpl.is_empty() || (first && add_special) {
+                ids.extend(self.tokenizer.encode(tmpl, first && add_special)?);
+            }
+            first = false;
+            ids.extend(self.tokenizer.encode_text(&user)?);
+            rest = &rest[close + MARK_CLOSE.len_utf8()..];
+        }
+    }
+
     /// Split a question about `docs` into HOMER's prefix, context and suffix.
     pub fn document_prompt(
         &self,
@@ -256,17 +312,22 @@ impl Engine {
         if question.trim().is_empty() {
             return Err(EngineError::Setting("the question is empty".into()));
         }
+        // The system message and the question are data: rendered as markers, tokenised with
+        // special-token matching off (issue 17), so text in them cannot end the turn.
         let mut messages = vec![];
+        let mut texts = vec![];
         if let Some(s) = system {
-            messages.push(Message::new("system", s));
+            messages.push(Message::new("system", marker(texts.len())));
+            texts.push(s.to_string());
         }
         messages.push(Message::new(
             "user",
             format!(
                 "{DOC_INSTRUCTION}\n\n{DOC_MARKER}\n\nQuestion: {}",
-                question.trim()
+                marker(texts.len())
             ),
         ));
+        texts.push(question.trim().to_string());
         let rendered = self.template.render(&messages, true)?;
         let mut parts = rendered.split(DOC_MARKER);
         let (Some(before), Some(after), None) = (parts.next(), parts.next(), parts.next()) else {
@@ -274,8 +335,8 @@ impl Engine {
                 "the chat template did not keep the document marker exactly once".into(),
             ));
         };
-        let prefix = self.tokenizer.encode(before, true)?;
-        let suffix = self.tokenizer.encode(after, false)?;
+        let prefix = self.encode_marked(before, &texts, true)?;
+        let suffix = self.encode_marked(after, &texts, false)?;
         let mut context = vec![];
         let mut spans = vec![];
         for (k, d) in docs.iter().enumerate() {

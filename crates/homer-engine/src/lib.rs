@@ -499,9 +499,17 @@ impl Engine {
     }
 
     /// Render a chat with the model's template and tokenise it.
+    /// Token ids of a chat: the template's control tokens around each message's content,
+    /// which is data (special-token strings in it stay text).
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, true)?;
-        self.tokenizer.encode(&text, true)
+        let texts: Vec<String> = messages.iter().map(|m| m.content.clone()).collect();
+        let marked: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Message::new(&m.role, ask::marker(i)))
+            .collect();
+        let text = self.template.render(&marked, true)?;
+        self.encode_marked(&text, &texts, true)
     }
 }
 

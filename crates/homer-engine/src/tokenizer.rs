@@ -37,6 +37,8 @@ pub struct Tokenizer {
     pub chat_template: Option<String>,
     /// tokenizer.json carries its own post-processor (which adds BOS where the model wants it).
     post_processor: bool,
+    /// `inner` with special-token matching off: for text that is data (documents, questions).
+    plain: std::sync::OnceLock<tokenizers::Tokenizer>,
 }
 
 fn tok_err(path: &Path, what: impl std::fmt::Display) -> EngineError {
@@ -90,6 +92,7 @@ impl Tokenizer {
             add_bos,
             chat_template,
             post_processor,
+            plain: Default::default(),
         })
     }
 
@@ -229,6 +232,7 @@ impl Tokenizer {
             add_bos,
             chat_template,
             post_processor: false,
+            plain: Default::default(),
         })
     }
 
@@ -248,10 +252,30 @@ impl Tokenizer {
         Ok(ids)
     }
 
-    /// Token ids of `text` (no special tokens added) with each token's byte range in `text`.
+    /// The tokenizer with special-token matching off.
+    fn plain(&self) -> &tokenizers::Tokenizer {
+        self.plain.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        })
+    }
+
+    /// Token ids of `text` as data: special-token strings in it (`<|im_end|>`, `<s>`) become
+    /// ordinary text tokens, never control tokens; no BOS.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .plain()
+            .encode(text, false)
+            .map_err(|e| tok_err(&self.source, e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` as data (as [`Tokenizer::encode_text`]) with each token's byte range
+    /// in `text`.
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
         let enc = self
-            .inner
+            .plain()
             .encode(text, false)
             .map_err(|e| tok_err(&self.source, e))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
