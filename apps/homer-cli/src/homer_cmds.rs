@@ -388,6 +388,8 @@ pub fn prefill(
             stop_at_eos: false,
             loop_ngram: 0,
             penalise_prompt: false,
+            // A raw diagnostic: the reference decodes on, whatever the position.
+            stop_at_window: false,
         };
         let g = engine
             .decode(

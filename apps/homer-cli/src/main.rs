@@ -97,6 +97,10 @@ struct SampleArgs {
     /// default only the answer's)
     #[arg(long)]
     penalise_prompt: bool,
+    /// Decode past the model's window (positions it was not trained for) instead of stopping
+    /// there
+    #[arg(long)]
+    past_window: bool,
 }
 
 impl SampleArgs {
@@ -115,6 +119,7 @@ impl SampleArgs {
             stop_at_eos: !self.ignore_eos,
             loop_ngram: self.loop_ngram,
             penalise_prompt: self.penalise_prompt,
+            stop_at_window: !self.past_window,
         }
     }
 }

@@ -166,6 +166,9 @@ pub struct GenerateParams {
     /// The repetition penalty also counts the prompt's tokens (as transformers does); by
     /// default it looks at the answer only, so quoting the document is not penalised.
     pub penalise_prompt: bool,
+    /// Stop before a position passes the model's window ([`StopReason::Window`]); the
+    /// evaluation turns it off to score baselines that run past the window on purpose.
+    pub stop_at_window: bool,
 }
 
 /// Default [`GenerateParams::loop_ngram`]: 16 tokens (two lines of a verse, a sentence) repeated
@@ -181,6 +184,7 @@ impl Default for GenerateParams {
             stop_at_eos: true,
             loop_ngram: DEFAULT_LOOP_NGRAM,
             penalise_prompt: false,
+            stop_at_window: true,
         }
     }
 }
@@ -205,6 +209,9 @@ pub enum StopReason {
     Repeat,
     MaxTokens,
     Cancelled,
+    /// The next position would pass the model's window (scaled under RoPE scaling), which it was
+    /// not trained for ([`GenerateParams::stop_at_window`]).
+    Window,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -476,6 +483,18 @@ impl Engine {
                 emitted = safe;
             }
             if out.len() == params.max_tokens {
+                break;
+            }
+            let window = self.model.config.max_position_embeddings;
+            if params.stop_at_window && cache.next_position >= window {
+                tracing::warn!(
+                    "the answer stopped after {} tokens at position {}: the model's window is \
+                     {window} positions; ask for a shorter answer, or let HOMER (`--homer auto`) \
+                     or a smaller --budget leave room for it",
+                    out.len(),
+                    cache.next_position
+                );
+                stop = StopReason::Window;
                 break;
             }
             logits = self.model.decode_step(next, &mut cache)?;

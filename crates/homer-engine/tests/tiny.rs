@@ -190,3 +190,38 @@ fn sentencepiece_gguf_tokenizer_merges_by_score_and_falls_back_to_bytes() {
     assert_eq!(tok.encode("a", false).unwrap(), vec![base + 3]);
     let _ = a;
 }
+
+/// Issue 17, item 4: decoding stops before a position passes the model's window (256 here):
+/// a 250-token prompt leaves room for 7 answer tokens (the last one read at position 255),
+/// unless `stop_at_window` is off (the evaluation's baselines).
+#[test]
+fn decoding_stops_at_the_window() {
+    let e = Engine::load(
+        Some(&fixtures().join("tiny-llama")),
+        BackendKind::Cpu,
+        &mut |_| {},
+    )
+    .unwrap();
+    let window = e.model.config.max_position_embeddings;
+    assert_eq!(window, 256);
+    let prompt: Vec<u32> = (0..250).map(|i| 5 + (i * 7) % 200).collect();
+    let cancel = AtomicBool::new(false);
+    let run = |stop_at_window| {
+        let p = GenerateParams {
+            max_tokens: 20,
+            stop_at_eos: false,
+            loop_ngram: 0,
+            stop_at_window,
+            ..Default::default()
+        };
+        e.generate(&prompt, &p, &cancel, &mut |_| {}, &mut |_| {})
+            .unwrap()
+    };
+    let capped = run(true);
+    assert_eq!(capped.stop, homer_engine::StopReason::Window);
+    assert_eq!(capped.ids.len(), window - prompt.len() + 1);
+    let free = run(false);
+    assert_eq!(free.stop, homer_engine::StopReason::MaxTokens);
+    assert_eq!(free.ids.len(), 20);
+    assert_eq!(&free.ids[..capped.ids.len()], &capped.ids[..]);
+}

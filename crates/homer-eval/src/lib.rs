@@ -202,8 +202,10 @@ pub fn run_method(
         } else {
             vec![]
         },
-        // The evaluation scores what the model writes, loops included (as its recorded runs).
+        // The evaluation scores what the model writes, loops included (as its recorded runs),
+        // and baselines that run past the window on purpose.
         loop_ngram: 0,
+        stop_at_window: false,
         ..Default::default()
     };
     let all = prompt.concatenated();

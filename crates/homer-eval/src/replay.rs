@@ -169,6 +169,7 @@ pub fn run(
     let params = GenerateParams {
         max_tokens: 16,
         loop_ngram: 0,
+        stop_at_window: false,
         ..Default::default()
     };
     for c in crate::cells(&spec.lengths, &spec.depths, spec.trials, s.seed ^ 0x5EA1) {
