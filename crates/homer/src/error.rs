@@ -22,6 +22,14 @@ pub enum HomerError {
 
     #[error("cancelled")]
     Cancelled,
+
+    /// The forward pass produced NaN or infinite values (weights, a kernel, or precision).
+    #[error("{0}")]
+    NonFinite(String),
+
+    /// An invariant of homer's own broke: not the input's fault.
+    #[error("bug: {0}; please report it with the command that caused it")]
+    Bug(String),
 }
 
 pub type Result<T> = std::result::Result<T, HomerError>;

@@ -2,9 +2,9 @@
 //! the rest in their original order.
 //!
 //! Tie rule (deterministic, unlike PyTorch's `topk`): rows are ranked by (score, index) with
-//! `f32::total_cmp`, so among equal scores the lower index is dropped first. Under `total_cmp` a
-//! NaN score ranks above +∞, so a NaN is never dropped before a real score; affix rows carry +∞
-//! and are never dropped while `k` ≤ the number of context rows (the plan guarantees it).
+//! `f32::total_cmp`, so among equal scores the lower index is dropped first. A NaN score (of
+//! either sign) counts as −∞: the least significant, dropped first; affix rows carry +∞ and are
+//! never dropped while `k` ≤ the number of context rows (the plan guarantees it).
 
 /// Indices (ascending) of the rows kept after dropping the `k` smallest of `scores`.
 pub fn keep_after_dropping(scores: &[f32], k: usize) -> Vec<usize> {
@@ -15,7 +15,14 @@ pub fn keep_after_dropping(scores: &[f32], k: usize) -> Vec<usize> {
     let k = k.min(n);
     let mut order: Vec<usize> = (0..n).collect();
     // Partial selection would do; n is a few thousand, a full stable sort is simple and exact.
-    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+    let key = |i: usize| {
+        if scores[i].is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            scores[i]
+        }
+    };
+    order.sort_by(|&a, &b| key(a).total_cmp(&key(b)).then(a.cmp(&b)));
     let mut drop = vec![false; n];
     for &i in &order[..k] {
         drop[i] = true;
@@ -44,7 +51,13 @@ mod tests {
         assert_eq!(keep_after_dropping(&s, 0), vec![0, 1, 2, 3, 4]);
         assert_eq!(keep_after_dropping(&s, 2), vec![0, 2, 4]);
         assert_eq!(keep_after_dropping(&s, 5), Vec::<usize>::new());
-        assert_eq!(keep_after_dropping(&[f32::NAN, 1.0, 2.0], 1), vec![0, 2]);
+        // NaN of either sign is the least significant: dropped before -∞'s later peers.
+        assert_eq!(keep_after_dropping(&[1.0, f32::NAN, 2.0], 1), vec![0, 2]);
+        assert_eq!(keep_after_dropping(&[1.0, -f32::NAN, 2.0], 1), vec![0, 2]);
+        assert_eq!(
+            keep_after_dropping(&[f32::INFINITY, f32::NAN, f32::NEG_INFINITY, 0.0], 2),
+            vec![0, 3]
+        );
         assert_eq!(
             keep_after_dropping(&[f32::INFINITY, f32::NEG_INFINITY], 1),
             vec![0]

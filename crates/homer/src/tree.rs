@@ -439,8 +439,8 @@ pub fn homer_prefill_with_store(
     let n = root.meta.len();
     let d = model.config.hidden_size;
     if root.t.cache.len() != n_layers {
-        return Err(HomerError::Input(format!(
-            "internal: root cached {} of {n_layers} layers",
+        return Err(HomerError::Bug(format!(
+            "the root cached {} of {n_layers} layers",
             root.t.cache.len()
         )));
     }
@@ -807,8 +807,8 @@ impl Run<'_, '_> {
             None => start == node.layers.start,
         };
         if !rows_ok || !start_ok {
-            return Err(HomerError::Input(format!(
-                "internal: node {} has {} rows and {} cached layers, planned {} and {}",
+            return Err(HomerError::Bug(format!(
+                "node {} has {} rows and {} cached layers, planned {} and {}",
                 node.id,
                 meta.len(),
                 cache.len(),
@@ -913,11 +913,20 @@ impl Run<'_, '_> {
                 };
                 trace.rows_out = keep.len();
                 if !keep_ok {
-                    return Err(HomerError::Input(format!(
-                        "internal: node {} kept {} rows, planned {}",
+                    return Err(HomerError::Bug(format!(
+                        "node {} kept {} rows, planned {}",
                         node.id,
                         keep.len(),
                         node.len_out
+                    )));
+                }
+                // Prefix and suffix rows are never pruned (their +∞ scores; spec §4.3).
+                if let Some(j) =
+                    (0..meta.len()).find(|&j| meta.context_index[j].is_none() && !kept_mask[j])
+                {
+                    return Err(HomerError::Bug(format!(
+                        "node {} dropped affix row {j} at layer {l}",
+                        node.id
                     )));
                 }
                 let g = self.ops.gather(ChunkTensors { hidden: x, cache }, &keep)?;
@@ -943,6 +952,19 @@ impl Run<'_, '_> {
                 done: self.done,
                 total: self.total,
             });
+        }
+        // A forward pass gone non-finite (NaN or ∞ in the residual stream) stops here, naming
+        // where, instead of ranking garbage and answering it.
+        let total = read_f32(x.clone().sum())?;
+        if !total.iter().all(|v| v.is_finite()) {
+            return Err(HomerError::NonFinite(format!(
+                "the hidden states turned NaN or infinite in node {} (layers {}..{} of the model's {}); \
+                 the model file or its weight precision (--dtype) is likely at fault",
+                node.id,
+                node.layers.start,
+                node.layers.end,
+                self.model.n_layers()
+            )));
         }
         self.traces[node.id] = Some(trace);
         Ok(Chunk {

@@ -1006,3 +1006,36 @@ fn a_leaf_store_reuses_the_document_and_changes_no_result() {
         }
     }
 }
+
+/// Issue 17, item 3: a forward pass that turns NaN stops with an error naming where, instead of
+/// ranking NaN scores and answering garbage; on both backends.
+#[test]
+fn a_non_finite_forward_pass_is_an_error_naming_the_node() {
+    for kind in [BackendKind::Cpu, BackendKind::Wgpu] {
+        let dev = device(kind);
+        let mut model = Llama::random(tiny_config(6), 21, &dev);
+        model.layers[1].ffn_norm = Tensor::<1>::full([32], f32::NAN, &dev);
+        let err = homer_prefill(
+            &model,
+            HomerInput {
+                prefix: &ids(3, 11),
+                context: &ids(90, 12),
+                suffix: &ids(3, 13),
+                units: None,
+                prior: None,
+            },
+            &config(24, 2, Scoring::Attention),
+            &TensorOps,
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{kind}: a NaN model answered"));
+        match err {
+            homer::HomerError::NonFinite(m) => {
+                assert!(m.contains("node 0 (layers 0..") && m.contains("NaN"), "{m}")
+            }
+            e => panic!("{kind}: {e}"),
+        }
+    }
+}
