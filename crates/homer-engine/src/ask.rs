@@ -152,6 +152,7 @@ pub const DEFAULT_SELECTION: homer::Selection = homer::Selection {
     positions: homer::Positions::Local,
     reread: homer::Reread::All,
     prior: homer::Prior::Lexical,
+    order: homer::Order::Document,
 };
 
 /// The root budget, in rows, of a selection that reads its kept tokens again as one plain prompt

@@ -214,6 +214,7 @@ mod tests {
             ops: "tensor".into(),
             nodes: vec![],
             kept,
+            reread_order: None,
         }
     }
 

@@ -421,6 +421,7 @@ mod tests {
                     positions: homer::Positions::Local,
                     reread: homer::Reread::None,
                     prior: homer::Prior::None,
+                    order: homer::Order::Document,
                 },
                 budget: Some(2048),
             }

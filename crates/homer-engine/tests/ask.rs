@@ -633,3 +633,46 @@ fn text_that_looks_like_chat_control_stays_text() {
         .unwrap();
     assert_eq!(controls(&chat), controls(&tame_chat));
 }
+
+/// order=prior-first: the final re-read puts the units that match the question right after the
+/// prefix (the trace says in which order), the rest after them in document order.
+#[test]
+fn prior_first_reads_the_matching_sentence_first() {
+    let e = engine();
+    let cancel = AtomicBool::new(false);
+    let mut text: String = (1..=14)
+        .map(|i| format!("Line {i}: the number {} is written here.\n", i * 37 % 1000))
+        .collect();
+    let needle = "The zebra sleeps under the old bridge.";
+    let at = text[..2 * text.len() / 3].rfind('\n').unwrap() + 1;
+    text.insert_str(at, &format!("{needle}\n"));
+    let d = Document::from_text("zebra.txt", &text);
+    let question = "Where does the zebra sleep?";
+    let mut p = params(HomerMode::Always);
+    p.selection = "sentence,reread=all,prior=lexical,order=prior-first"
+        .parse()
+        .unwrap();
+    p.budget = Some(200);
+    let a = e
+        .ask(&[d], question, &p, &cancel, &mut |_| {}, &mut |_| {})
+        .unwrap();
+    let t = a.trace.as_ref().unwrap();
+    let order = t.reread_order.as_ref().expect("the needle moved forward");
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, t.kept, "the same tokens, reordered");
+    let text_of = |ids: &[usize]| {
+        e.tokenizer
+            .decode(
+                &ids.iter().map(|&i| a.prompt.context[i]).collect::<Vec<_>>(),
+                false,
+            )
+            .unwrap()
+    };
+    assert!(
+        text_of(order).trim_start().starts_with(needle),
+        "{:?}",
+        text_of(order)
+    );
+    assert!(!text_of(&t.kept).trim_start().starts_with(needle));
+}

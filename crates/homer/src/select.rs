@@ -294,6 +294,38 @@ impl std::str::FromStr for Prior {
     }
 }
 
+/// The order the kept context is read again in under [`Reread::All`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// Document order.
+    #[default]
+    Document,
+    /// The units that match the question ([`crate::HomerInput::prior`] > 0) first, each group
+    /// in document order: what the question asks about sits right after the prefix.
+    PriorFirst,
+}
+
+impl std::fmt::Display for Order {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Order::Document => "document",
+            Order::PriorFirst => "prior-first",
+        })
+    }
+}
+
+impl std::str::FromStr for Order {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "document" => Ok(Order::Document),
+            "prior-first" => Ok(Order::PriorFirst),
+            _ => Err(format!("order `{s}`: expected document or prior-first")),
+        }
+    }
+}
+
 /// A node's whole selection policy (issue 15). The default is the paper's; `--selection`
 /// spells it as comma-separated knobs (`paper`, or e.g. `sentence`, `unit=pool7,query=suffix`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -304,6 +336,7 @@ pub struct Selection {
     pub positions: Positions,
     pub reread: Reread,
     pub prior: Prior,
+    pub order: Order,
 }
 
 impl Selection {
@@ -335,6 +368,9 @@ impl std::fmt::Display for Selection {
             if self.prior != d.prior {
                 knobs.push(format!("prior={}", self.prior));
             }
+            if self.order != d.order {
+                knobs.push(format!("order={}", self.order));
+            }
             f.write_str(&knobs.join(","))
         }
     }
@@ -352,6 +388,7 @@ impl std::str::FromStr for Selection {
                 Some(("positions", v)) => sel.positions = v.parse()?,
                 Some(("reread", v)) => sel.reread = v.parse()?,
                 Some(("prior", v)) => sel.prior = v.parse()?,
+                Some(("order", v)) => sel.order = v.parse()?,
                 // A bare unit is the unit knob.
                 None => {
                     sel.unit = knob.parse().map_err(|e| {
@@ -360,7 +397,7 @@ impl std::str::FromStr for Selection {
                 }
                 Some((k, _)) => {
                     return Err(format!(
-                        "--selection `{s}`: unknown knob `{k}` (known: unit, query, positions, reread, prior); or `paper`"
+                        "--selection `{s}`: unknown knob `{k}` (known: unit, query, positions, reread, prior, order); or `paper`"
                     ));
                 }
             }
@@ -369,6 +406,13 @@ impl std::str::FromStr for Selection {
             return Err(format!(
                 "--selection `{s}`: prior={} ranks whole units; add unit=sentence or unit=spanL",
                 sel.prior
+            ));
+        }
+        if sel.order == Order::PriorFirst && (sel.prior == Prior::None || sel.reread != Reread::All)
+        {
+            return Err(format!(
+                "--selection `{s}`: order=prior-first reorders the re-read by the prior; add \
+                 prior=lexical and reread=all"
             ));
         }
         Ok(sel)
@@ -740,6 +784,23 @@ mod tests {
         assert_eq!(sel.prior, Prior::Lexical);
         assert_eq!(sel.to_string(), "unit=sentence,prior=lexical");
         assert_eq!(sel.to_string().parse::<Selection>().unwrap(), sel);
+        // order=prior-first reorders a re-read by the prior: it needs both.
+        assert!(
+            "sentence,prior=lexical,order=prior-first"
+                .parse::<Selection>()
+                .is_err()
+        );
+        assert!(
+            "sentence,reread=all,order=prior-first"
+                .parse::<Selection>()
+                .is_err()
+        );
+        let pf: Selection = "sentence,reread=all,prior=lexical,order=prior-first"
+            .parse()
+            .unwrap();
+        assert_eq!(pf.order, Order::PriorFirst);
+        assert_eq!(pf.to_string().parse::<Selection>().unwrap(), pf);
+        assert!("sentence,order=score".parse::<Selection>().is_err());
     }
 
     #[test]

@@ -50,8 +50,13 @@ pub struct MergeTrace {
     pub ops: String,
     /// Nodes in post-order; the root is last.
     pub nodes: Vec<NodeTrace>,
-    /// Context tokens in the final cache, in cache order (left-to-right chunk order).
+    /// Context tokens in the final cache, in the tree's order (left-to-right chunk order), which
+    /// is the cache's order unless `reread_order` says otherwise.
     pub kept: Vec<usize>,
+    /// The kept context tokens in the order the final re-read put them in the cache, when that
+    /// is not `kept`'s (`order=prior-first`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reread_order: Option<Vec<usize>>,
 }
 
 impl MergeTrace {

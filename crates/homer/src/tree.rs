@@ -450,6 +450,7 @@ pub fn homer_prefill_with_store(
         NextPosition::ReferenceGenerate => last_position_id,
     };
     let s = input.suffix.len();
+    let mut reread_order = None;
     let (logits, mut cache) = match config.selection.reread {
         Reread::None => (
             read_f32(model.logits(root.t.hidden.slice([n - 1..n, 0..d])))?,
@@ -470,14 +471,26 @@ pub fn homer_prefill_with_store(
             (read_f32(l)?, cache)
         }
         Reread::All => {
-            // prefix + kept context + suffix as one plain prompt at 0..n.
+            // prefix + kept context + suffix as one plain prompt at 0..n; under
+            // order=prior-first the kept units that match the question come first.
+            let order: Vec<usize> = match (config.selection.order, input.prior) {
+                (crate::Order::PriorFirst, Some(prior)) => {
+                    let (first, rest): (Vec<usize>, Vec<usize>) =
+                        kept.iter().partition(|&&i| prior[i] > 0.0);
+                    first.into_iter().chain(rest).collect()
+                }
+                _ => kept.clone(),
+            };
             let ids: Vec<u32> = input
                 .prefix
                 .iter()
                 .copied()
-                .chain(kept.iter().map(|&i| input.context[i]))
+                .chain(order.iter().map(|&i| input.context[i]))
                 .chain(input.suffix.iter().copied())
                 .collect();
+            if order != kept {
+                reread_order = Some(order);
+            }
             drop(root.t);
             let (l, cache) = model.prefill(&ids, homer_model::Logits::Last)?;
             (read_f32(l)?, cache)
@@ -506,6 +519,7 @@ pub fn homer_prefill_with_store(
         ops: ops.name().into(),
         nodes: traces,
         kept,
+        reread_order,
     };
     stats.seconds = t0.elapsed().as_secs_f64();
     Ok(HomerOutput {
