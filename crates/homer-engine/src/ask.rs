@@ -142,7 +142,8 @@ impl std::str::FromStr for BiasChoice {
 
 /// The selection `homer ask`, `homer prefill` and homer-desk use unless told otherwise (issue
 /// 15): whole sentences, ranked by attention fused with their lexical match to the question,
-/// and the kept prompt read again as one plain prompt (with [`DEFAULT_REREAD_BUDGET`] rows).
+/// and the kept prompt read again as one plain prompt (with [`DEFAULT_REREAD_BUDGET`] rows), the
+/// sentences that match the question first.
 /// The paper's algorithm is `--selection paper`. Measured in docs/results/selection.
 pub const DEFAULT_SELECTION: homer::Selection = homer::Selection {
     unit: homer::Unit::Sentence {
@@ -152,7 +153,7 @@ pub const DEFAULT_SELECTION: homer::Selection = homer::Selection {
     positions: homer::Positions::Local,
     reread: homer::Reread::All,
     prior: homer::Prior::Lexical,
-    order: homer::Order::Document,
+    order: homer::Order::PriorFirst,
 };
 
 /// The root budget, in rows, of a selection that reads its kept tokens again as one plain prompt
