@@ -2,8 +2,9 @@
 // smallest significance, by rank counting.
 //
 // Contract
-//   rank[j] = #{ i : (s[i], i) < (s[j], j) }  in the total order of homer::prune (f32 total_cmp,
-//             then index: among equal scores the lower index ranks lower and is dropped first)
+//   rank[j] = #{ i : (s[i], i) < (s[j], j) }  in the total order of homer::prune (f32 total_cmp
+//             with every NaN taken as -inf, the least significant; then index: among equal
+//             scores the lower index ranks lower and is dropped first)
 //   keep[j] = 1.0 if rank[j] ≥ K else 0.0
 //   Bit-identical to `homer::prune::keep_after_dropping` (the CPU oracle); +inf affixes are never
 //   dropped while K ≤ the number of finite scores.
@@ -32,9 +33,13 @@ var<workgroup> tile: array<u32, {{ workgroup_size }}>;
 var<workgroup> shared_n: u32;
 var<workgroup> shared_k: u32;
 
-// Map an f32 to a u32 whose unsigned order is f32::total_cmp's order.
+// Map an f32 to a u32 whose unsigned order is f32::total_cmp's order, a NaN of either sign
+// mapping to -inf's key (bit tests: a compiler may assume no NaN in float comparisons).
 fn order_key(x: f32) -> u32 {
     let b = bitcast<u32>(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) {
+        return 0x007fffffu;
+    }
     if ((b & 0x80000000u) != 0u) {
         return ~b;
     }

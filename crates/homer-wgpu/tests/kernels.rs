@@ -562,6 +562,11 @@ fn select_matches_host_oracle() {
             s[2] = f32::NAN;
             s[3] = -0.0;
         }
+        if n > 6 {
+            // A negative NaN and a second NaN: both rank with -inf (least significant).
+            s[4] = -f32::NAN;
+            s[5] = f32::NEG_INFINITY;
+        }
         let scores = Tensor::<1>::from_data(TensorData::new(s.clone(), [n]), &dev);
         for drop in [0, 1, n / 3, n.saturating_sub(2), n] {
             let want = homer::prune::keep_after_dropping(&s, drop);

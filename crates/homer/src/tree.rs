@@ -321,11 +321,12 @@ pub fn homer_prefill(
 }
 
 /// [`homer_prefill`] that reuses leaves' question-independent starts (issue 16). With a store,
-/// every leaf runs its prefix and context rows through all its layers but the pruning one on
-/// their own (taken from the store when it has them, else computed and handed to it), then its
-/// suffix rows over their cached keys and values, then the last layer on all rows as usual. The
-/// result equals [`homer_prefill`]'s up to float rounding (causal attention: the context rows
-/// never see the suffix); a first question and a later one run the same arithmetic.
+/// every leaf runs its prefix and context rows on their own through all its layers and the
+/// attention half of its pruning layer (taken from the store when it has them, else computed and
+/// handed to it), then its suffix rows over their cached keys and values, then the pruning and
+/// everything above as usual. The result equals [`homer_prefill`]'s up to float rounding (causal
+/// attention: the context rows never see the suffix); a first question and a later one run the
+/// same arithmetic.
 pub fn homer_prefill_with_store(
     model: &Llama,
     input: HomerInput<'_>,
