@@ -242,21 +242,23 @@ fn ask_each(
                     "       peak live rows {} in {} chunks (depth-first); the tree {:.1}s",
                     s.peak_live_rows, s.peak_live_chunks, s.seconds
                 );
-                let u = engine
-                    .doc_cache
-                    .lock()
-                    .map(|c| c.usage())
-                    .unwrap_or_default();
-                eprintln!(
-                    "document cache: {} of {} leaves reused, {} computed and kept; {} leaves of {} document(s) held, {:.1} of {:.0} MiB",
-                    s.leaves_reused,
-                    t.n_chunks,
-                    s.leaves_stored,
-                    u.leaves,
-                    u.documents,
-                    u.bytes as f64 / (1 << 20) as f64,
-                    u.budget as f64 / (1 << 20) as f64
-                );
+                if a.doc_reuse.is_some() {
+                    let u = engine
+                        .doc_cache
+                        .lock()
+                        .map(|c| c.usage())
+                        .unwrap_or_default();
+                    eprintln!(
+                        "document cache: {} of {} leaves reused, {} computed and kept; {} leaves of {} document(s) held, {:.1} of {:.0} MiB",
+                        s.leaves_reused,
+                        t.n_chunks,
+                        s.leaves_stored,
+                        u.leaves,
+                        u.documents,
+                        u.bytes as f64 / (1 << 20) as f64,
+                        u.budget as f64 / (1 << 20) as f64
+                    );
+                }
             }
             if let Some(r) = a.doc_reuse.filter(|r| r.plain) {
                 let u = engine
