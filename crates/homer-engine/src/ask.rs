@@ -663,7 +663,15 @@ impl Engine {
                 Some(out.plan),
                 Some(out.stats),
             )
-        } else if params.reuse_document && !prompt.context.is_empty() {
+        } else if params.reuse_document
+            && !prompt.context.is_empty()
+            // Dynamic NTK takes its frequencies from the whole prompt's length, which differs
+            // from question to question: nothing to share.
+            && !matches!(
+                self.model.config.rope_scaling,
+                homer_model::RopeScaling::DynamicNtk { .. }
+            )
+        {
             let (l, c, r) = self.prefill_reusing(&prompt, cancel, progress)?;
             doc_reuse = Some(r);
             (l, c, None, None, None)

@@ -78,11 +78,6 @@ impl DocCache {
         };
     }
 
-    /// No disk tier.
-    pub fn no_disk(&mut self) {
-        self.disk = None;
-    }
-
     /// Bytes of the disk tier's files (0 without one).
     pub fn disk_bytes(&self) -> u64 {
         self.disk.as_ref().map_or(0, DiskTier::bytes)
@@ -153,6 +148,8 @@ impl DocCache {
             }
         };
         let e = self.entries.remove(at);
+        // Documents whose leaves all went (or never fitted) are forgotten.
+        self.entries.retain(|e| !e.leaves.is_empty());
         self.entries.push(e);
         DocStore { cache: self }
     }
