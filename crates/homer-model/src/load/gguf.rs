@@ -268,7 +268,20 @@ impl GgufFile {
         let file_len = mmap.len() as u64;
         // Check every tensor's extent now, so truncation is reported at open time.
         for t in tensors.values() {
-            let n = t.n_elements();
+            // Sizes a corrupt header could overflow are refused here, once, so later arithmetic
+            // on them (slices, shapes) is safe.
+            let n = t
+                .dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .filter(|&n| n <= file_len.saturating_mul(8))
+                .ok_or_else(|| ModelError::Malformed {
+                    path: path.to_path_buf(),
+                    what: format!(
+                        "tensor `{}` has dimensions {:?}, more elements than the file can hold",
+                        t.name, t.dims
+                    ),
+                })?;
             if let Some(ty) = GgmlType::from_id(t.type_id) {
                 let bytes = ty
                     .bytes_for(n as usize)
@@ -280,7 +293,10 @@ impl GgufFile {
                             ty.name()
                         ),
                     })?;
-                let end = data_start + t.offset + bytes as u64;
+                let end = data_start
+                    .checked_add(t.offset)
+                    .and_then(|e| e.checked_add(bytes as u64))
+                    .unwrap_or(u64::MAX);
                 if end > file_len {
                     return Err(ModelError::Truncated {
                         path: path.to_path_buf(),
@@ -636,6 +652,29 @@ pub fn config_from_gguf(f: &GgufFile) -> Result<LlamaConfig> {
         path: f.path.clone(),
         what,
     })?;
+    // The declared block count must be the blocks the file holds (a corrupt count would
+    // otherwise send the loader looking for billions of layers).
+    let blocks = f
+        .tensors
+        .keys()
+        .filter_map(|n| {
+            n.strip_prefix("blk.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1);
+    if blocks != cfg.num_hidden_layers {
+        return Err(ModelError::Config {
+            path: f.path.clone(),
+            what: format!(
+                "`llama.block_count` says {} blocks but the file holds tensors for {blocks}",
+                cfg.num_hidden_layers
+            ),
+        });
+    }
     Ok(cfg)
 }
 
