@@ -653,7 +653,9 @@ pub fn config_from_gguf(f: &GgufFile) -> Result<LlamaConfig> {
         what,
     })?;
     // The declared block count must be the blocks the file holds (a corrupt count would
-    // otherwise send the loader looking for billions of layers).
+    // otherwise send the loader looking for billions of layers). A file with no block tensors at
+    // all is left to the loader, which names the first missing tensor, as long as the count is
+    // not beyond any file's (one tensor a block at least).
     let blocks = f
         .tensors
         .keys()
@@ -666,7 +668,12 @@ pub fn config_from_gguf(f: &GgufFile) -> Result<LlamaConfig> {
         })
         .max()
         .map_or(0, |m| m + 1);
-    if blocks != cfg.num_hidden_layers {
+    let bad_count = if blocks > 0 {
+        blocks != cfg.num_hidden_layers
+    } else {
+        cfg.num_hidden_layers > f.tensors.len()
+    };
+    if bad_count {
         return Err(ModelError::Config {
             path: f.path.clone(),
             what: format!(
