@@ -289,11 +289,7 @@ fn ask(
                 .unwrap_or_default();
             let cites = dense.iter().take(CITATIONS).cloned().collect();
             let token_bytes = homer_engine::citations::token_bytes(&answer.prompt, &owned);
-            let doc_cache = e
-                .doc_cache
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .usage();
+            let doc_cache = e.doc_cache_lock().usage();
             out.send(Event::Finished(Box::new(Finished {
                 question,
                 answer,

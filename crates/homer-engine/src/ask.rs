@@ -10,7 +10,6 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use homer::{BiasTable, HomerConfig, HomerInput, HomerStats, MergeTrace, Plan};
-use homer_model::model::PREFILL_BLOCK;
 use homer_model::read_f32;
 use serde::Serialize;
 
@@ -454,10 +453,7 @@ impl Engine {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<homer::HomerOutput> {
         let key = self.doc_key(prompt);
-        let mut cache = self
-            .doc_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cache = self.doc_cache_lock();
         let mut store = cache.store(key);
         self.run_homer(
             prompt,
@@ -472,9 +468,7 @@ impl Engine {
     /// Keep the document cache's leaves on disk in `dir` too (at most `budget` bytes of files),
     /// so a later process reopens a document without recomputing it.
     pub fn use_disk_cache(&self, dir: std::path::PathBuf, budget: u64) {
-        self.doc_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.doc_cache_lock()
             .set_disk(dir, self.model.device.clone(), budget);
     }
 
@@ -711,10 +705,7 @@ impl Engine {
         let name = 0..prompt.context.len();
         let mut key = self.doc_key(prompt);
         key.model.push_str("|plain prefix");
-        let mut guard = self
-            .doc_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.doc_cache_lock();
         let mut store = guard.store(key);
         let stored = homer::LeafStore::get(&mut store, &name, layers)
             .filter(|s| s.kv.len() == layers && s.rows() == n_doc);
@@ -732,17 +723,14 @@ impl Engine {
             }
             None => {
                 let mut cache = homer_model::KvCache::with_capacity(layers, all.len());
-                for (i, block) in all[..n_doc].chunks(PREFILL_BLOCK).enumerate() {
-                    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                        return Err(EngineError::Cancelled);
-                    }
-                    self.model
-                        .forward(block, None, &mut cache, homer_model::Logits::None)?;
-                    progress(Progress::Prefill {
-                        done: (i * PREFILL_BLOCK + block.len()).min(n_doc),
-                        total: all.len(),
-                    });
-                }
+                self.forward_blocks(
+                    &all[..n_doc],
+                    &mut cache,
+                    all.len(),
+                    false,
+                    cancel,
+                    progress,
+                )?;
                 let kv = cache
                     .layers
                     .iter()

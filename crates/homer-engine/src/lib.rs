@@ -347,26 +347,53 @@ impl Engine {
         }
         // Buffers sized for the prompt: the blocks append in place, no doubling.
         let mut cache = KvCache::with_capacity(self.model.n_layers(), ids.len());
-        let mut last = None;
         // Dynamic NTK takes its frequencies from the whole prompt, as one full forward would.
         self.model.set_rope_seq_len(ids.len());
+        let last = self.forward_blocks(ids, &mut cache, ids.len(), true, cancel, progress)?;
+        Ok((last.expect("at least one block"), cache))
+    }
+
+    /// `ids` through the model in blocks of [`PREFILL_BLOCK`] rows appended to `cache`, checking
+    /// `cancel` between blocks and reporting progress out of `total`; with `logits`, the last
+    /// row's logits (only the last block's last row goes through the LM head).
+    pub(crate) fn forward_blocks(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        total: usize,
+        logits: bool,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Option<Vec<f32>>> {
+        let mut last = None;
         for (i, block) in ids.chunks(PREFILL_BLOCK).enumerate() {
             if cancel.load(Ordering::Relaxed) {
                 return Err(EngineError::Cancelled);
             }
             let is_last = (i + 1) * PREFILL_BLOCK >= ids.len();
-            // Only the last block's last row needs the LM head.
-            let which = if is_last { Logits::Last } else { Logits::None };
-            let logits = self.model.forward(block, None, &mut cache, which)?;
-            if is_last {
-                last = Some(read_f32(logits)?);
+            let which = if is_last && logits {
+                Logits::Last
+            } else {
+                Logits::None
+            };
+            let l = self.model.forward(block, None, cache, which)?;
+            if is_last && logits {
+                last = Some(read_f32(l)?);
             }
             progress(Progress::Prefill {
                 done: (i * PREFILL_BLOCK + block.len()).min(ids.len()),
-                total: ids.len(),
+                total,
             });
         }
-        Ok((last.expect("at least one block"), cache))
+        Ok(last)
+    }
+
+    /// The document cache, locked (a question that panicked holding it leaves it usable: its
+    /// entries are whole leaves, put after they were computed).
+    pub fn doc_cache_lock(&self) -> std::sync::MutexGuard<'_, DocCache> {
+        self.doc_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Next-token logits after `ids`.
