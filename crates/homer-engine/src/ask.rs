@@ -153,6 +153,7 @@ pub const DEFAULT_SELECTION: homer::Selection = homer::Selection {
     reread: homer::Reread::All,
     prior: homer::Prior::Lexical,
     order: homer::Order::PriorFirst,
+    sep: homer::Sep::None,
 };
 
 /// The root budget, in rows, of a selection that reads its kept tokens again as one plain prompt
@@ -563,6 +564,10 @@ impl Engine {
                 Some(self.lexical_prior(prompt, config.selection.unit, units.as_deref())?)
             }
         };
+        let separator = match config.selection.sep {
+            homer::Sep::None => None,
+            homer::Sep::Newline => Some(self.tokenizer.encode_text("\n")?),
+        };
         tracing::debug!(
             "sentence units {:.2}s, lexical prior {:.2}s",
             (t1 - t0).as_secs_f64(),
@@ -576,6 +581,7 @@ impl Engine {
                 suffix: &prompt.suffix,
                 units: units.as_deref(),
                 prior: prior.as_deref(),
+                separator: separator.as_deref(),
             },
             config,
             ops,

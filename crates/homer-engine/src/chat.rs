@@ -30,6 +30,8 @@ pub enum BuiltinTemplate {
 pub enum ChatTemplate {
     Jinja {
         source: String,
+        /// Where the template came from (a file, or a GGUF file's key), for error messages.
+        origin: String,
         bos: String,
         eos: String,
     },
@@ -39,9 +41,16 @@ pub enum ChatTemplate {
 impl ChatTemplate {
     /// The template a model's metadata names, or ChatML when it names none.
     pub fn from_metadata(template: Option<&str>, bos: &str, eos: &str) -> Self {
+        Self::from_source(template, "the model's chat template", bos, eos)
+    }
+
+    /// [`ChatTemplate::from_metadata`] naming where the template came from (`origin`, e.g. the
+    /// file), which its errors then name.
+    pub fn from_source(template: Option<&str>, origin: &str, bos: &str, eos: &str) -> Self {
         match template {
             Some(src) if !src.trim().is_empty() => ChatTemplate::Jinja {
                 source: src.to_string(),
+                origin: origin.to_string(),
                 bos: bos.to_string(),
                 eos: eos.to_string(),
             },
@@ -53,8 +62,16 @@ impl ChatTemplate {
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         match self {
             ChatTemplate::Builtin(b) => Ok(render_builtin(*b, messages, add_generation_prompt)),
-            ChatTemplate::Jinja { source, bos, eos } => {
+            ChatTemplate::Jinja {
+                source,
+                origin,
+                bos,
+                eos,
+            } => {
+                let fail = |what: String| EngineError::Template(format!("{origin}: {what}"));
                 let mut env = minijinja::Environment::new();
+                // A template is code from the model's files: bounded in steps and in output.
+                env.set_fuel(Some(TEMPLATE_FUEL));
                 env.set_unknown_method_callback(
                     minijinja_contrib::pycompat::unknown_method_callback,
                 );
@@ -68,19 +85,63 @@ impl ChatTemplate {
                     },
                 );
                 env.add_template("chat", source)
-                    .map_err(|e| EngineError::Template(format!("cannot parse: {e}")))?;
-                let tmpl = env
-                    .get_template("chat")
-                    .map_err(|e| EngineError::Template(e.to_string()))?;
-                tmpl.render(minijinja::context! {
-                    messages => messages,
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => bos,
-                    eos_token => eos,
-                })
-                .map_err(|e| EngineError::Template(format!("cannot render: {e}")))
+                    .map_err(|e| fail(format!("cannot parse: {e}")))?;
+                let tmpl = env.get_template("chat").map_err(|e| fail(e.to_string()))?;
+                let content: usize = messages.iter().map(|m| m.content.len()).sum();
+                let mut out = Capped {
+                    out: Vec::new(),
+                    cap: 2 * content + TEMPLATE_OUTPUT_SLACK,
+                    over: false,
+                };
+                let rendered = tmpl.render_captured_to(
+                    minijinja::context! {
+                        messages => messages,
+                        add_generation_prompt => add_generation_prompt,
+                        bos_token => bos,
+                        eos_token => eos,
+                    },
+                    &mut out,
+                );
+                if out.over {
+                    return Err(fail(format!(
+                        "it writes more than {} bytes for {} bytes of messages; a chat template \
+                         repeats each message once",
+                        out.cap, content
+                    )));
+                }
+                rendered.map_err(|e| fail(format!("cannot render: {e}")))?;
+                String::from_utf8(out.out).map_err(|e| fail(format!("not UTF-8: {e}")))
             }
         }
+    }
+}
+
+/// Template steps (minijinja's fuel) a render may take: a chat template takes tens of steps a
+/// message, so this allows hundreds of thousands of turns and stops a runaway loop in well under a
+/// second.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// Output a template may add beyond twice its messages' text (markers, system prompts).
+const TEMPLATE_OUTPUT_SLACK: usize = 1 << 20;
+
+/// A writer that refuses to grow past `cap` bytes (the render then fails).
+struct Capped {
+    out: Vec<u8>,
+    cap: usize,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.cap {
+            self.over = true;
+            return Err(std::io::Error::other("the template's output is too long"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -178,6 +178,48 @@ fn plain_text(bytes: &[u8]) -> std::result::Result<String, SkipReason> {
         .replace("\r\n", "\n"))
 }
 
+/// The widest field a cross-reference stream may declare (`/W [1 4 2]`: bytes per field; 8
+/// holds any offset). The PDF parser allocates by these widths, so a corrupt one is refused here.
+const MAX_XREF_FIELD: u64 = 8;
+
+/// Refuse a PDF whose cross-reference streams declare impossible field widths (found by
+/// fuzzing: `/W [1 4294967296 2]` in 757 bytes made the parser allocate 4 GiB).
+fn check_xref_widths(bytes: &[u8]) -> std::result::Result<(), SkipReason> {
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    let mut at = 0;
+    while let Some(i) = find(&bytes[at..], b"/XRef") {
+        let x = at + i;
+        at = x + 5;
+        // The dictionary around it: back to the object's start, on to its stream.
+        let start = bytes[..x]
+            .windows(3)
+            .rposition(|w| w == b"obj")
+            .unwrap_or(0);
+        let end = find(&bytes[x..], b"stream").map_or(bytes.len(), |e| x + e);
+        let dict = &bytes[start..end];
+        let Some(w) = find(dict, b"/W") else { continue };
+        let rest = &dict[w + 2..];
+        let Some(open) = rest.iter().position(|&c| c == b'[') else {
+            continue;
+        };
+        let close = rest[open..]
+            .iter()
+            .position(|&c| c == b']')
+            .map_or(rest.len(), |c| open + c);
+        for field in String::from_utf8_lossy(&rest[open + 1..close]).split_whitespace() {
+            let ok = field.parse::<u64>().is_ok_and(|n| n <= MAX_XREF_FIELD);
+            if !ok {
+                return Err(SkipReason::Unreadable(format!(
+                    "the PDF's cross-reference stream declares a field width of {} (at most \
+                     {MAX_XREF_FIELD} bytes); the file is corrupt",
+                    one_line(&field.chars().take(24).collect::<String>())
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The text layer of a PDF, pages joined by blank lines, and each page's start offset.
 fn pdf_text(bytes: &[u8]) -> std::result::Result<(String, Vec<usize>), SkipReason> {
     if !bytes.starts_with(b"%PDF") {
@@ -185,7 +227,10 @@ fn pdf_text(bytes: &[u8]) -> std::result::Result<(String, Vec<usize>), SkipReaso
             "not a PDF file (no %PDF header)".into(),
         ));
     }
-    let pages = parse_guarded("PDF", || pdf_extract::extract_text_from_mem_by_pages(bytes))?;
+    check_xref_widths(bytes)?;
+    let pages = parse_guarded("PDF", bytes, |b| {
+        pdf_extract::extract_text_from_mem_by_pages(b)
+    })?;
     if pages.iter().all(|p| p.trim().is_empty()) {
         return Err(SkipReason::NoTextLayer { pages: pages.len() });
     }
@@ -207,39 +252,97 @@ fn docx_text(bytes: &[u8]) -> std::result::Result<String, SkipReason> {
             "not a DOCX file (not a zip container)".into(),
         ));
     }
-    let text = parse_guarded("DOCX", || docx_lite::extract_text_from_bytes(bytes))?;
+    check_zip_expansion(bytes)?;
+    let text = parse_guarded("DOCX", bytes, |b| docx_lite::extract_text_from_bytes(b))?;
     Ok(text.replace("\r\n", "\n"))
 }
 
-/// Run a format parser; its error or its panic (pdf-extract panics on some malformed files) is a
-/// skip naming the format, not a crash.
-fn parse_guarded<T, E: std::fmt::Display>(
-    format: &str,
-    parse: impl FnOnce() -> std::result::Result<T, E>,
-) -> std::result::Result<T, SkipReason> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse))
-        .map_err(|_| {
-            SkipReason::Unreadable(format!("the {format} is malformed (its parser gave up)"))
-        })?
-        .map_err(|e| SkipReason::Unreadable(format!("the {format} could not be parsed: {e}")))
+/// The most a DOCX may expand to, as a multiple of its own size (within [`ZIP_MIN_LIMIT`,
+/// `ZIP_MAX_LIMIT`]): Word's XML compresses 5–20×; zip bombs expand thousands of times.
+const ZIP_MAX_RATIO: u64 = 100;
+const ZIP_MIN_LIMIT: u64 = 16 << 20;
+const ZIP_MAX_LIMIT: u64 = 1 << 30;
+
+/// Decompress every part of a zip container into nothing, stopping at the expansion limit, so
+/// that the parser (which reads parts whole into memory) never meets a zip bomb.
+fn check_zip_expansion(bytes: &[u8]) -> std::result::Result<(), SkipReason> {
+    use std::io::Read;
+    let bad = |e: &dyn std::fmt::Display| {
+        SkipReason::Unreadable(format!("the DOCX is not a readable zip container: {e}"))
+    };
+    let limit = (bytes.len() as u64)
+        .saturating_mul(ZIP_MAX_RATIO)
+        .clamp(ZIP_MIN_LIMIT, ZIP_MAX_LIMIT);
+    let mut z = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| bad(&e))?;
+    let mut total = 0u64;
+    for i in 0..z.len() {
+        let mut part = z.by_index(i).map_err(|e| bad(&e))?;
+        let left = limit - total;
+        total += std::io::copy(&mut (&mut part).take(left + 1), &mut std::io::sink())
+            .map_err(|e| bad(&e))?;
+        if total > limit {
+            return Err(SkipReason::Unreadable(format!(
+                "the DOCX expands to more than {} MiB, over {ZIP_MAX_RATIO} times its own size \
+                 (a zip bomb?); homer does not read it",
+                limit >> 20
+            )));
+        }
+    }
+    Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// How long a format parser may take on one file before homer gives up on it.
+pub const PARSE_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
-    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
-        let p = dir.join(name);
-        std::fs::write(&p, bytes).unwrap();
-        p
+/// Run a format parser on its own thread (a large stack for deeply nested files, a time limit);
+/// its error, its panic (pdf-extract panics on some malformed files) or its running past
+/// [`PARSE_TIME_LIMIT`] is a skip naming the format, not a crash or a hang. A parser past the
+/// limit is left to finish in the background; its result is dropped.
+fn parse_guarded<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+    format: &'static str,
+    bytes: &[u8],
+    parse: impl FnOnce(&[u8]) -> std::result::Result<T, E> + Send + 'static,
+) -> std::result::Result<T, SkipReason> {
+    let bytes = bytes.to_vec();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name(format!("homer-parse-{format}"))
+        .stack_size(256 << 20)
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse(&bytes)));
+            let _ = tx.send(r);
+        });
+    if let Err(e) = spawned {
+        return Err(SkipReason::Unreadable(format!(
+            "cannot start the {format} parser: {e}"
+        )));
     }
-
-    fn reason(p: &Path) -> SkipReason {
-        ingest(p).unwrap_err().reason
+    match rx.recv_timeout(PARSE_TIME_LIMIT) {
+        Ok(Ok(Ok(t))) => Ok(t),
+        Ok(Ok(Err(e))) => Err(SkipReason::Unreadable(format!(
+            "the {format} could not be parsed: {}",
+            one_line(&e.to_string())
+        ))),
+        Ok(Err(_)) => Err(SkipReason::Unreadable(format!(
+            "the {format} is malformed (its parser gave up)"
+        ))),
+        Err(_) => Err(SkipReason::Unreadable(format!(
+            "the {format} took more than {} s to parse; homer gave up on it",
+            PARSE_TIME_LIMIT.as_secs()
+        ))),
     }
+}
 
+/// A parser's message on one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Small valid PDF and DOCX files built in memory, for tests and the fuzzing harness's seeds.
+#[doc(hidden)]
+pub mod sample {
     /// A PDF whose pages show `pages[i]` in a standard font (no text operators when empty).
-    fn pdf(pages: &[&str]) -> Vec<u8> {
+    pub fn pdf(pages: &[&str]) -> Vec<u8> {
         use pdf_extract::content::{Content, Operation};
         use pdf_extract::{Object, Stream, dictionary};
         let mut doc = pdf_extract::Document::with_version("1.5");
@@ -261,7 +364,9 @@ mod tests {
                     Operation::new("ET", vec![]),
                 ]
             };
-            let body = Content { operations }.encode().unwrap();
+            let body = Content { operations }
+                .encode()
+                .expect("an in-memory sample");
             let contents = doc.add_object(Stream::new(dictionary! {}, body));
             let page = doc.add_object(dictionary! {
                 "Type" => "Page", "Parent" => pages_id, "Contents" => contents,
@@ -281,22 +386,24 @@ mod tests {
         let catalog = doc.add_object(dictionary! { "Type" => "Catalog", "Pages" => pages_id });
         doc.trailer.set("Root", catalog);
         let mut out = vec![];
-        doc.save_to(&mut out).unwrap();
+        doc.save_to(&mut out).expect("an in-memory sample");
         out
     }
 
     /// A DOCX container whose body has one paragraph per entry of `paragraphs`.
-    fn docx(paragraphs: &[&str]) -> Vec<u8> {
+    pub fn docx(paragraphs: &[&str]) -> Vec<u8> {
         use std::io::Write;
         let mut buf = std::io::Cursor::new(vec![]);
         let mut z = zip::ZipWriter::new(&mut buf);
         let opts = zip::write::SimpleFileOptions::default();
-        z.start_file("[Content_Types].xml", opts).unwrap();
+        z.start_file("[Content_Types].xml", opts)
+            .expect("an in-memory sample");
         z.write_all(
             br#"<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"><Default Extension="xml" ContentType="application/xml"/><Override PartName="/word/document.xml" ContentType="application/vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>"#,
         )
-        .unwrap();
-        z.start_file("word/document.xml", opts).unwrap();
+        .expect("an in-memory sample");
+        z.start_file("word/document.xml", opts)
+            .expect("an in-memory sample");
         let body: String = paragraphs
             .iter()
             .map(|p| format!("<w:p><w:r><w:t>{p}</w:t></w:r></w:p>"))
@@ -305,9 +412,25 @@ mod tests {
             z,
             r#"<?xml version="1.0" encoding="UTF-8"?><w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body>{body}</w:body></w:document>"#
         )
-        .unwrap();
-        z.finish().unwrap();
+        .expect("an in-memory sample");
+        z.finish().expect("an in-memory sample");
         buf.into_inner()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample::{docx, pdf};
+    use super::*;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn reason(p: &Path) -> SkipReason {
+        ingest(p).unwrap_err().reason
     }
 
     #[test]

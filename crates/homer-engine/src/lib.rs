@@ -294,7 +294,12 @@ impl Engine {
             .first()
             .map(|&e| tokenizer.token_str(e))
             .unwrap_or_default();
-        let template = ChatTemplate::from_metadata(tokenizer.chat_template.as_deref(), &bos, &eos);
+        let template = ChatTemplate::from_source(
+            tokenizer.chat_template.as_deref(),
+            &tokenizer.chat_template_origin,
+            &bos,
+            &eos,
+        );
         Ok(Engine {
             model,
             tokenizer,

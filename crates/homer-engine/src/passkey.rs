@@ -422,6 +422,7 @@ mod tests {
                     reread: homer::Reread::None,
                     prior: homer::Prior::None,
                     order: homer::Order::Document,
+                    sep: homer::Sep::None,
                 },
                 budget: Some(2048),
             }

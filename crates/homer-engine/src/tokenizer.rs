@@ -35,6 +35,8 @@ pub struct Tokenizer {
     pub eos_ids: Vec<u32>,
     pub add_bos: bool,
     pub chat_template: Option<String>,
+    /// Where [`Tokenizer::chat_template`] came from (a file, or a GGUF file's key).
+    pub chat_template_origin: String,
     /// tokenizer.json carries its own post-processor (which adds BOS where the model wants it).
     post_processor: bool,
     /// `inner` with special-token matching off: for text that is data (documents, questions).
@@ -68,9 +70,19 @@ impl Tokenizer {
     /// Load `tokenizer.json` (and `tokenizer_config.json` for the chat template, if present).
     pub fn from_hf_dir(dir: &Path, bos_id: Option<u32>, eos_ids: Vec<u32>) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| tok_err(&path, e))?;
+        // The tokenizers library panics on some malformed files (found by fuzzing): a refusal.
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(&path))
+            .map_err(|_| {
+                tok_err(
+                    &path,
+                    "malformed (the tokenizers library gave up on it); re-download the model's tokenizer.json",
+                )
+            })?
+            .map_err(|e| tok_err(&path, e))?;
         let post_processor = inner.get_post_processor().is_some();
-        let mut chat_template = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+        let jinja = dir.join("chat_template.jinja");
+        let mut chat_template = std::fs::read_to_string(&jinja).ok();
+        let mut chat_template_origin = jinja.display().to_string();
         let mut add_bos = false;
         let cfg_path = dir.join("tokenizer_config.json");
         if let Ok(text) = std::fs::read_to_string(&cfg_path) {
@@ -78,6 +90,7 @@ impl Tokenizer {
                 .map_err(|e| tok_err(&cfg_path, format!("invalid JSON: {e}")))?;
             if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
                 chat_template = Some(t.to_string());
+                chat_template_origin = format!("{}: chat_template", cfg_path.display());
             }
             add_bos = v
                 .get("add_bos_token")
@@ -91,6 +104,7 @@ impl Tokenizer {
             eos_ids,
             add_bos,
             chat_template,
+            chat_template_origin,
             post_processor,
             plain: Default::default(),
         })
@@ -231,6 +245,7 @@ impl Tokenizer {
             eos_ids,
             add_bos,
             chat_template,
+            chat_template_origin: format!("{}: tokenizer.chat_template", path.display()),
             post_processor: false,
             plain: Default::default(),
         })

@@ -676,3 +676,60 @@ fn prior_first_reads_the_matching_sentence_first() {
     );
     assert!(!text_of(&t.kept).trim_start().starts_with(needle));
 }
+
+/// order=prior-rank: the matching units come first, the best match first (here the later one in
+/// the document); sep=newline: every kept run of the re-read is a line of its own, and the cache
+/// holds the separators too.
+#[test]
+fn prior_rank_reads_the_best_match_first_and_newlines_separate_runs() {
+    let e = engine();
+    let cancel = AtomicBool::new(false);
+    let mut text: String = (1..=14)
+        .map(|i| format!("Line {i}: the number {} is written here.\n", i * 37 % 1000))
+        .collect();
+    let weak = "A zebra was seen once.";
+    let strong = "The zebra sleeps under the old bridge near the zebra pond.";
+    let third = text[..text.len() / 3].rfind('\n').unwrap() + 1;
+    text.insert_str(third, &format!("{weak}\n"));
+    let two_thirds = text[..2 * text.len() / 3].rfind('\n').unwrap() + 1;
+    text.insert_str(two_thirds, &format!("{strong}\n"));
+    let d = Document::from_text("zebra.txt", &text);
+    let question = "Where does the zebra sleep, under which bridge?";
+    let mut p = params(HomerMode::Always);
+    p.selection = "sentence,reread=all,prior=lexical,order=prior-rank,sep=newline"
+        .parse()
+        .unwrap();
+    p.budget = Some(200);
+    let a = e
+        .ask(&[d], question, &p, &cancel, &mut |_| {}, &mut |_| {})
+        .unwrap();
+    let t = a.trace.as_ref().unwrap();
+    let order = t.reread_order.as_ref().expect("the matches moved forward");
+    let text_of = |ids: &[usize]| {
+        e.tokenizer
+            .decode(
+                &ids.iter().map(|&i| a.prompt.context[i]).collect::<Vec<_>>(),
+                false,
+            )
+            .unwrap()
+    };
+    let read = text_of(order);
+    let (s, w) = (
+        read.find("old bridge").unwrap(),
+        read.find("seen once").unwrap(),
+    );
+    assert!(
+        read.trim_start().starts_with("The zebra sleeps") && s < w,
+        "{read:?}"
+    );
+    // One separator between every two runs that are not next to each other in the document.
+    let nl = e.tokenizer.encode_text("\n").unwrap();
+    let breaks = order.windows(2).filter(|w| w[0] + 1 != w[1]).count();
+    assert!(breaks >= 2, "{breaks}");
+    assert_eq!(
+        t.final_len,
+        t.prefix_len + t.kept.len() + t.suffix_len + breaks * nl.len()
+    );
+    assert_eq!(a.cache_len, t.final_len);
+    assert_eq!(t.last_position_id + 1, t.final_len);
+}

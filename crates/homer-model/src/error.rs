@@ -39,17 +39,24 @@ pub enum ModelError {
         supported: &'static str,
     },
 
-    #[error("{path}: tensor `{tensor}` is missing (needed by the Llama architecture)")]
-    MissingTensor { path: PathBuf, tensor: String },
+    #[error("{path}: tensor `{tensor}` is missing (the Llama architecture {described} needs it)")]
+    MissingTensor {
+        path: PathBuf,
+        tensor: String,
+        /// Where the architecture that needs the tensor is described ("in config.json").
+        described: String,
+    },
 
     #[error(
-        "{path}: tensor `{tensor}` has shape {found:?}, expected {expected:?} from the model config"
+        "{path}: tensor `{tensor}` has shape {found:?}, expected {expected:?} from the model config {described}"
     )]
     ShapeMismatch {
         path: PathBuf,
         tensor: String,
         found: Vec<usize>,
         expected: Vec<usize>,
+        /// Where the config is ("in config.json").
+        described: String,
     },
 
     #[error("{path}: config: {what}")]

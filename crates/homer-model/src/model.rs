@@ -147,10 +147,11 @@ impl Llama {
                 };
                 if b.shape != shape {
                     return Err(ModelError::ShapeMismatch {
-                        path: src.path().to_path_buf(),
+                        path: src.weights_file(),
                         tensor: src.display_name(name),
                         found: b.shape,
                         expected: shape.to_vec(),
+                        described: src.described_in(),
                     });
                 }
                 if !QMatrix::supports(b.ty) {

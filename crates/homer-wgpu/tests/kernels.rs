@@ -328,6 +328,7 @@ fn prefill_stored(
             suffix: s,
             units: None,
             prior: None,
+            separator: None,
         },
         cfg,
         ops,

@@ -36,7 +36,7 @@ pub use bias::BiasTable;
 pub use error::{HomerError, Result};
 pub use ops::{ChunkTensors, HomerOps, OpTime, OpTimes, SignificanceInput, TensorOps, TimedOps};
 pub use plan::{NodePlan, Plan, PlanParams};
-pub use select::{Agg, Order, Positions, Prior, Query, Reread, Selection, Unit};
+pub use select::{Agg, Order, Positions, Prior, Query, Reread, Selection, Sep, Unit};
 pub use trace::{MergeTrace, NodeTrace};
 pub use tree::{
     HomerConfig, HomerInput, HomerOutput, HomerProgress, HomerStats, LeafState, LeafStore,

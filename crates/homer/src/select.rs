@@ -304,6 +304,9 @@ pub enum Order {
     /// The units that match the question ([`crate::HomerInput::prior`] > 0) first, each group
     /// in document order: what the question asks about sits right after the prefix.
     PriorFirst,
+    /// The units that match the question first, the best match first (ties in document
+    /// order), then the rest in document order.
+    PriorRank,
 }
 
 impl std::fmt::Display for Order {
@@ -311,6 +314,7 @@ impl std::fmt::Display for Order {
         f.write_str(match self {
             Order::Document => "document",
             Order::PriorFirst => "prior-first",
+            Order::PriorRank => "prior-rank",
         })
     }
 }
@@ -321,7 +325,10 @@ impl std::str::FromStr for Order {
         match s {
             "document" => Ok(Order::Document),
             "prior-first" => Ok(Order::PriorFirst),
-            _ => Err(format!("order `{s}`: expected document or prior-first")),
+            "prior-rank" => Ok(Order::PriorRank),
+            _ => Err(format!(
+                "order `{s}`: expected document, prior-first or prior-rank"
+            )),
         }
     }
 }
@@ -337,6 +344,39 @@ pub struct Selection {
     pub reread: Reread,
     pub prior: Prior,
     pub order: Order,
+    pub sep: Sep,
+}
+
+/// What the re-read ([`Reread::All`]) puts between kept runs that are not next to each other in
+/// the document (or that the order moved apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sep {
+    /// Nothing: the runs are read back to back.
+    #[default]
+    None,
+    /// A line break ([`crate::HomerInput::separator`]): every kept run reads as its own line.
+    Newline,
+}
+
+impl std::fmt::Display for Sep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Sep::None => "none",
+            Sep::Newline => "newline",
+        })
+    }
+}
+
+impl std::str::FromStr for Sep {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Sep::None),
+            "newline" => Ok(Sep::Newline),
+            _ => Err(format!("sep `{s}`: expected none or newline")),
+        }
+    }
 }
 
 impl Selection {
@@ -371,6 +411,9 @@ impl std::fmt::Display for Selection {
             if self.order != d.order {
                 knobs.push(format!("order={}", self.order));
             }
+            if self.sep != d.sep {
+                knobs.push(format!("sep={}", self.sep));
+            }
             f.write_str(&knobs.join(","))
         }
     }
@@ -389,6 +432,7 @@ impl std::str::FromStr for Selection {
                 Some(("reread", v)) => sel.reread = v.parse()?,
                 Some(("prior", v)) => sel.prior = v.parse()?,
                 Some(("order", v)) => sel.order = v.parse()?,
+                Some(("sep", v)) => sel.sep = v.parse()?,
                 // A bare unit is the unit knob.
                 None => {
                     sel.unit = knob.parse().map_err(|e| {
@@ -397,7 +441,7 @@ impl std::str::FromStr for Selection {
                 }
                 Some((k, _)) => {
                     return Err(format!(
-                        "--selection `{s}`: unknown knob `{k}` (known: unit, query, positions, reread, prior, order); or `paper`"
+                        "--selection `{s}`: unknown knob `{k}` (known: unit, query, positions, reread, prior, order, sep); or `paper`"
                     ));
                 }
             }
@@ -408,11 +452,17 @@ impl std::str::FromStr for Selection {
                 sel.prior
             ));
         }
-        if sel.order == Order::PriorFirst && (sel.prior == Prior::None || sel.reread != Reread::All)
-        {
+        if sel.order != Order::Document && (sel.prior == Prior::None || sel.reread != Reread::All) {
             return Err(format!(
-                "--selection `{s}`: order=prior-first reorders the re-read by the prior; add \
-                 prior=lexical and reread=all"
+                "--selection `{s}`: order={} reorders the re-read by the prior; add \
+                 prior=lexical and reread=all",
+                sel.order
+            ));
+        }
+        if sel.sep != Sep::None && sel.reread != Reread::All {
+            return Err(format!(
+                "--selection `{s}`: sep={} separates the kept runs of the re-read; add reread=all",
+                sel.sep
             ));
         }
         Ok(sel)
@@ -801,6 +851,18 @@ mod tests {
         assert_eq!(pf.order, Order::PriorFirst);
         assert_eq!(pf.to_string().parse::<Selection>().unwrap(), pf);
         assert!("sentence,order=score".parse::<Selection>().is_err());
+        let pr: Selection = "sentence,reread=all,prior=lexical,order=prior-rank,sep=newline"
+            .parse()
+            .unwrap();
+        assert_eq!((pr.order, pr.sep), (Order::PriorRank, Sep::Newline));
+        assert_eq!(
+            pr.to_string(),
+            "unit=sentence,reread=all,prior=lexical,order=prior-rank,sep=newline"
+        );
+        assert_eq!(pr.to_string().parse::<Selection>().unwrap(), pr);
+        // The separator separates the runs of a re-read: it needs one.
+        assert!("sentence,sep=newline".parse::<Selection>().is_err());
+        assert!("sentence,reread=all,sep=tab".parse::<Selection>().is_err());
     }
 
     #[test]

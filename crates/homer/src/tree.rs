@@ -159,6 +159,9 @@ pub struct HomerInput<'a> {
     /// A per-context-token prior for [`crate::Prior::Lexical`] (the lexical relevance of the
     /// token's unit to the question, ≥ 0); None otherwise.
     pub prior: Option<&'a [f32]>,
+    /// The tokens [`crate::Sep::Newline`] puts between kept runs in the re-read (a line break in
+    /// the model's vocabulary); None when the selection does not separate.
+    pub separator: Option<&'a [u32]>,
 }
 
 /// Reported after every layer of every node.
@@ -429,7 +432,7 @@ pub fn homer_prefill_with_store(
             run.renumber(root, to)
         };
     }
-    let last_position_id = *root.meta.positions.last().expect("the root has rows");
+    let mut last_position_id = *root.meta.positions.last().expect("the root has rows");
     let mut stats = std::mem::take(&mut run.tracker.stats);
     let traces: Vec<NodeTrace> = run
         .traces
@@ -446,10 +449,12 @@ pub fn homer_prefill_with_store(
         )));
     }
     let kept: Vec<usize> = root.meta.context_index.iter().flatten().copied().collect();
-    let next_position = match config.next_position {
-        NextPosition::AfterLast => last_position_id + 1,
-        NextPosition::ReferenceGenerate => last_position_id,
+    let next_after = |last: usize| match config.next_position {
+        NextPosition::AfterLast => last + 1,
+        NextPosition::ReferenceGenerate => last,
     };
+    let mut next_position = next_after(last_position_id);
+    let mut final_len = n;
     let s = input.suffix.len();
     let mut reread_order = None;
     let (logits, mut cache) = match config.selection.reread {
@@ -472,27 +477,48 @@ pub fn homer_prefill_with_store(
             (read_f32(l)?, cache)
         }
         Reread::All => {
-            // prefix + kept context + suffix as one plain prompt at 0..n; under
-            // order=prior-first the kept units that match the question come first.
+            // prefix + kept context + suffix as one plain prompt at 0..; under
+            // order=prior-first/prior-rank the kept units that match the question come first,
+            // under sep=newline every kept run is a line of its own.
             let order: Vec<usize> = match (config.selection.order, input.prior) {
                 (crate::Order::PriorFirst, Some(prior)) => {
                     let (first, rest): (Vec<usize>, Vec<usize>) =
                         kept.iter().partition(|&&i| prior[i] > 0.0);
                     first.into_iter().chain(rest).collect()
                 }
+                (crate::Order::PriorRank, Some(prior)) => {
+                    let (mut first, rest): (Vec<usize>, Vec<usize>) =
+                        kept.iter().partition(|&&i| prior[i] > 0.0);
+                    // Stable: a unit's tokens share its prior and stay in order.
+                    first.sort_by(|&a, &b| prior[b].total_cmp(&prior[a]));
+                    first.into_iter().chain(rest).collect()
+                }
                 _ => kept.clone(),
             };
-            let ids: Vec<u32> = input
-                .prefix
-                .iter()
-                .copied()
-                .chain(order.iter().map(|&i| input.context[i]))
-                .chain(input.suffix.iter().copied())
-                .collect();
+            let separator: &[u32] = match config.selection.sep {
+                crate::Sep::None => &[],
+                crate::Sep::Newline => input.separator.ok_or_else(|| {
+                    HomerError::Input(
+                        "sep=newline needs the model's line-break tokens (HomerInput::separator)"
+                            .into(),
+                    )
+                })?,
+            };
+            let mut ids: Vec<u32> = input.prefix.to_vec();
+            for (k, &i) in order.iter().enumerate() {
+                if k > 0 && order[k - 1] + 1 != i {
+                    ids.extend_from_slice(separator);
+                }
+                ids.push(input.context[i]);
+            }
+            ids.extend_from_slice(input.suffix);
             if order != kept {
                 reread_order = Some(order);
             }
             drop(root.t);
+            final_len = ids.len();
+            last_position_id = ids.len() - 1;
+            next_position = next_after(last_position_id);
             let (l, cache) = model.prefill(&ids, homer_model::Logits::Last)?;
             (read_f32(l)?, cache)
         }
@@ -515,7 +541,7 @@ pub fn homer_prefill_with_store(
         n_chunks: plan.n_chunks,
         height: plan.height,
         last_position_id,
-        final_len: n,
+        final_len,
         scoring: scoring.into(),
         ops: ops.name().into(),
         nodes: traces,

@@ -13,6 +13,18 @@ use super::{BlockTensor, HostTensor, WeightSource};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 
+/// The longest metadata key or tensor name a GGUF file may hold (the specification's key limit).
+const MAX_NAME: u64 = 65_535;
+
+/// A name from the file as messages show it: control characters escaped, at most 80 characters.
+fn shown(s: &str) -> String {
+    let mut out: String = s.chars().take(80).flat_map(char::escape_debug).collect();
+    if s.chars().nth(80).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -128,6 +140,23 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self, what: &dyn Fn() -> String) -> Result<u64> {
         Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
     }
+    /// A metadata key or tensor name: at most [`MAX_NAME`] bytes (the GGUF specification's
+    /// limit for keys), so a corrupt length cannot turn half the file into a name.
+    fn name(&mut self, what: &dyn Fn() -> String) -> Result<String> {
+        let at = self.pos;
+        let n = self.u64(what)?;
+        if n > MAX_NAME {
+            return Err(ModelError::Malformed {
+                path: self.path.to_path_buf(),
+                what: format!(
+                    "{}: length {n} at byte {at} exceeds the {MAX_NAME} bytes GGUF allows (a corrupt header)",
+                    what()
+                ),
+            });
+        }
+        self.pos = at;
+        self.string(what)
+    }
     fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
         let n = self.u64(what)?;
         if n > self.buf.len() as u64 {
@@ -228,27 +257,29 @@ impl GgufFile {
         }
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
-            let key = c.string(&|| format!("metadata key #{i}"))?;
-            let ty = c.u32(&|| format!("the type of metadata `{key}`"))?;
-            let v = c.value(ty, &|| format!("metadata `{key}`"), 0)?;
+            let key = c.name(&|| format!("metadata key #{i}"))?;
+            let shown = shown(&key);
+            let ty = c.u32(&|| format!("the type of metadata `{shown}`"))?;
+            let v = c.value(ty, &|| format!("metadata `{shown}`"), 0)?;
             metadata.insert(key, v);
         }
         let mut tensors = BTreeMap::new();
         for i in 0..n_tensors {
-            let name = c.string(&|| format!("the name of tensor #{i}"))?;
-            let nd = c.u32(&|| format!("tensor `{name}` rank"))?;
+            let name = c.name(&|| format!("the name of tensor #{i}"))?;
+            let name_shown = shown(&name);
+            let nd = c.u32(&|| format!("tensor `{name_shown}` rank"))?;
             if nd == 0 || nd > 4 {
                 return Err(ModelError::Malformed {
                     path: path.to_path_buf(),
-                    what: format!("tensor `{name}` has {nd} dimensions (expected 1..4)"),
+                    what: format!("tensor `{name_shown}` has {nd} dimensions (expected 1..4)"),
                 });
             }
             let mut dims = Vec::with_capacity(nd as usize);
             for _ in 0..nd {
-                dims.push(c.u64(&|| format!("tensor `{name}` dims"))?);
+                dims.push(c.u64(&|| format!("tensor `{name_shown}` dims"))?);
             }
-            let type_id = c.u32(&|| format!("tensor `{name}` type"))?;
-            let offset = c.u64(&|| format!("tensor `{name}` offset"))?;
+            let type_id = c.u32(&|| format!("tensor `{name_shown}` type"))?;
+            let offset = c.u64(&|| format!("tensor `{name_shown}` offset"))?;
             tensors.insert(
                 name.clone(),
                 TensorInfo {
@@ -354,6 +385,7 @@ impl GgufFile {
             .ok_or_else(|| ModelError::MissingTensor {
                 path: self.path.clone(),
                 tensor: name.to_string(),
+                described: "in the file's metadata".into(),
             })?;
         let ty = GgmlType::from_id(t.type_id).ok_or_else(|| ModelError::UnsupportedDtype {
             path: self.path.clone(),
@@ -464,6 +496,7 @@ impl GgufModel {
                 tensor: g.to_string(),
                 found: shape.to_vec(),
                 expected: vec![heads * self.config.head_dim, self.config.hidden_size],
+                described: self.described_in(),
             });
         }
         Ok(Some(heads))
@@ -514,6 +547,7 @@ impl WeightSource for GgufModel {
         let g = Self::gguf_name(name).ok_or_else(|| ModelError::MissingTensor {
             path: self.file.path.clone(),
             tensor: name.to_string(),
+            described: self.described_in(),
         })?;
         let mut t = self.file.tensor_f32(&g)?;
         if let Some(heads) = self.permuted_heads(&g, &t.shape)? {
@@ -585,6 +619,7 @@ pub fn config_from_gguf(f: &GgufFile) -> Result<LlamaConfig> {
                 return Err(ModelError::MissingTensor {
                     path: f.path.clone(),
                     tensor: "token_embd.weight".into(),
+                    described: "in the file's metadata".into(),
                 });
             }
         },

@@ -49,6 +49,15 @@ pub trait WeightSource: Send + Sync + std::any::Any {
     fn display_name(&self, name: &str) -> String {
         name.to_string()
     }
+    /// The weights file a missing or malformed tensor is reported against (a directory's
+    /// safetensors file or index; the file itself for GGUF).
+    fn weights_file(&self) -> PathBuf {
+        self.path().to_path_buf()
+    }
+    /// Where the architecture is described, for messages ("in config.json").
+    fn described_in(&self) -> String {
+        "in the file's metadata".into()
+    }
 }
 
 /// Open a model: a `.gguf` file or a Hugging Face directory holding `config.json`.
@@ -131,17 +140,19 @@ pub fn llama_tensor_names(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
 pub fn load_checked(src: &dyn WeightSource, name: &str, expected: &[usize]) -> Result<HostTensor> {
     if !src.contains(name) {
         return Err(ModelError::MissingTensor {
-            path: src.path().to_path_buf(),
+            path: src.weights_file(),
             tensor: src.display_name(name),
+            described: src.described_in(),
         });
     }
     let t = src.load(name)?;
     if t.shape != expected {
         return Err(ModelError::ShapeMismatch {
-            path: src.path().to_path_buf(),
+            path: src.weights_file(),
             tensor: src.display_name(name),
             found: t.shape,
             expected: expected.to_vec(),
+            described: src.described_in(),
         });
     }
     Ok(t)

@@ -81,6 +81,32 @@ impl HfDir {
             drop(st);
             shards.push((f, mmap));
         }
+        // The layer count must match the tensors held, before any loop over layers (fuzzing
+        // found a corrupt `num_hidden_layers` sending the loader after 10^11 layers).
+        let held = index
+            .keys()
+            .filter_map(|n| {
+                n.strip_prefix("model.layers.")?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .max()
+            .map_or(0, |m| m + 1);
+        if held != config.num_hidden_layers {
+            return Err(ModelError::Config {
+                path: dir.join("config.json"),
+                what: format!(
+                    "`num_hidden_layers` is {} but {} holds layers 0..{held}",
+                    config.num_hidden_layers,
+                    match shards.as_slice() {
+                        [(one, _)] => one.display().to_string(),
+                        _ => format!("{} shards", shards.len()),
+                    }
+                ),
+            });
+        }
         Ok(HfDir {
             dir: dir.to_path_buf(),
             config,
@@ -107,13 +133,23 @@ impl WeightSource for HfDir {
     fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
+    fn weights_file(&self) -> PathBuf {
+        match self.shards.as_slice() {
+            [(one, _)] => one.clone(),
+            _ => self.dir.join("model.safetensors.index.json"),
+        }
+    }
+    fn described_in(&self) -> String {
+        format!("in {}", self.dir.join("config.json").display())
+    }
     fn load(&self, name: &str) -> Result<HostTensor> {
         let &i = self
             .index
             .get(name)
             .ok_or_else(|| ModelError::MissingTensor {
-                path: self.dir.clone(),
+                path: self.weights_file(),
                 tensor: name.to_string(),
+                described: self.described_in(),
             })?;
         let (path, mmap) = &self.shards[i];
         let st = SafeTensors::deserialize(mmap).map_err(|e| ModelError::Malformed {
