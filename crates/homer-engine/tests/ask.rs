@@ -634,41 +634,64 @@ fn text_that_looks_like_chat_control_stays_text() {
     assert_eq!(controls(&chat), controls(&tame_chat));
 }
 
+/// Fourteen numbered lines with `lines` inserted at the given fractions of the text, asked
+/// `question` through HOMER under `selection` with a 200-row budget.
+fn ask_reread(
+    e: &Engine,
+    lines: &[(usize, &str)],
+    question: &str,
+    selection: &str,
+) -> homer_engine::Answer {
+    let mut text: String = (1..=14)
+        .map(|i| format!("Line {i}: the number {} is written here.\n", i * 37 % 1000))
+        .collect();
+    for &(thirds, line) in lines {
+        let at = text[..thirds * text.len() / 3].rfind('\n').unwrap() + 1;
+        text.insert_str(at, &format!("{line}\n"));
+    }
+    let d = Document::from_text("zebra.txt", &text);
+    let mut p = params(HomerMode::Always);
+    p.selection = selection.parse().unwrap();
+    p.budget = Some(200);
+    e.ask(
+        &[d],
+        question,
+        &p,
+        &AtomicBool::new(false),
+        &mut |_| {},
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+/// The text of context tokens `ids` of an answer's prompt, in that order.
+fn context_text(e: &Engine, a: &homer_engine::Answer, ids: &[usize]) -> String {
+    e.tokenizer
+        .decode(
+            &ids.iter().map(|&i| a.prompt.context[i]).collect::<Vec<_>>(),
+            false,
+        )
+        .unwrap()
+}
+
 /// order=prior-first: the final re-read puts the units that match the question right after the
 /// prefix (the trace says in which order), the rest after them in document order.
 #[test]
 fn prior_first_reads_the_matching_sentence_first() {
     let e = engine();
-    let cancel = AtomicBool::new(false);
-    let mut text: String = (1..=14)
-        .map(|i| format!("Line {i}: the number {} is written here.\n", i * 37 % 1000))
-        .collect();
     let needle = "The zebra sleeps under the old bridge.";
-    let at = text[..2 * text.len() / 3].rfind('\n').unwrap() + 1;
-    text.insert_str(at, &format!("{needle}\n"));
-    let d = Document::from_text("zebra.txt", &text);
-    let question = "Where does the zebra sleep?";
-    let mut p = params(HomerMode::Always);
-    p.selection = "sentence,reread=all,prior=lexical,order=prior-first"
-        .parse()
-        .unwrap();
-    p.budget = Some(200);
-    let a = e
-        .ask(&[d], question, &p, &cancel, &mut |_| {}, &mut |_| {})
-        .unwrap();
+    let a = ask_reread(
+        &e,
+        &[(2, needle)],
+        "Where does the zebra sleep?",
+        "sentence,reread=all,prior=lexical,order=prior-first",
+    );
     let t = a.trace.as_ref().unwrap();
     let order = t.reread_order.as_ref().expect("the needle moved forward");
     let mut sorted = order.clone();
     sorted.sort();
     assert_eq!(sorted, t.kept, "the same tokens, reordered");
-    let text_of = |ids: &[usize]| {
-        e.tokenizer
-            .decode(
-                &ids.iter().map(|&i| a.prompt.context[i]).collect::<Vec<_>>(),
-                false,
-            )
-            .unwrap()
-    };
+    let text_of = |ids: &[usize]| context_text(&e, &a, ids);
     assert!(
         text_of(order).trim_start().starts_with(needle),
         "{:?}",
@@ -683,37 +706,22 @@ fn prior_first_reads_the_matching_sentence_first() {
 #[test]
 fn prior_rank_reads_the_best_match_first_and_newlines_separate_runs() {
     let e = engine();
-    let cancel = AtomicBool::new(false);
-    let mut text: String = (1..=14)
-        .map(|i| format!("Line {i}: the number {} is written here.\n", i * 37 % 1000))
-        .collect();
-    let weak = "A zebra was seen once.";
-    let strong = "The zebra sleeps under the old bridge near the zebra pond.";
-    let third = text[..text.len() / 3].rfind('\n').unwrap() + 1;
-    text.insert_str(third, &format!("{weak}\n"));
-    let two_thirds = text[..2 * text.len() / 3].rfind('\n').unwrap() + 1;
-    text.insert_str(two_thirds, &format!("{strong}\n"));
-    let d = Document::from_text("zebra.txt", &text);
-    let question = "Where does the zebra sleep, under which bridge?";
-    let mut p = params(HomerMode::Always);
-    p.selection = "sentence,reread=all,prior=lexical,order=prior-rank,sep=newline"
-        .parse()
-        .unwrap();
-    p.budget = Some(200);
-    let a = e
-        .ask(&[d], question, &p, &cancel, &mut |_| {}, &mut |_| {})
-        .unwrap();
+    // The weak match a third in, the strong one two thirds in (inserted after the first).
+    let a = ask_reread(
+        &e,
+        &[
+            (1, "A zebra was seen once."),
+            (
+                2,
+                "The zebra sleeps under the old bridge near the zebra pond.",
+            ),
+        ],
+        "Where does the zebra sleep, under which bridge?",
+        "sentence,reread=all,prior=lexical,order=prior-rank,sep=newline",
+    );
     let t = a.trace.as_ref().unwrap();
     let order = t.reread_order.as_ref().expect("the matches moved forward");
-    let text_of = |ids: &[usize]| {
-        e.tokenizer
-            .decode(
-                &ids.iter().map(|&i| a.prompt.context[i]).collect::<Vec<_>>(),
-                false,
-            )
-            .unwrap()
-    };
-    let read = text_of(order);
+    let read = context_text(&e, &a, order);
     let (s, w) = (
         read.find("old bridge").unwrap(),
         read.find("seen once").unwrap(),

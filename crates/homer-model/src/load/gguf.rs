@@ -691,18 +691,7 @@ pub fn config_from_gguf(f: &GgufFile) -> Result<LlamaConfig> {
     // otherwise send the loader looking for billions of layers). A file with no block tensors at
     // all is left to the loader, which names the first missing tensor, as long as the count is
     // not beyond any file's (one tensor a block at least).
-    let blocks = f
-        .tensors
-        .keys()
-        .filter_map(|n| {
-            n.strip_prefix("blk.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map_or(0, |m| m + 1);
+    let blocks = super::layers_held(f.tensors.keys(), "blk.");
     let bad_count = if blocks > 0 {
         blocks != cfg.num_hidden_layers
     } else {

@@ -136,6 +136,21 @@ pub fn llama_tensor_names(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
+/// How many layers the tensor `names` hold: one past the largest `N` of `{prefix}N.…` (0 when
+/// none). Loaders check the declared layer count against it before any loop over layers.
+pub(crate) fn layers_held<'a>(names: impl Iterator<Item = &'a String>, prefix: &str) -> usize {
+    names
+        .filter_map(|n| {
+            n.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1)
+}
+
 /// Load one tensor and check its shape against the config.
 pub fn load_checked(src: &dyn WeightSource, name: &str, expected: &[usize]) -> Result<HostTensor> {
     if !src.contains(name) {

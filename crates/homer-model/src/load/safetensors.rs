@@ -83,17 +83,7 @@ impl HfDir {
         }
         // The layer count must match the tensors held, before any loop over layers (fuzzing
         // found a corrupt `num_hidden_layers` sending the loader after 10^11 layers).
-        let held = index
-            .keys()
-            .filter_map(|n| {
-                n.strip_prefix("model.layers.")?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .max()
-            .map_or(0, |m| m + 1);
+        let held = super::layers_held(index.keys(), "model.layers.");
         if held != config.num_hidden_layers {
             return Err(ModelError::Config {
                 path: dir.join("config.json"),
