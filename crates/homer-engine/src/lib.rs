@@ -281,7 +281,7 @@ impl Engine {
         let model = Llama::load_with(
             src.as_ref(),
             &device,
-            info.max_storage_buffer_binding_size,
+            homer_model::backend::buffer_limit(&device),
             dtype,
             &mut |d, t| progress(Progress::Load { done: d, total: t }),
         )?;

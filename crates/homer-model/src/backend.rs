@@ -216,6 +216,17 @@ fn describe(adapter: &wgpu::Adapter, device: &wgpu::Device) -> DeviceInfo {
     }
 }
 
+/// The largest buffer `device` can hold in one binding (the smaller of the adapter's
+/// storage-binding and buffer limits) when it is this process's wgpu device; None on the CPU.
+pub fn buffer_limit(device: &Device) -> Option<u64> {
+    match WGPU.get() {
+        Some(Ok((d, info))) if d == device => info
+            .max_storage_buffer_binding_size
+            .map(|b| b.min(info.max_buffer_size.unwrap_or(u64::MAX))),
+        _ => None,
+    }
+}
+
 /// The device for `kind`, created once per process and then cloned.
 pub fn device(kind: BackendKind) -> Result<(Device, DeviceInfo)> {
     match kind {

@@ -73,12 +73,14 @@ pub enum ModelError {
     UnknownFormat { path: PathBuf, what: String },
 
     #[error(
-        "{what} needs {needed} bytes in one GPU buffer but the adapter allows {limit}; use --backend cpu or a smaller model"
+        "{what} needs {needed} bytes in one GPU buffer but the adapter allows {limit}; {remedy}"
     )]
     DeviceLimit {
         what: String,
         needed: u64,
         limit: u64,
+        /// What to do about it.
+        remedy: String,
     },
 
     #[error("invalid input: {0}")]

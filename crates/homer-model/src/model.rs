@@ -26,6 +26,9 @@ pub enum Embedding {
 /// Rows per block of a plain prefill.
 pub const PREFILL_BLOCK: usize = 512;
 
+/// What to do about a weight above the device's buffer limit.
+const WEIGHT_REMEDY: &str = "use --backend cpu or a smaller model";
+
 #[derive(Debug, Clone)]
 pub struct Llama {
     pub config: LlamaConfig,
@@ -118,6 +121,7 @@ impl Llama {
                         what: format!("{}: tensor `{name}` {shape:?} (f32)", src.path().display()),
                         needed: bytes,
                         limit,
+                        remedy: WEIGHT_REMEDY.into(),
                     });
                 }
             }
@@ -207,6 +211,7 @@ impl Llama {
                     what: format!("{}: tensor `{name}` {shape:?} (f32)", src.path().display()),
                     needed: bytes,
                     limit,
+                    remedy: WEIGHT_REMEDY.into(),
                 }),
                 _ => Ok(()),
             }
@@ -637,6 +642,9 @@ impl Llama {
             }
         };
         self.check_ids(ids)?;
+        if let Some(limit) = crate::backend::buffer_limit(&self.device) {
+            self.check_buffers(ids.len(), cache, which, limit)?;
+        }
         let mut outs = Vec::new();
         let mut start = 0;
         while start < ids.len() {
@@ -675,6 +683,76 @@ impl Llama {
             1 => outs.pop().unwrap(),
             _ => Tensor::cat(outs, 0),
         })
+    }
+
+    /// Refuse a forward of `n` rows whose activations, logits or K/V buffers would exceed the
+    /// device's buffer `limit`: wgpu reports such a buffer on cubecl's server thread, where the
+    /// caller never sees it, and the results are garbage.
+    fn check_buffers(&self, n: usize, cache: &KvCache, which: Logits, limit: u64) -> Result<()> {
+        let c = &self.config;
+        let refuse = |what: String, needed: u64, remedy: &str| -> Result<()> {
+            if needed > limit {
+                return Err(ModelError::DeviceLimit {
+                    what,
+                    needed,
+                    limit,
+                    remedy: remedy.into(),
+                });
+            }
+            Ok(())
+        };
+        let rows = n.min(PREFILL_BLOCK);
+        let widest = [
+            c.hidden_size,
+            c.q_dim() + 2 * c.kv_dim(),
+            2 * c.intermediate_size,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        let shorter = "ask about a shorter document (with HOMER, a smaller --chunk-len), or use \
+                       --backend cpu";
+        refuse(
+            format!("a block of {rows} prompt rows × {widest} activations (f32)"),
+            (rows * widest * 4) as u64,
+            shorter,
+        )?;
+        let logit_rows = match which {
+            Logits::All => n,
+            Logits::Last => 1,
+            Logits::None => 0,
+        };
+        refuse(
+            format!(
+                "the logits of {logit_rows} rows × {} tokens (f32)",
+                c.vocab_size
+            ),
+            (logit_rows * c.vocab_size * 4) as u64,
+            shorter,
+        )?;
+        // The K/V buffers after this call, by the growth rule of `KvBuffer::reserve`.
+        let (len, mut cap) = match cache.layers.first().and_then(Option::as_ref) {
+            Some(b) => (b.len(), b.capacity()),
+            None => (0, cache.initial_capacity.max(n)),
+        };
+        let mut at = 0;
+        while at < n {
+            let step = PREFILL_BLOCK.min(n - at);
+            if len + at + step > cap {
+                cap = (len + at + step).max(2 * cap);
+            }
+            at += step;
+        }
+        let elem = self.layers.first().map_or(4, |l| l.kv_dtype.size()) as u64;
+        refuse(
+            format!(
+                "a layer's keys for {cap} positions ({} heads × {} dims)",
+                c.num_key_value_heads, c.head_dim
+            ),
+            (c.num_key_value_heads * cap * c.head_dim) as u64 * elem,
+            "ask about a shorter document (with HOMER, a smaller --chunk-len or --budget), use \
+             --kv-dtype f16, or --backend cpu",
+        )
     }
 
     /// Plain prefill of a prompt from an empty cache.
