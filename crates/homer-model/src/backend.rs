@@ -108,8 +108,42 @@ fn cubecl_cache_root() -> Option<String> {
     (!config.autotune.disable_cache).then(|| config.environment.path.root().display().to_string())
 }
 
+/// The last error wgpu raised on burn's device thread: cubecl panics there (`wgpu error: Out of
+/// Memory`), where the caller never sees it; the read-back that then fails only says its bytes
+/// were never written. [`take_device_panic`] hands the cause to the error the user sees.
+static DEVICE_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Record wgpu's errors from burn's device thread (a panic hook that keeps the previous one).
+fn watch_device_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let p = info.payload();
+            let msg = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if msg.starts_with("wgpu error") {
+                *DEVICE_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg.to_string());
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// The last wgpu error of burn's device thread since the previous call, if any.
+pub fn take_device_panic() -> Option<String> {
+    DEVICE_PANIC
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+}
+
 fn init_wgpu() -> std::result::Result<(Device, DeviceInfo), String> {
     configure_cubecl();
+    watch_device_panics();
     let result = std::panic::catch_unwind(|| Device::wgpu_options().init_with_setup());
     let (device, setup) = match result {
         Ok(Ok(v)) => v,
@@ -169,6 +203,7 @@ pub fn share_wgpu(
         ));
     }
     configure_cubecl();
+    watch_device_panics();
     let backend = adapter.get_info().backend;
     let info = describe(&adapter, &device);
     let setup = burn::tensor::wgpu::WgpuSetup {

@@ -83,6 +83,11 @@ pub enum ModelError {
         remedy: String,
     },
 
+    /// The device failed while computing: lost, out of memory, or a fault (cubecl's message,
+    /// on one line).
+    #[error("the GPU failed while computing ({cause}); {remedy}")]
+    Device { cause: String, remedy: String },
+
     #[error("invalid input: {0}")]
     Input(String),
 }

@@ -795,9 +795,31 @@ impl Llama {
 
 /// Read a tensor back to the host as f32.
 pub fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
-    t.try_into_vec_as::<f32>().map_err(|e| {
-        ModelError::Input(format!(
-            "reading a tensor back from the device failed: {e:?}"
-        ))
-    })
+    t.try_into_vec_as::<f32>()
+        .map_err(|e| device_error(&format!("{e:?}")))
+}
+
+/// A device failure (the message of a failed read-back, or the wgpu error behind it when the
+/// device thread reported one) as an error with a remedy: what is worth trying depends on
+/// whether the device ran out of memory or was lost.
+pub fn device_error(message: &str) -> ModelError {
+    let message = crate::backend::take_device_panic().unwrap_or_else(|| message.to_string());
+    let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    let cause: String = match line.char_indices().nth(240) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.clone(),
+    };
+    let lower = line.to_lowercase();
+    let remedy = if lower.contains("out of memory") || lower.contains("outofmemory") {
+        "it ran out of memory: use a smaller --chunk-len, --kv-dtype f16, a quantized model \
+         (--dtype native with a Q4/Q8 GGUF), or --backend cpu"
+    } else {
+        "the device may have been lost (a driver reset, a sleep, an unplugged GPU) or faulted: \
+         load the model again (restart homer, or pick the model again in homer-desk's \
+         settings), or use --backend cpu"
+    };
+    ModelError::Device {
+        cause,
+        remedy: remedy.into(),
+    }
 }
