@@ -447,6 +447,7 @@ impl Engine {
         cache.reserve_total(cache.len() + budget, &self.model.device);
         let mut sampler = sampling::Sampler::new(params.sampling.clone());
         let prompt_tokens = history.len();
+        let prompt = history;
         let mut history = if params.penalise_prompt {
             history.to_vec()
         } else {
@@ -465,6 +466,16 @@ impl Engine {
             .max()
             .unwrap_or(0);
         let mut emitted = 0usize; // bytes of `text` already given to on_text
+        // NaN/∞ logits (a broken file, an overflowing precision) stop with an error naming the
+        // layer, instead of sampling garbage.
+        let finite = |logits: &[f32], out: &[u32]| -> Result<()> {
+            if logits.iter().all(|v| v.is_finite()) {
+                return Ok(());
+            }
+            let ids: Vec<u32> = prompt.iter().chain(out).copied().collect();
+            Err(self.model.non_finite_error(&ids).into())
+        };
+        finite(&logits, &out)?;
         while out.len() < params.max_tokens {
             if cancel.load(Ordering::Relaxed) {
                 stop = StopReason::Cancelled;
@@ -530,6 +541,7 @@ impl Engine {
                 break;
             }
             logits = self.model.decode_step(next, &mut cache)?;
+            finite(&logits, &out)?;
         }
         if !matches!(stop, StopReason::StopString | StopReason::Repeat) {
             if let Some(rest) = stream.finish()? {

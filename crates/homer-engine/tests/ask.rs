@@ -741,3 +741,54 @@ fn prior_rank_reads_the_best_match_first_and_newlines_separate_runs() {
     assert_eq!(a.cache_len, t.final_len);
     assert_eq!(t.last_position_id + 1, t.final_len);
 }
+
+/// Issue 17, item 3: a model whose forward turns NaN (here a layer norm of NaN in the file)
+/// answers with an error naming the layer, not with tokens sampled from NaN logits.
+#[test]
+fn a_nan_model_is_an_error_naming_the_layer_not_an_answer() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let poisoned = "model.layers.1.post_attention_layernorm.weight";
+    let nan: Vec<u8> = std::iter::repeat_n(f32::NAN.to_le_bytes(), 64)
+        .flatten()
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let v = if name == poisoned {
+                safetensors::tensor::TensorView::new(v.dtype(), v.shape().to_vec(), &nan).unwrap()
+            } else {
+                v
+            };
+            (name, v)
+        })
+        .collect();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    let e = Engine::load(Some(dir.path()), BackendKind::Cpu, &mut |_| {}).unwrap();
+    let mut p = params(HomerMode::Never);
+    p.generate.max_tokens = 4;
+    let err = e
+        .ask(
+            &[Document::from_text("d.txt", "The pass key is 12345.")],
+            "What is the pass key?",
+            &p,
+            &AtomicBool::new(false),
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .err()
+        .expect("a NaN model must not answer")
+        .to_string();
+    assert!(err.contains("non-finite at layer 1 of 3"), "{err}");
+}

@@ -83,6 +83,10 @@ pub enum ModelError {
         remedy: String,
     },
 
+    /// A forward pass produced NaN or infinite values (weights, a kernel, or precision).
+    #[error("{0}; the model file or its weight precision (--dtype) is likely at fault")]
+    NonFinite(String),
+
     /// The device failed while computing: lost, out of memory, or a fault (cubecl's message,
     /// on one line).
     #[error("the GPU failed while computing ({cause}); {remedy}")]

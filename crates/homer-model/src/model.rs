@@ -755,6 +755,51 @@ impl Llama {
         )
     }
 
+    /// The error for logits that came out NaN or infinite on a forward over `ids` (the prompt,
+    /// and the answer so far): the last ≤ 64 of them are run again layer by layer to name the
+    /// first layer whose output is not finite. Only called once the logits are bad.
+    pub fn non_finite_error(&self, ids: &[u32]) -> ModelError {
+        let tail = &ids[ids.len().saturating_sub(64)..];
+        let found = if self.fast {
+            crate::cpu::on_pool(|| self.first_non_finite_layer(tail))
+        } else {
+            self.first_non_finite_layer(tail)
+        };
+        let n = self.n_layers();
+        ModelError::NonFinite(match found {
+            Ok(Some(l)) => format!(
+                "the logits are NaN or infinite: the hidden states turn non-finite at layer {l} \
+                 of {n}"
+            ),
+            Ok(None) => format!(
+                "the logits are NaN or infinite (each of the {n} layers' output on the last {} \
+                 tokens is finite)",
+                tail.len()
+            ),
+            Err(e) => format!("the logits are NaN or infinite (finding the layer failed: {e})"),
+        })
+    }
+
+    /// The first layer whose output over `ids` (from an empty cache) holds a NaN or an ∞.
+    fn first_non_finite_layer(&self, ids: &[u32]) -> Result<Option<usize>> {
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let positions: Vec<usize> = (0..ids.len()).collect();
+        let (cos, sin) = self.rope_tables(&positions);
+        let (kvh, hd) = (self.config.num_key_value_heads, self.config.head_dim);
+        let mut x = self.embed(ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let buf = KvBuffer::empty(kvh, hd, ids.len(), layer.kv_dtype, &self.device);
+            let (h, _, _) = layer.attend_into(x, &cos, &sin, buf);
+            x = layer.feed_forward(h);
+            if !read_f32(x.clone().sum())?.iter().all(|v| v.is_finite()) {
+                return Ok(Some(l));
+            }
+        }
+        Ok(None)
+    }
+
     /// Plain prefill of a prompt from an empty cache.
     pub fn prefill(&self, ids: &[u32], which: Logits) -> Result<(Tensor<2>, KvCache)> {
         let mut cache = KvCache::new(self.n_layers());

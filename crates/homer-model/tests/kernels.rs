@@ -262,3 +262,24 @@ fn kv_buffer_grows_in_place_and_keeps_rows() {
     assert_eq!(cache.layers[1].as_ref().unwrap().capacity(), 40);
     assert_eq!(cache.len(), 11);
 }
+
+/// Issue 17, item 3: logits that come out NaN name the first layer whose output is not finite;
+/// on both backends.
+#[test]
+fn non_finite_logits_name_the_layer() {
+    for kind in [BackendKind::Cpu, BackendKind::Wgpu] {
+        let dev = device(kind);
+        let mut model = Llama::random(config(4, 2, 8, 32, 48, false), 5, &dev);
+        let prompt = ids(20);
+        let (l, _) = model.prefill(&prompt, Logits::Last).unwrap();
+        assert!(read_f32(l).unwrap().iter().all(|v| v.is_finite()));
+        model.layers[1].ffn_norm = Tensor::<1>::full([32], f32::NAN, &dev);
+        let (l, _) = model.prefill(&prompt, Logits::Last).unwrap();
+        assert!(read_f32(l).unwrap().iter().any(|v| v.is_nan()), "{kind}");
+        let e = model.non_finite_error(&prompt).to_string();
+        assert!(
+            e.contains("non-finite at layer 1 of 3") && e.contains("--dtype"),
+            "{kind}: {e}"
+        );
+    }
+}
