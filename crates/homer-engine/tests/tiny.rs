@@ -193,15 +193,16 @@ fn sentencepiece_gguf_tokenizer_merges_by_score_and_falls_back_to_bytes() {
 
 /// Issue 17, item 4: decoding stops before a position passes the model's window (256 here):
 /// a 250-token prompt leaves room for 7 answer tokens (the last one read at position 255),
-/// unless `stop_at_window` is off (the evaluation's baselines).
+/// unless `stop_at_window` is off (the evaluation's baselines); on both backends.
 #[test]
 fn decoding_stops_at_the_window() {
-    let e = Engine::load(
-        Some(&fixtures().join("tiny-llama")),
-        BackendKind::Cpu,
-        &mut |_| {},
-    )
-    .unwrap();
+    for kind in [BackendKind::Cpu, BackendKind::Wgpu] {
+        decoding_stops_at_the_window_on(kind);
+    }
+}
+
+fn decoding_stops_at_the_window_on(kind: BackendKind) {
+    let e = Engine::load(Some(&fixtures().join("tiny-llama")), kind, &mut |_| {}).unwrap();
     let window = e.model.config.max_position_embeddings;
     assert_eq!(window, 256);
     let prompt: Vec<u32> = (0..250).map(|i| 5 + (i * 7) % 200).collect();
@@ -218,10 +219,10 @@ fn decoding_stops_at_the_window() {
             .unwrap()
     };
     let capped = run(true);
-    assert_eq!(capped.stop, homer_engine::StopReason::Window);
-    assert_eq!(capped.ids.len(), window - prompt.len() + 1);
+    assert_eq!(capped.stop, homer_engine::StopReason::Window, "{kind}");
+    assert_eq!(capped.ids.len(), window - prompt.len() + 1, "{kind}");
     let free = run(false);
-    assert_eq!(free.stop, homer_engine::StopReason::MaxTokens);
-    assert_eq!(free.ids.len(), 20);
-    assert_eq!(&free.ids[..capped.ids.len()], &capped.ids[..]);
+    assert_eq!(free.stop, homer_engine::StopReason::MaxTokens, "{kind}");
+    assert_eq!(free.ids.len(), 20, "{kind}");
+    assert_eq!(&free.ids[..capped.ids.len()], &capped.ids[..], "{kind}");
 }
