@@ -4,6 +4,8 @@
 //! restart. Screens are rendered on wgpu (lavapipe here) and compared with the PNGs in
 //! `tests/snapshots/` (`UPDATE_SNAPSHOTS=1` rewrites them).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -17,17 +19,7 @@ use homer_desk::{DeskApp, DeskOptions, Tab};
 use homer_engine::{AskParams, Engine, GenerateParams, HomerMode};
 use homer_model::BackendKind;
 
-fn repo() -> PathBuf {
-    Path::new(
-        &std::env::var_os("CARGO_MANIFEST_DIR")
-            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
-    )
-    .join("../..")
-}
-
-fn tiny() -> PathBuf {
-    repo().join("tests/fixtures/tiny-llama")
-}
+use common::{repo, tiny, wait};
 
 /// The first verses of John 11: with the prompt around them, more than the tiny model's 256-token
 /// window, and few enough for a tree the tiny model's 3 layers can hold (C 256, W 0).
@@ -81,20 +73,6 @@ fn harness(data_dir: &Path) -> Harness<'static, DeskApp> {
                 },
             )
         })
-}
-
-/// Step the harness until `done` holds (the worker runs on its own thread).
-fn wait(h: &mut Harness<'_, DeskApp>, what: &str, done: impl Fn(&DeskApp) -> bool) {
-    let t0 = Instant::now();
-    while !done(h.state()) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(180),
-            "timed out waiting for {what}"
-        );
-        h.step();
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    h.run_steps(3);
 }
 
 fn snapshot(h: &mut Harness<'_, DeskApp>, name: &str) {
