@@ -4,6 +4,8 @@
 //! allocated, with the limit and a remedy (wgpu would report the buffer on cubecl's server thread,
 //! where the caller never sees it, and answer garbage); the device still computes right after.
 
+mod common;
+
 use std::path::Path;
 
 use homer_engine::Engine;
@@ -13,28 +15,10 @@ const LIMIT: u64 = 16 << 20;
 
 #[test]
 fn a_forward_whose_buffers_exceed_the_device_limit_is_refused_and_the_device_goes_on() {
-    let instance = wgpu::Instance::default();
-    let Ok(adapter) = pollster::block_on(instance.request_adapter(&Default::default())) else {
-        panic!("no wgpu adapter: install mesa-vulkan-drivers (lavapipe)");
-    };
-    let mut limits = adapter.limits();
-    limits.max_storage_buffer_binding_size = LIMIT;
-    limits.max_buffer_size = LIMIT;
-    let (device, queue) = pollster::block_on(
-        adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("lowered limits"),
-            required_features: adapter
-                .features()
-                .difference(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
-            required_limits: limits,
-            memory_hints: wgpu::MemoryHints::MemoryUsage,
-            trace: wgpu::Trace::Off,
-            // SAFETY: the request burn's own device makes (as homer-desk's).
-            experimental_features: unsafe { wgpu::ExperimentalFeatures::enabled() },
-        }),
-    )
-    .expect("a device with lowered limits");
-    homer_model::backend::share_wgpu(instance, adapter, device, queue).unwrap();
+    common::share_device(|l| {
+        l.max_storage_buffer_binding_size = LIMIT;
+        l.max_buffer_size = LIMIT;
+    });
 
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
     let gpu = Engine::load(Some(&model), BackendKind::Wgpu, &mut |_| {}).unwrap();

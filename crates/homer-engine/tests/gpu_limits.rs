@@ -5,33 +5,18 @@
 //! the caller never sees it), and the process must stay usable: the same model then loads on
 //! the CPU and answers.
 
+mod common;
+
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 #[test]
 fn a_model_above_the_gpus_buffer_limit_is_refused_with_a_remedy_and_the_cpu_still_answers() {
-    let instance = wgpu::Instance::default();
-    let Ok(adapter) = pollster::block_on(instance.request_adapter(&Default::default())) else {
-        panic!("no wgpu adapter: install mesa-vulkan-drivers (lavapipe)");
-    };
-    let mut limits = adapter.limits();
-    limits.max_storage_buffer_binding_size = 16 << 10;
-    limits.max_buffer_size = 64 << 10;
-    let (device, queue) = pollster::block_on(
-        adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("lowered limits"),
-            required_features: adapter
-                .features()
-                .difference(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
-            required_limits: limits,
-            memory_hints: wgpu::MemoryHints::MemoryUsage,
-            trace: wgpu::Trace::Off,
-            // SAFETY: the request burn's own device makes (as homer-desk's).
-            experimental_features: unsafe { wgpu::ExperimentalFeatures::enabled() },
-        }),
-    )
-    .expect("a device with lowered limits");
-    let (_, info) = homer_model::backend::share_wgpu(instance, adapter, device, queue).unwrap();
+    common::share_device(|l| {
+        l.max_storage_buffer_binding_size = 16 << 10;
+        l.max_buffer_size = 64 << 10;
+    });
+    let (_, info) = homer_model::backend::device(homer_model::BackendKind::Wgpu).unwrap();
     assert_eq!(info.max_storage_buffer_binding_size, Some(16 << 10));
 
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");

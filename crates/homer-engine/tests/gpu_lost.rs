@@ -3,6 +3,8 @@
 //! unplugged GPU does). The next question must end in one error that says the device failed and
 //! what to do, not a panic, a hang or garbage; the process stays usable (the CPU answers).
 
+mod common;
+
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
@@ -11,26 +13,7 @@ use homer_model::BackendKind;
 
 #[test]
 fn a_lost_device_is_an_error_with_a_remedy_and_the_cpu_still_answers() {
-    let instance = wgpu::Instance::default();
-    let Ok(adapter) = pollster::block_on(instance.request_adapter(&Default::default())) else {
-        panic!("no wgpu adapter: install mesa-vulkan-drivers (lavapipe)");
-    };
-    let (device, queue) = pollster::block_on(
-        adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("to be lost"),
-            required_features: adapter
-                .features()
-                .difference(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
-            required_limits: adapter.limits(),
-            memory_hints: wgpu::MemoryHints::MemoryUsage,
-            trace: wgpu::Trace::Off,
-            // SAFETY: the request burn's own device makes (as homer-desk's).
-            experimental_features: unsafe { wgpu::ExperimentalFeatures::enabled() },
-        }),
-    )
-    .expect("a device");
-    let ours = device.clone();
-    homer_model::backend::share_wgpu(instance, adapter, device, queue).unwrap();
+    let ours = common::share_device(|_| {});
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
     let doc = Document::from_text("d.txt", "The grass is green. The sky is blue.");
     let mut params = AskParams::default();
