@@ -90,7 +90,7 @@ impl DocCache {
     /// the available memory cannot be read).
     pub fn default_budget() -> usize {
         const GIB: usize = 1 << 30;
-        match available_memory() {
+        match homer_model::backend::available_memory() {
             Some(m) => (m / 4).min(8 * GIB),
             None => GIB / 4,
         }
@@ -314,14 +314,6 @@ pub fn human_bytes(b: usize) -> String {
     } else {
         format!("{:.1} GiB", b / (1024.0 * MIB))
     }
-}
-
-/// Available memory in bytes (Linux: `MemAvailable` of /proc/meminfo).
-fn available_memory() -> Option<usize> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 #[cfg(test)]

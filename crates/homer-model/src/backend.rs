@@ -262,6 +262,15 @@ pub fn buffer_limit(device: &Device) -> Option<u64> {
     }
 }
 
+/// Memory available to the process now, in bytes (Linux: `MemAvailable` of /proc/meminfo;
+/// None elsewhere).
+pub fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// The device for `kind`, created once per process and then cloned.
 pub fn device(kind: BackendKind) -> Result<(Device, DeviceInfo)> {
     match kind {

@@ -83,6 +83,15 @@ pub enum ModelError {
         remedy: String,
     },
 
+    /// A forward pass would allocate more host memory than is available (CPU backend).
+    #[error("{what} needs {needed} bytes of memory but {available} are available; {remedy}")]
+    Memory {
+        what: String,
+        needed: u64,
+        available: u64,
+        remedy: String,
+    },
+
     /// A forward pass produced NaN or infinite values (weights, a kernel, or precision).
     #[error("{0}; the model file or its weight precision (--dtype) is likely at fault")]
     NonFinite(String),

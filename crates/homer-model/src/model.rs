@@ -642,9 +642,7 @@ impl Llama {
             }
         };
         self.check_ids(ids)?;
-        if let Some(limit) = crate::backend::buffer_limit(&self.device) {
-            self.check_buffers(ids.len(), cache, which, limit)?;
-        }
+        self.check_buffers(ids.len(), cache, which)?;
         let mut outs = Vec::new();
         let mut start = 0;
         while start < ids.len() {
@@ -685,11 +683,69 @@ impl Llama {
         })
     }
 
-    /// Refuse a forward of `n` rows whose activations, logits or K/V buffers would exceed the
-    /// device's buffer `limit`: wgpu reports such a buffer on cubecl's server thread, where the
-    /// caller never sees it, and the results are garbage.
-    fn check_buffers(&self, n: usize, cache: &KvCache, which: Logits, limit: u64) -> Result<()> {
+    /// Refuse a forward of `n` rows whose buffers would not fit: on wgpu, activations, logits or
+    /// a K/V buffer above the device's buffer limit (wgpu reports such a buffer on cubecl's
+    /// server thread, where the caller never sees it, and the results are garbage); on the CPU,
+    /// K/V growth and logits beyond the memory available (an allocation failure aborts the
+    /// process).
+    fn check_buffers(&self, n: usize, cache: &KvCache, which: Logits) -> Result<()> {
         let c = &self.config;
+        // The K/V buffers' rows after this call, by the growth rule of `KvBuffer::reserve`.
+        let (len, old_cap) = match cache.layers.first().and_then(Option::as_ref) {
+            Some(b) => (b.len(), b.capacity()),
+            None => (0, 0),
+        };
+        let mut cap = if old_cap == 0 {
+            cache.initial_capacity.max(n)
+        } else {
+            old_cap
+        };
+        let mut at = 0;
+        while at < n {
+            let step = PREFILL_BLOCK.min(n - at);
+            if len + at + step > cap {
+                cap = (len + at + step).max(2 * cap);
+            }
+            at += step;
+        }
+        let elem = self.layers.first().map_or(4, |l| l.kv_dtype.size()) as u64;
+        let kv_bytes = (c.num_key_value_heads * cap * c.head_dim) as u64 * elem;
+        let logit_rows = match which {
+            Logits::All => n,
+            Logits::Last => 1,
+            Logits::None => 0,
+        };
+        let logit_bytes = (logit_rows * c.vocab_size * 4) as u64;
+        let kv_remedy = "ask about a shorter document (with HOMER, a smaller --chunk-len or \
+                         --budget), use --kv-dtype f16, or --backend cpu";
+        let Some(limit) = crate::backend::buffer_limit(&self.device) else {
+            // The CPU: what this call adds (new K and V of every layer, the logits) against the
+            // memory available, read only when the cache grows or many logits are asked for.
+            let grown = if cap > old_cap {
+                2 * self.n_layers() as u64 * kv_bytes
+            } else {
+                0
+            };
+            let needed = grown + logit_bytes;
+            if needed < 64 << 20 {
+                return Ok(());
+            }
+            if let Some(available) = crate::backend::available_memory().map(|a| a as u64) {
+                if needed > available {
+                    return Err(ModelError::Memory {
+                        what: format!(
+                            "the K/V cache for {cap} positions ({} layers) and the logits of \
+                             {logit_rows} rows",
+                            self.n_layers()
+                        ),
+                        needed,
+                        available,
+                        remedy: kv_remedy.replace(", or --backend cpu", ""),
+                    });
+                }
+            }
+            return Ok(());
+        };
         let refuse = |what: String, needed: u64, remedy: &str| -> Result<()> {
             if needed > limit {
                 return Err(ModelError::DeviceLimit {
@@ -717,41 +773,21 @@ impl Llama {
             (rows * widest * 4) as u64,
             shorter,
         )?;
-        let logit_rows = match which {
-            Logits::All => n,
-            Logits::Last => 1,
-            Logits::None => 0,
-        };
         refuse(
             format!(
                 "the logits of {logit_rows} rows × {} tokens (f32)",
                 c.vocab_size
             ),
-            (logit_rows * c.vocab_size * 4) as u64,
+            logit_bytes,
             shorter,
         )?;
-        // The K/V buffers after this call, by the growth rule of `KvBuffer::reserve`.
-        let (len, mut cap) = match cache.layers.first().and_then(Option::as_ref) {
-            Some(b) => (b.len(), b.capacity()),
-            None => (0, cache.initial_capacity.max(n)),
-        };
-        let mut at = 0;
-        while at < n {
-            let step = PREFILL_BLOCK.min(n - at);
-            if len + at + step > cap {
-                cap = (len + at + step).max(2 * cap);
-            }
-            at += step;
-        }
-        let elem = self.layers.first().map_or(4, |l| l.kv_dtype.size()) as u64;
         refuse(
             format!(
                 "a layer's keys for {cap} positions ({} heads × {} dims)",
                 c.num_key_value_heads, c.head_dim
             ),
-            (c.num_key_value_heads * cap * c.head_dim) as u64 * elem,
-            "ask about a shorter document (with HOMER, a smaller --chunk-len or --budget), use \
-             --kv-dtype f16, or --backend cpu",
+            kv_bytes,
+            kv_remedy,
         )
     }
 

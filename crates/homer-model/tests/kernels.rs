@@ -283,3 +283,29 @@ fn non_finite_logits_name_the_layer() {
         );
     }
 }
+
+/// Issue 17, item 5 on the CPU: a forward whose K/V cache would outgrow the memory available is
+/// refused before allocating (an allocation failure would abort the process), and the model
+/// goes on.
+#[test]
+fn a_cache_beyond_the_memory_available_is_refused_on_the_cpu() {
+    let dev = device(BackendKind::Cpu);
+    let model = Llama::random(config(4, 2, 8, 32, 48, false), 5, &dev);
+    let prompt = ids(20);
+    let mut cache = KvCache::new(model.n_layers());
+    // 2^40 positions x 2 heads x 8 dims x 4 bytes x (K, V) x 3 layers: 384 TiB.
+    cache.initial_capacity = 1 << 40;
+    let e = model
+        .forward(&prompt, None, &mut cache, Logits::Last)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("the K/V cache for 1099511627776 positions (3 layers)")
+            && e.contains("needs 422212465067188 bytes of memory")
+            && e.contains("--kv-dtype f16"),
+        "{e}"
+    );
+    let (l, _) = model.prefill(&prompt, Logits::Last).unwrap();
+    assert!(read_f32(l).unwrap().iter().all(|v| v.is_finite()));
+}
