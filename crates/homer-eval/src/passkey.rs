@@ -69,7 +69,7 @@ pub fn run(
                     spec.format,
                     s.key_tail()
                 );
-                if store.has(&key) {
+                if store.has_sample(&key, seed)? {
                     continue;
                 }
                 if sample.is_none() {
@@ -98,6 +98,7 @@ pub fn run(
                         let cell = json!({
                             "key": key, "model": model, "method": method.to_string(),
                             "variant": vname, "length": len, "depth": depth, "trial": t,
+                            "sample_seed": seed,
                         });
                         crate::refuse(store, s, e, cell)?;
                         continue;
@@ -133,7 +134,7 @@ pub fn run(
                             "read_tokens": run.prompt_tokens, "passkey": sample.passkey, "answer": run.text,
                             "correct": ok, "prefill_secs": run.prefill_secs, "secs": run.secs,
                             "needle_tokens_kept": needle_kept, "chunks": run.chunks, "cache_rows": run.cache_len,
-                            "window": s.window, "filler": spec.filler.name(),
+                            "window": s.window, "filler": spec.filler.name(), "sample_seed": seed,
                         }))?;
             }
         }

@@ -256,7 +256,7 @@ pub fn run(
                 s.seed,
                 s.key_tail()
             );
-            if store.has(&key) {
+            if store.has_sample(&key, seed)? {
                 continue;
             }
             if smp.is_none() {
@@ -299,7 +299,7 @@ pub fn run(
                 Err(e) => {
                     let cell = json!({
                         "key": key, "model": model, "method": method.to_string(),
-                        "length": len, "depth": depth, "trial": t,
+                        "length": len, "depth": depth, "trial": t, "sample_seed": seed,
                     });
                     crate::refuse(store, s, e, cell)?;
                     continue;
@@ -324,7 +324,7 @@ pub fn run(
                         "answer": answer, "f1": score, "exact": ex, "prompt_tokens": q.prompt.total_len(),
                         "read_tokens": run.prompt_tokens, "prefill_secs": run.prefill_secs,
                         "target_kept_share": kept_share, "retrieved": retrieved, "cache_rows": run.cache_len,
-                        "window": s.window,
+                        "window": s.window, "sample_seed": seed,
                     }))?;
         }
     }

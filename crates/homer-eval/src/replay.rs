@@ -185,7 +185,7 @@ pub fn run(
             )
         };
         let mut todo = vec![];
-        if !store.has(&key(&tree_name, 1.0)) {
+        if !store.has_sample(&key(&tree_name, 1.0), c.seed)? {
             todo.push((tree_name.clone(), Sel::Homer, 1.0));
         }
         for (name, sel) in &sels {
@@ -194,7 +194,7 @@ pub fn run(
                 if *sel == Sel::Homer && f != 1.0 {
                     continue;
                 }
-                if !store.has(&key(name, f)) {
+                if !store.has_sample(&key(name, f), c.seed)? {
                     todo.push((name.clone(), *sel, f));
                 }
             }
@@ -304,6 +304,7 @@ pub fn run(
                 "depth": c.depth, "trial": c.trial, "selection": name, "budget": f,
                 "budget_tokens": b, "homer_kept": budget, "kept_tokens": kept.len(), "runs": nruns,
                 "needle_tokens": needle.len(), "needle_kept": needle_kept, "passkey": sample.passkey,
+                "sample_seed": c.seed,
                 "answer": text, "correct": ok, "secs": secs, "context_tokens": n,
             }))?;
         }

@@ -1,7 +1,7 @@
 //! JSON-lines records, one file per task, appended as cells finish and keyed so that a rerun
 //! skips what is done.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,8 @@ use crate::{EvalError, Result};
 
 pub struct Store {
     path: PathBuf,
-    keys: HashSet<String>,
+    /// Every record's key, with the seed of the prompt it measured when the record says.
+    keys: HashMap<String, Option<u64>>,
     records: Vec<Value>,
 }
 
@@ -22,7 +23,7 @@ impl Store {
         std::fs::create_dir_all(dir)
             .map_err(|e| EvalError::Io(format!("{}: cannot create: {e}", dir.display())))?;
         let path = dir.join(format!("{task}.jsonl"));
-        let mut keys = HashSet::new();
+        let mut keys = HashMap::new();
         let mut records = vec![];
         if path.exists() {
             let text = std::fs::read_to_string(&path)
@@ -39,7 +40,7 @@ impl Store {
                     ))
                 })?;
                 if let Some(k) = v["key"].as_str() {
-                    keys.insert(k.to_string());
+                    keys.insert(k.to_string(), v["sample_seed"].as_u64());
                 }
                 records.push(v);
             }
@@ -56,7 +57,24 @@ impl Store {
     }
 
     pub fn has(&self, key: &str) -> bool {
-        self.keys.contains(key)
+        self.keys.contains_key(key)
+    }
+
+    /// Whether the cell `key` is done for the prompt made from `sample_seed`. A record of the
+    /// same key for another prompt is an error: a cell's seed follows its place in the
+    /// `--depths` list, so a store made with another list holds other prompts under the same
+    /// keys, and resuming into it would mix them.
+    pub fn has_sample(&self, key: &str, sample_seed: u64) -> Result<bool> {
+        match self.keys.get(key) {
+            None => Ok(false),
+            Some(Some(stored)) if *stored != sample_seed => Err(EvalError::Io(format!(
+                "{}: the record `{key}` measured another prompt (sample seed {stored}, this run's \
+                 is {sample_seed}): the store was made with another --depths list; give this run \
+                 its own --out directory",
+                self.path.display()
+            ))),
+            Some(_) => Ok(true),
+        }
     }
 
     /// Append a record (it must carry its `key`), flushed at once.
@@ -74,7 +92,7 @@ impl Store {
         writeln!(f, "{line}")
             .and_then(|_| f.sync_data())
             .map_err(|e| EvalError::Io(format!("{}: cannot write: {e}", self.path.display())))?;
-        self.keys.insert(key);
+        self.keys.insert(key, record["sample_seed"].as_u64());
         self.records.push(record);
         Ok(())
     }
@@ -100,5 +118,25 @@ mod tests {
         std::fs::write(dir.path().join("t.jsonl"), "{\"key\":\"a\"}\nnot json\n").unwrap();
         let e = Store::open(dir.path(), "t").err().unwrap().to_string();
         assert!(e.contains("t.jsonl:2"), "{e}");
+    }
+
+    /// A cell's record names the prompt's seed: the same key for another prompt (a store made
+    /// with another --depths list) stops the run; records without a seed (older) still count.
+    #[test]
+    fn a_record_of_another_prompt_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), "t").unwrap();
+        s.append(serde_json::json!({"key": "cell", "sample_seed": 7}))
+            .unwrap();
+        s.append(serde_json::json!({"key": "old"})).unwrap();
+        let s = Store::open(dir.path(), "t").unwrap();
+        assert!(s.has_sample("cell", 7).unwrap());
+        assert!(!s.has_sample("other", 7).unwrap());
+        assert!(s.has_sample("old", 99).unwrap());
+        let e = s.has_sample("cell", 8).err().unwrap().to_string();
+        assert!(
+            e.contains("t.jsonl") && e.contains("--depths") && e.contains("--out"),
+            "{e}"
+        );
     }
 }
