@@ -704,29 +704,32 @@ impl Llama {
         while at < n {
             let step = PREFILL_BLOCK.min(n - at);
             if len + at + step > cap {
-                cap = (len + at + step).max(2 * cap);
+                cap = (len + at + step).max(cap.saturating_mul(2));
             }
             at += step;
         }
         let elem = self.layers.first().map_or(4, |l| l.kv_dtype.size()) as u64;
-        let kv_bytes = (c.num_key_value_heads * cap * c.head_dim) as u64 * elem;
+        // u64 and saturating: a capacity asked for may be absurd (that is what is refused).
+        let kv_bytes = [c.num_key_value_heads, cap, c.head_dim]
+            .iter()
+            .fold(elem, |b, &x| b.saturating_mul(x as u64));
         let logit_rows = match which {
             Logits::All => n,
             Logits::Last => 1,
             Logits::None => 0,
         };
-        let logit_bytes = (logit_rows * c.vocab_size * 4) as u64;
+        let logit_bytes = (logit_rows as u64).saturating_mul(c.vocab_size as u64 * 4);
         let kv_remedy = "ask about a shorter document (with HOMER, a smaller --chunk-len or \
-                         --budget), use --kv-dtype f16, or --backend cpu";
+                         --budget), use --kv-dtype f16";
         let Some(limit) = crate::backend::buffer_limit(&self.device) else {
             // The CPU: what this call adds (new K and V of every layer, the logits) against the
             // memory available, read only when the cache grows or many logits are asked for.
             let grown = if cap > old_cap {
-                2 * self.n_layers() as u64 * kv_bytes
+                kv_bytes.saturating_mul(2 * self.n_layers() as u64)
             } else {
                 0
             };
-            let needed = grown + logit_bytes;
+            let needed = grown.saturating_add(logit_bytes);
             if needed < 64 << 20 {
                 return Ok(());
             }
@@ -740,7 +743,7 @@ impl Llama {
                         ),
                         needed,
                         available,
-                        remedy: kv_remedy.replace(", or --backend cpu", ""),
+                        remedy: kv_remedy.into(),
                     });
                 }
             }
@@ -787,7 +790,7 @@ impl Llama {
                 c.num_key_value_heads, c.head_dim
             ),
             kv_bytes,
-            kv_remedy,
+            &format!("{kv_remedy}, or --backend cpu"),
         )
     }
 
