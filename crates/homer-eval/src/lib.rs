@@ -15,6 +15,7 @@ pub mod plot;
 pub mod qa;
 pub mod replay;
 pub mod report;
+pub mod stats;
 pub mod store;
 pub mod text;
 

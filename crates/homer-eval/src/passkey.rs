@@ -194,7 +194,8 @@ pub fn depths_of(g: &Grid) -> Vec<String> {
     depths
 }
 
-/// A markdown table: one row per (label, length), one column per depth, and the total.
+/// A markdown table: one row per (label, length), one column per depth, and the total; cells of
+/// more than one trial and every total carry the 95% Wilson interval of the accuracy.
 pub fn table(all: &[Value], order: &[String]) -> String {
     let records = &crate::ran(all)[..];
     let g = grid(records);
@@ -218,12 +219,23 @@ pub fn table(all: &[Value], order: &[String]) -> String {
                 .collect();
             let cols: Vec<String> = depths
                 .iter()
-                .map(|d| cells.get(d).map_or("–".into(), |(o, n)| format!("{o}/{n}")))
+                .map(|d| {
+                    cells.get(d).map_or("–".into(), |&(o, n)| {
+                        if n > 1 {
+                            crate::stats::wilson_cell(o, n)
+                        } else {
+                            format!("{o}/{n}")
+                        }
+                    })
+                })
                 .collect();
+            let (lo, hi) = crate::stats::wilson(ok, n, crate::stats::Z95);
             out += &format!(
-                "| {name} | {len} | {} | {ok}/{n} ({:.0}%) | {:.1} |\n",
+                "| {name} | {len} | {} | {ok}/{n} ({:.0}%; {:.0}–{:.0}%) | {:.1} |\n",
                 cols.join(" | "),
                 100.0 * ok as f64 / n.max(1) as f64,
+                100.0 * lo,
+                100.0 * hi,
                 secs.iter().sum::<f64>() / secs.len().max(1) as f64
             );
         }

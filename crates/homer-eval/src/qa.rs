@@ -356,7 +356,7 @@ pub fn summary(records: &[Value]) -> BTreeMap<String, BTreeMap<usize, (f64, f64,
 pub fn table(all: &[Value], order: &[String]) -> String {
     let records = &crate::ran(all)[..];
     let m = summary(records);
-    let mut out = "| method | length | mean F1 | exact | questions | retrieved / needle kept |\n|---|---|---|---|---|---|\n".to_string();
+    let mut out = "| method | length | mean F1 (95% interval) | exact | questions | retrieved / needle kept |\n|---|---|---|---|---|---|\n".to_string();
     for name in crate::passkey::ordered(m.keys(), order) {
         for (len, (f, e, n)) in &m[&name] {
             let rs: Vec<&Value> = records
@@ -385,13 +385,82 @@ pub fn table(all: &[Value], order: &[String]) -> String {
                     )
                 }
             };
+            let f1s: Vec<f64> = rs.iter().filter_map(|r| r["f1"].as_f64()).collect();
+            let (_, half) = crate::stats::mean_ci(&f1s);
+            let ci = if half.is_nan() {
+                String::new()
+            } else {
+                format!(" ({:.3}–{:.3})", f - half, f + half)
+            };
             out += &format!(
-                "| {name} | {len} | {f:.3} | {:.0}% | {n} | {extra} |\n",
+                "| {name} | {len} | {f:.3}{ci} | {:.0}% | {n} | {extra} |\n",
                 100.0 * e
             );
         }
     }
-    out + &crate::refused_note(all)
+    out + &paired_table(records, order) + &crate::refused_note(all)
+}
+
+/// One question of the grid, the same for every method: length, depth, trial and the asked
+/// label.
+fn question_of(r: &Value) -> Option<(u64, String, u64, String)> {
+    Some((
+        r["length"].as_u64()?,
+        format!("{:.4}", r["depth"].as_f64()?),
+        r["trial"].as_u64()?,
+        r["label"].as_str()?.to_string(),
+    ))
+}
+
+/// Each HOMER method against each other method on the questions both answered: the mean F1
+/// difference with its 95% interval (normal approximation over the paired differences) and how
+/// many questions each scored higher on. Empty when no two methods share a question.
+pub fn paired_table(records: &[Value], order: &[String]) -> String {
+    type Scores = BTreeMap<(u64, String, u64, String), f64>;
+    let mut by: BTreeMap<String, Scores> = BTreeMap::new();
+    for r in records {
+        if let (Some(q), Some(f), Some(m)) =
+            (question_of(r), r["f1"].as_f64(), r["method"].as_str())
+        {
+            by.entry(m.to_string()).or_default().insert(q, f);
+        }
+    }
+    let names = crate::passkey::ordered(by.keys(), order);
+    let mut rows = String::new();
+    for a in names.iter().filter(|n| n.starts_with("homer")) {
+        for b in names.iter().filter(|b| *b != a) {
+            let mut lens: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+            for (q, fa) in &by[a] {
+                if let Some(fb) = by[b].get(q) {
+                    lens.entry(q.0).or_default().push(fa - fb);
+                }
+            }
+            for (len, d) in lens {
+                let (mean, half) = crate::stats::mean_ci(&d);
+                let wins = d.iter().filter(|&&x| x > 0.0).count();
+                let losses = d.iter().filter(|&&x| x < 0.0).count();
+                let ci = if half.is_nan() {
+                    "–".to_string()
+                } else {
+                    format!("{:+.3} to {:+.3}", mean - half, mean + half)
+                };
+                rows += &format!(
+                    "| {a} | {b} | {len} | {} | {mean:+.3} | {ci} | {wins} / {} / {losses} |\n",
+                    d.len(),
+                    d.len() - wins - losses
+                );
+            }
+        }
+    }
+    if rows.is_empty() {
+        return rows;
+    }
+    "\nPaired on the same questions (length, depth, trial): F1 of the first method minus the \
+     second's, with a 95% interval of the mean difference; questions the first scored higher / \
+     equal / lower.\n\n| method | against | length | questions | mean F1 difference | 95% \
+     interval | higher / equal / lower |\n|---|---|---|---|---|---|---|\n"
+        .to_string()
+        + &rows
 }
 
 #[cfg(test)]
@@ -436,5 +505,38 @@ mod tests {
         let (p, hit) = retrieve(&q, &verses, 120);
         assert!(hit && p.context.len() == 120);
         assert!(p.context.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    /// The paired table matches questions across methods by (length, depth, trial, label) and
+    /// leaves out questions only one method answered.
+    #[test]
+    fn paired_differences_use_shared_questions_only() {
+        let rec = |m: &str, len: u64, depth: f64, trial: u64, f1: f64| {
+            json!({"method": m, "length": len, "depth": depth, "trial": trial,
+                   "label": format!("Gen{trial}:{depth}"), "f1": f1, "exact": false})
+        };
+        let rs = vec![
+            rec("homer", 100, 0.1, 0, 0.5),
+            rec("homer", 100, 0.5, 0, 0.4),
+            rec("homer", 100, 0.9, 0, 0.2),
+            rec("homer", 100, 0.9, 1, 0.9), // bm25 never answered this one
+            rec("bm25", 100, 0.1, 0, 0.3),
+            rec("bm25", 100, 0.5, 0, 0.4),
+            rec("bm25", 100, 0.9, 0, 0.3),
+        ];
+        let t = paired_table(&rs, &[]);
+        // Differences +0.2, 0, -0.1: mean +0.033, sd 0.1528, half-width 1.96·0.0882 = 0.173.
+        assert!(
+            t.contains("| homer | bm25 | 100 | 3 | +0.033 | -0.140 to +0.206 | 1 / 1 / 1 |"),
+            "{t}"
+        );
+        // bm25 is not a HOMER method: no row of its own.
+        assert!(!t.contains("| bm25 | homer |"), "{t}");
+        assert!(paired_table(&rs[..4], &[]).is_empty());
+        let full = table(&rs, &[]);
+        assert!(
+            full.contains("| homer | 100 | 0.500 (0.212–0.788) | 0% | 4 |"),
+            "{full}"
+        );
     }
 }
