@@ -707,6 +707,31 @@ fn prior_first_reads_the_matching_sentence_first() {
     assert!(!text_of(&t.kept).trim_start().starts_with(needle));
 }
 
+/// order=prior-last: the units that match the question are read last, right before the
+/// question, the rest before them in document order.
+#[test]
+fn prior_last_reads_the_matching_sentence_right_before_the_question() {
+    let e = engine();
+    let needle = "The zebra sleeps under the old bridge.";
+    let a = ask_reread(
+        &e,
+        &[(1, needle)],
+        "Where does the zebra sleep?",
+        "sentence,reread=all,prior=lexical,order=prior-last",
+    );
+    let t = a.trace.as_ref().unwrap();
+    let order = t.reread_order.as_ref().expect("the needle moved back");
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, t.kept, "the same tokens, reordered");
+    let read = context_text(&e, &a, order);
+    assert!(read.trim_end().ends_with(needle), "{read:?}");
+    assert!(!context_text(&e, &a, &t.kept).trim_end().ends_with(needle));
+    // Two runs in document order each (the rest, then the matches): one step back between them.
+    let back = order.windows(2).filter(|w| w[1] < w[0]).count();
+    assert_eq!(back, 1, "{order:?}");
+}
+
 /// order=prior-rank: the matching units come first, the best match first (here the later one in
 /// the document); sep=newline: every kept run of the re-read is a line of its own, and the cache
 /// holds the separators too.

@@ -307,6 +307,9 @@ pub enum Order {
     /// The units that match the question first, the best match first (ties in document
     /// order), then the rest in document order.
     PriorRank,
+    /// The units that do not match the question first, then those that do, each group in
+    /// document order: what the question asks about sits right before the question.
+    PriorLast,
 }
 
 impl std::fmt::Display for Order {
@@ -315,6 +318,7 @@ impl std::fmt::Display for Order {
             Order::Document => "document",
             Order::PriorFirst => "prior-first",
             Order::PriorRank => "prior-rank",
+            Order::PriorLast => "prior-last",
         })
     }
 }
@@ -326,8 +330,9 @@ impl std::str::FromStr for Order {
             "document" => Ok(Order::Document),
             "prior-first" => Ok(Order::PriorFirst),
             "prior-rank" => Ok(Order::PriorRank),
+            "prior-last" => Ok(Order::PriorLast),
             _ => Err(format!(
-                "order `{s}`: expected document, prior-first or prior-rank"
+                "order `{s}`: expected document, prior-first, prior-rank or prior-last"
             )),
         }
     }
@@ -860,6 +865,11 @@ mod tests {
             "unit=sentence,reread=all,prior=lexical,order=prior-rank,sep=newline"
         );
         assert_eq!(pr.to_string().parse::<Selection>().unwrap(), pr);
+        let pl: Selection = "sentence,reread=all,prior=lexical,order=prior-last"
+            .parse()
+            .unwrap();
+        assert_eq!(pl.order, Order::PriorLast);
+        assert_eq!(pl.to_string().parse::<Selection>().unwrap(), pl);
         // The separator separates the runs of a re-read: it needs one.
         assert!("sentence,sep=newline".parse::<Selection>().is_err());
         assert!("sentence,reread=all,sep=tab".parse::<Selection>().is_err());

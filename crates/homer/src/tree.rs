@@ -478,13 +478,19 @@ pub fn homer_prefill_with_store(
         }
         Reread::All => {
             // prefix + kept context + suffix as one plain prompt at 0..; under
-            // order=prior-first/prior-rank the kept units that match the question come first,
+            // order=prior-first/prior-rank the kept units that match the question come first
+            // (prior-last: last, right before the suffix),
             // under sep=newline every kept run is a line of its own.
             let order: Vec<usize> = match (config.selection.order, input.prior) {
                 (crate::Order::PriorFirst, Some(prior)) => {
                     let (first, rest): (Vec<usize>, Vec<usize>) =
                         kept.iter().partition(|&&i| prior[i] > 0.0);
                     first.into_iter().chain(rest).collect()
+                }
+                (crate::Order::PriorLast, Some(prior)) => {
+                    let (last, rest): (Vec<usize>, Vec<usize>) =
+                        kept.iter().partition(|&&i| prior[i] > 0.0);
+                    rest.into_iter().chain(last).collect()
                 }
                 (crate::Order::PriorRank, Some(prior)) => {
                     let (mut first, rest): (Vec<usize>, Vec<usize>) =
