@@ -3,7 +3,9 @@
 //! counted by [`crate::alloc::CountingAlloc`] (the `homer` binary's allocator) above what was
 //! live before the run (the model's weights and the tokenizer), so it is the memory the prefill
 //! itself needs: activations, the KV cache, HOMER's chunks. On the CPU backend every tensor is
-//! in that heap; on a GPU backend the device memory is not counted and the column says so.
+//! in that heap. On a GPU backend the device memory burn's pools hold is read before (after a
+//! cleanup) and right after the prefill ([`homer_model::backend::device_memory`]): the pools
+//! keep the pages a prefill grew them by, so the growth is its device high-water mark.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -15,17 +17,36 @@ use serde_json::{Value, json};
 use crate::store::Store;
 use crate::{HomerVariant, Result, Settings, alloc, homer_config, model_id, set_rope};
 
-/// Prefill `prompt` with `method` (plain or homer); returns seconds, peak bytes above the bytes
-/// live at the start (None when the counting allocator is not installed), the cache rows, and
-/// the bytes live at the start.
+/// What one prefill cost.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    pub secs: f64,
+    /// Peak heap bytes above those live at the start (None when the counting allocator is not
+    /// installed).
+    pub peak: Option<usize>,
+    pub rows: usize,
+    /// Heap bytes live at the start (the model's weights on the CPU backend).
+    pub before: usize,
+    /// On a GPU: device bytes burn's pools held before (after a cleanup) and right after the
+    /// prefill — the pools keep the pages the prefill grew them by, so the difference is the
+    /// prefill's device high-water mark above the model.
+    pub device: Option<(u64, u64)>,
+}
+
+/// Prefill `prompt` with `method` (plain or homer) and measure it.
 pub fn measure(
     engine: &mut Engine,
     prompt: &DocPrompt,
     method: &Method,
     s: &Settings,
     cancel: &AtomicBool,
-) -> Result<(f64, Option<usize>, usize, usize)> {
+) -> Result<Measured> {
     set_rope(engine, method, prompt.total_len(), s)?;
+    let device = engine.model.device.clone();
+    let dev_before = homer_model::backend::device_memory(&device).map(|_| {
+        device.memory_cleanup();
+        homer_model::backend::device_memory(&device).map_or(0, |m| m.reserved)
+    });
     let base = alloc::reset_peak();
     let t0 = Instant::now();
     let rows = if method.uses_homer() {
@@ -44,7 +65,18 @@ pub fn measure(
     };
     let secs = t0.elapsed().as_secs_f64();
     let peak = alloc::installed().then(|| alloc::peak_bytes().saturating_sub(base));
-    Ok((secs, peak, rows, base))
+    let device = dev_before.map(|b| {
+        let _ = device.sync();
+        let after = homer_model::backend::device_memory(&device).map_or(0, |m| m.reserved);
+        (b, after)
+    });
+    Ok(Measured {
+        secs,
+        peak,
+        rows,
+        before: base,
+        device,
+    })
 }
 
 /// A prompt of `length` tokens cut from `tokens` (prefix 32, suffix 32, the rest context).
@@ -85,7 +117,7 @@ pub fn run(
                 continue;
             }
             let prompt = prompt_of(tokens, len);
-            let (secs, peak, rows, before) = match measure(engine, &prompt, method, s, cancel) {
+            let m = match measure(engine, &prompt, method, s, cancel) {
                 Ok(m) => m,
                 Err(e) => {
                     let cell = json!({
@@ -95,15 +127,28 @@ pub fn run(
                     continue;
                 }
             };
+            let Measured {
+                secs,
+                peak,
+                rows,
+                before,
+                device,
+            } = m;
             s.log(format!(
-                "cost {method:>8} {len:>6} tokens: {secs:.1}s, peak {} MiB above the model, cache {rows} rows",
-                peak.map_or("?".into(), |p| format!("{:.0}", p as f64 / 1048576.0))
+                "cost {method:>8} {len:>6} tokens: {secs:.1}s, peak {} MiB above the model{}, cache {rows} rows",
+                peak.map_or("?".into(), |p| format!("{:.0}", p as f64 / 1048576.0)),
+                device.map_or(String::new(), |(b, a)| format!(
+                    ", device {:.0} MiB above the model",
+                    a.saturating_sub(b) as f64 / 1048576.0
+                ))
             ));
             store.append(json!({
                 "key": key, "model": model, "method": method.to_string(), "length": len,
                 "backend": backend, "adapter": engine.device.adapter, "secs": secs,
                 "peak_bytes": peak, "live_before_bytes": before, "cache_rows": rows,
                 "window": s.window,
+                "device_reserved_before": device.map(|d| d.0),
+                "device_reserved_after": device.map(|d| d.1),
             }))?;
         }
     }
@@ -112,7 +157,7 @@ pub fn run(
 
 pub fn table(all: &[Value], order: &[String]) -> String {
     let records = &crate::ran(all)[..];
-    let mut out = "| method | length | prefill s | peak MiB above the model | tokens/s | cache rows |\n|---|---|---|---|---|---|\n".to_string();
+    let mut out = "| method | length | prefill s | peak MiB above the model | device MiB above the model | tokens/s | cache rows |\n|---|---|---|---|---|---|---|\n".to_string();
     let names: std::collections::BTreeSet<String> = records
         .iter()
         .map(|r| r["method"].as_str().unwrap_or("?").to_string())
@@ -126,8 +171,15 @@ pub fn table(all: &[Value], order: &[String]) -> String {
         for r in rs {
             let len = r["length"].as_u64().unwrap_or(0);
             let secs = r["secs"].as_f64().unwrap_or(0.0);
+            let device = match (
+                r["device_reserved_before"].as_u64(),
+                r["device_reserved_after"].as_u64(),
+            ) {
+                (Some(b), Some(a)) => format!("{:.0}", a.saturating_sub(b) as f64 / 1048576.0),
+                _ => "–".into(),
+            };
             out += &format!(
-                "| {name} | {len} | {secs:.1} | {} | {:.0} | {} |\n",
+                "| {name} | {len} | {secs:.1} | {} | {device} | {:.0} | {} |\n",
                 r["peak_bytes"]
                     .as_u64()
                     .map_or("not counted".into(), |b| format!(

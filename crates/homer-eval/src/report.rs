@@ -563,8 +563,10 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
         md += "## Cost: prefill time and peak memory\n\nPeak memory is the peak of live heap \
                bytes counted by homer's allocator (`homer_eval::alloc::CountingAlloc`) above what \
                was live before the prefill (the model's weights): measured, not estimated. On the \
-               CPU backend every tensor lives there; device memory of a GPU backend is not \
-               counted.\n\n";
+               CPU backend every tensor lives there. On a GPU backend the device column is what \
+               burn's memory pools reserved right after the prefill minus what they held before \
+               it (after a cleanup): the pools keep the pages a prefill grew them by, so that is \
+               its device high-water mark above the model.\n\n";
         md += &crate::cost::table(&cost_all, &order);
         md += "\n![cost](cost.png)\n\n";
     }

@@ -262,6 +262,33 @@ pub fn buffer_limit(device: &Device) -> Option<u64> {
     }
 }
 
+/// What burn's memory pools hold on a GPU device, in bytes, all streams together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Bytes of live tensors.
+    pub in_use: u64,
+    /// Bytes of device allocations the pools hold (live tensors, padding, free pages kept for
+    /// reuse). The pools keep the pages a computation grew them by until a cleanup, so what is
+    /// reserved right after a computation is its high-water mark.
+    pub reserved: u64,
+}
+
+/// The device memory burn's pools hold on `device`; None on the CPU backend (its tensors are
+/// in the process's heap).
+pub fn device_memory(device: &Device) -> Option<DeviceMemory> {
+    use cubecl::MemoryScope;
+    match device.as_dispatch() {
+        burn::backend::DispatchDevice::Cube(d) => {
+            let u = d.client().memory_report(MemoryScope::Device).usage();
+            Some(DeviceMemory {
+                in_use: u.bytes_in_use,
+                reserved: u.bytes_reserved,
+            })
+        }
+        _ => None,
+    }
+}
+
 /// Memory available to the process now, in bytes (Linux: `MemAvailable` of /proc/meminfo;
 /// None elsewhere).
 pub fn available_memory() -> Option<usize> {

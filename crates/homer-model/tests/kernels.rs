@@ -309,3 +309,22 @@ fn a_cache_beyond_the_memory_available_is_refused_on_the_cpu() {
     let (l, _) = model.prefill(&prompt, Logits::Last).unwrap();
     assert!(read_f32(l).unwrap().iter().all(|v| v.is_finite()));
 }
+
+/// `backend::device_memory`: None on the CPU backend (its tensors live in the heap); on wgpu it
+/// counts a 24 MiB tensor (three of cubecl's 8 MiB pages) while the tensor lives, and the pools
+/// hold at least what is live.
+#[test]
+fn device_memory_counts_a_tensor_on_the_gpu() {
+    use homer_model::backend::device_memory;
+    assert_eq!(device_memory(&device(BackendKind::Cpu)), None);
+    let gpu = device(BackendKind::Wgpu);
+    let n = 6 << 20;
+    let t = Tensor::<1>::from_data(burn::tensor::TensorData::new(vec![1f32; n], [n]), &gpu);
+    gpu.sync().unwrap();
+    let m = device_memory(&gpu).expect("a wgpu device reports its pools");
+    assert!(m.in_use >= 4 * n as u64, "{m:?}");
+    assert!(m.reserved >= m.in_use, "{m:?}");
+    // The tensor is what it was given (the bytes are really on the device).
+    let back = read_f32(t.slice([n - 3..n])).unwrap();
+    assert_eq!(back, vec![1.0; 3]);
+}
