@@ -195,13 +195,14 @@ pub fn depths_of(g: &Grid) -> Vec<String> {
 }
 
 /// A markdown table: one row per (label, length), one column per depth, and the total; cells of
-/// more than one trial and every total carry the 95% Wilson interval of the accuracy.
+/// more than one trial and every total carry the 95% Wilson interval of the accuracy; the prefill
+/// time is the median (robust to a run that shared the machine or was paused).
 pub fn table(all: &[Value], order: &[String]) -> String {
     let records = &crate::ran(all)[..];
     let g = grid(records);
     let depths = depths_of(&g);
     let mut out = format!(
-        "| method | length | {} | all | mean prefill s |\n|---|---|{}---|---|\n",
+        "| method | length | {} | all | median prefill s |\n|---|---|{}---|---|\n",
         depths
             .iter()
             .map(|d| format!("depth {d}"))
@@ -212,7 +213,7 @@ pub fn table(all: &[Value], order: &[String]) -> String {
     for name in ordered(g.keys(), order) {
         for (len, cells) in &g[&name] {
             let (ok, n) = cells.values().fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
-            let secs: Vec<f64> = records
+            let mut secs: Vec<f64> = records
                 .iter()
                 .filter(|r| label(r) == name && r["length"].as_u64() == Some(*len as u64))
                 .filter_map(|r| r["prefill_secs"].as_f64())
@@ -236,7 +237,7 @@ pub fn table(all: &[Value], order: &[String]) -> String {
                 100.0 * ok as f64 / n.max(1) as f64,
                 100.0 * lo,
                 100.0 * hi,
-                secs.iter().sum::<f64>() / secs.len().max(1) as f64
+                crate::stats::median(&mut secs)
             );
         }
     }
