@@ -427,8 +427,15 @@ pub fn paired_table(records: &[Value], order: &[String]) -> String {
     }
     let names = crate::passkey::ordered(by.keys(), order);
     let mut rows = String::new();
-    for a in names.iter().filter(|n| n.starts_with("homer")) {
-        for b in names.iter().filter(|b| *b != a) {
+    let homer = |n: &String| n.starts_with("homer");
+    for (ia, a) in names.iter().enumerate().filter(|(_, n)| homer(n)) {
+        // Every baseline; another HOMER method once per pair (the later one in the order).
+        for b in names
+            .iter()
+            .enumerate()
+            .filter(|&(ib, b)| !homer(b) || ib > ia)
+            .map(|(_, b)| b)
+        {
             let mut lens: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
             for (q, fa) in &by[a] {
                 if let Some(fb) = by[b].get(q) {
@@ -515,7 +522,7 @@ mod tests {
             json!({"method": m, "length": len, "depth": depth, "trial": trial,
                    "label": format!("Gen{trial}:{depth}"), "f1": f1, "exact": false})
         };
-        let rs = vec![
+        let mut rs = vec![
             rec("homer", 100, 0.1, 0, 0.5),
             rec("homer", 100, 0.5, 0, 0.4),
             rec("homer", 100, 0.9, 0, 0.2),
@@ -537,6 +544,19 @@ mod tests {
         assert!(
             full.contains("| homer | 100 | 0.500 (0.212–0.788) | 0% | 4 |"),
             "{full}"
+        );
+        // Two HOMER methods: one row for the pair, not one each way.
+        rs.push(rec("homer:default", 100, 0.1, 0, 0.1));
+        let t = paired_table(&rs, &[]);
+        assert_eq!(
+            t.matches("| homer | homer:default |").count()
+                + t.matches("| homer:default | homer |").count(),
+            1,
+            "{t}"
+        );
+        assert!(
+            t.contains("| homer:default | bm25 | 100 | 1 | -0.200 | – | 0 / 0 / 1 |"),
+            "{t}"
         );
     }
 }
