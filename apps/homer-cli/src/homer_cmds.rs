@@ -36,8 +36,8 @@ pub struct HomerArgs {
     /// positions=local|reindex|root (contiguous ids at every merge, or in the final cache),
     /// reread=none|suffix|all (read the question, or the whole kept prompt, again),
     /// prior=none|lexical (whole units also ranked by their BM25 match to the question),
-    /// order=document|prior-first|prior-rank (the re-read puts the units matching the question
-    /// first, in document order or best match first), sep=none|newline (a line break between
+    /// order=document|prior-first|prior-rank|prior-last (the re-read puts the units matching
+    /// the question first, in document order or best match first, or last), sep=none|newline (a line break between
     /// kept runs that are not adjacent in the document),
     /// e.g. `sentence,query=suffix`; `default` is the engine's:
     /// sentence,reread=all,prior=lexical,order=prior-first
