@@ -157,7 +157,7 @@ pub fn run(
 
 pub fn table(all: &[Value], order: &[String]) -> String {
     let records = &crate::ran(all)[..];
-    let mut out = "| method | length | prefill s | peak MiB above the model | device MiB above the model | tokens/s | cache rows |\n|---|---|---|---|---|---|---|\n".to_string();
+    let mut out = "| method | backend | length | prefill s | peak MiB above the model | device MiB above the model | tokens/s | cache rows |\n|---|---|---|---|---|---|---|---|\n".to_string();
     let names: std::collections::BTreeSet<String> = records
         .iter()
         .map(|r| r["method"].as_str().unwrap_or("?").to_string())
@@ -167,19 +167,20 @@ pub fn table(all: &[Value], order: &[String]) -> String {
             .iter()
             .filter(|r| r["method"].as_str() == Some(&name))
             .collect();
-        rs.sort_by_key(|r| r["length"].as_u64());
+        rs.sort_by_key(|r| {
+            (
+                r["backend"].as_str().map(str::to_string),
+                r["length"].as_u64(),
+            )
+        });
         for r in rs {
             let len = r["length"].as_u64().unwrap_or(0);
             let secs = r["secs"].as_f64().unwrap_or(0.0);
-            let device = match (
-                r["device_reserved_before"].as_u64(),
-                r["device_reserved_after"].as_u64(),
-            ) {
-                (Some(b), Some(a)) => format!("{:.0}", a.saturating_sub(b) as f64 / 1048576.0),
-                _ => "–".into(),
-            };
+            let device =
+                device_growth(r).map_or("–".into(), |b| format!("{:.0}", b as f64 / 1048576.0));
             out += &format!(
-                "| {name} | {len} | {secs:.1} | {} | {device} | {:.0} | {} |\n",
+                "| {name} | {} | {len} | {secs:.1} | {} | {device} | {:.0} | {} |\n",
+                r["backend"].as_str().unwrap_or("?"),
                 r["peak_bytes"]
                     .as_u64()
                     .map_or("not counted".into(), |b| format!(
@@ -191,5 +192,110 @@ pub fn table(all: &[Value], order: &[String]) -> String {
             );
         }
     }
-    out + &crate::refused_note(all)
+    out + &ratio_table(records, order) + &crate::refused_note(all)
+}
+
+/// Device bytes a prefill grew burn's pools by (GPU records only).
+fn device_growth(r: &Value) -> Option<u64> {
+    Some(
+        r["device_reserved_after"]
+            .as_u64()?
+            .saturating_sub(r["device_reserved_before"].as_u64()?),
+    )
+}
+
+/// Every HOMER record against the plain prefill of the same length on the same backend (the
+/// layout of the paper's Table 5): its time and memory as a share of plain's. Empty when no
+/// length has both.
+pub fn ratio_table(records: &[Value], order: &[String]) -> String {
+    let plain = |r: &Value| {
+        records.iter().find(|p| {
+            p["method"].as_str() == Some("plain")
+                && p["length"] == r["length"]
+                && p["backend"] == r["backend"]
+        })
+    };
+    let names: std::collections::BTreeSet<String> = records
+        .iter()
+        .filter_map(|r| r["method"].as_str())
+        .filter(|m| m.starts_with("homer"))
+        .map(str::to_string)
+        .collect();
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "–".into(),
+    };
+    let mut rows = String::new();
+    for name in crate::passkey::ordered(names.iter(), order) {
+        let mut rs: Vec<&Value> = records
+            .iter()
+            .filter(|r| r["method"].as_str() == Some(&name))
+            .collect();
+        rs.sort_by_key(|r| {
+            (
+                r["backend"].as_str().map(str::to_string),
+                r["length"].as_u64(),
+            )
+        });
+        for r in rs {
+            let Some(p) = plain(r) else { continue };
+            let f = |v: &Value, k: &str| v[k].as_f64();
+            let dev = |v: &Value| device_growth(v).map(|b| b as f64);
+            rows += &format!(
+                "| {name} | {} | {} | {} | {} | {} |\n",
+                r["backend"].as_str().unwrap_or("?"),
+                r["length"],
+                ratio(f(r, "secs"), f(p, "secs")),
+                ratio(f(r, "peak_bytes"), f(p, "peak_bytes")),
+                ratio(dev(r), dev(p)),
+            );
+        }
+    }
+    if rows.is_empty() {
+        return rows;
+    }
+    "\nAgainst a plain prefill of the same length on the same backend (the layout of the paper's \
+     Table 5): time and memory above the model as a multiple of plain's.\n\n| method | backend \
+     | length | time (× plain) | peak memory (× plain) | device memory (× plain) |\n\
+     |---|---|---|---|---|---|\n"
+        .to_string()
+        + &rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn homer_is_set_against_plain_of_the_same_length_and_backend() {
+        let rec = |m: &str, backend: &str, len: u64, secs: f64, peak: u64, dev: Option<u64>| {
+            json!({"method": m, "backend": backend, "length": len, "secs": secs,
+                   "peak_bytes": peak, "cache_rows": 1,
+                   "device_reserved_before": dev.map(|_| 1000u64),
+                   "device_reserved_after": dev.map(|d| 1000 + d)})
+        };
+        let rs = vec![
+            rec("plain", "cpu", 4096, 10.0, 400, None),
+            rec("homer", "cpu", 4096, 5.0, 100, None),
+            rec("homer", "cpu", 8192, 9.0, 120, None), // no plain at 8K: no ratio row
+            rec("plain", "wgpu", 4096, 2.0, 10, Some(800)),
+            rec("homer", "wgpu", 4096, 3.0, 10, Some(200)),
+        ];
+        let t = ratio_table(&rs, &[]);
+        assert!(
+            t.contains("| homer | cpu | 4096 | 0.50× | 0.25× | – |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| homer | wgpu | 4096 | 1.50× | 1.00× | 0.25× |"),
+            "{t}"
+        );
+        assert!(!t.contains("| 8192 |"), "{t}");
+        let full = table(&rs, &[]);
+        assert!(
+            full.contains("| homer | wgpu | 4096 | 3.0 | 0 | 0 | 1365 | 1 |"),
+            "{full}"
+        );
+        assert!(ratio_table(&rs[1..3], &[]).is_empty());
+    }
 }
