@@ -47,32 +47,10 @@ impl egui::DroppedFile for Dropped {
 }
 
 fn harness(data_dir: &Path) -> Harness<'static, DeskApp> {
-    let data_dir = data_dir.to_path_buf();
-    Harness::builder()
-        .with_size([1100.0, 700.0])
-        .wgpu()
-        // The tiny random model decodes to bytes that are not UTF-8 (shown as U+FFFD, which the
-        // built-in fonts lack); the missing-model test below keeps the panicking policy, so the
-        // app's own strings are still checked for missing glyphs.
-        .allow_missing_glyphs()
-        .build_eframe(move |cc| {
-            DeskApp::new(
-                cc,
-                DeskOptions {
-                    model: Some(tiny()),
-                    backend: Some(BackendKind::Cpu),
-                    data_dir,
-                    load_on_start: true,
-                    hide_timings: true,
-                    screenshot: None,
-                    shot_tabs: vec![],
-                    ask: None,
-                    // The tiny model answers within one frame on the CPU kernels; streaming
-                    // and Stop are observed at a human pace.
-                    token_pace: Some(Duration::from_millis(15)),
-                },
-            )
-        })
+    // The tiny model answers within one frame on the CPU kernels; streaming and Stop are
+    // observed at a human pace. The missing-model test below keeps kittest's panicking glyph
+    // policy, so the app's own strings are still checked for missing glyphs.
+    common::app(data_dir, BackendKind::Cpu, Some(Duration::from_millis(15)))
 }
 
 fn snapshot(h: &mut Harness<'_, DeskApp>, name: &str) {

@@ -163,17 +163,7 @@ pub fn table(all: &[Value], order: &[String]) -> String {
         .map(|r| r["method"].as_str().unwrap_or("?").to_string())
         .collect();
     for name in crate::passkey::ordered(names.iter(), order) {
-        let mut rs: Vec<&Value> = records
-            .iter()
-            .filter(|r| r["method"].as_str() == Some(&name))
-            .collect();
-        rs.sort_by_key(|r| {
-            (
-                r["backend"].as_str().map(str::to_string),
-                r["length"].as_u64(),
-            )
-        });
-        for r in rs {
+        for r in of_method(records, &name) {
             let len = r["length"].as_u64().unwrap_or(0);
             let secs = r["secs"].as_f64().unwrap_or(0.0);
             let device =
@@ -193,6 +183,21 @@ pub fn table(all: &[Value], order: &[String]) -> String {
         }
     }
     out + &ratio_table(records, order) + &crate::refused_note(all)
+}
+
+/// The records of `method`, by backend, then length.
+fn of_method<'a>(records: &'a [Value], method: &str) -> Vec<&'a Value> {
+    let mut rs: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["method"].as_str() == Some(method))
+        .collect();
+    rs.sort_by_key(|r| {
+        (
+            r["backend"].as_str().map(str::to_string),
+            r["length"].as_u64(),
+        )
+    });
+    rs
 }
 
 /// Device bytes a prefill grew burn's pools by (GPU records only).
@@ -227,17 +232,7 @@ pub fn ratio_table(records: &[Value], order: &[String]) -> String {
     };
     let mut rows = String::new();
     for name in crate::passkey::ordered(names.iter(), order) {
-        let mut rs: Vec<&Value> = records
-            .iter()
-            .filter(|r| r["method"].as_str() == Some(&name))
-            .collect();
-        rs.sort_by_key(|r| {
-            (
-                r["backend"].as_str().map(str::to_string),
-                r["length"].as_u64(),
-            )
-        });
-        for r in rs {
+        for r in of_method(records, &name) {
             let Some(p) = plain(r) else { continue };
             let f = |v: &Value, k: &str| v[k].as_f64();
             let dev = |v: &Value| device_growth(v).map(|b| b as f64);

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use eframe::wgpu;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use homer_desk::{DeskApp, DeskOptions};
@@ -46,40 +45,24 @@ pub fn ask(h: &mut Harness<'_, DeskApp>, question: &str) {
     wait(h, "the answer or its error", |a| !a.busy());
 }
 
-/// A lavapipe device with limits changed by `lower`, handed to burn before the app starts (so
-/// the app's model runs on it); the caller keeps a handle to destroy it.
-pub fn share_device(lower: impl FnOnce(&mut wgpu::Limits)) -> wgpu::Device {
-    let instance = wgpu::Instance::default();
-    let adapter = pollster::block_on(instance.request_adapter(&Default::default()))
-        .expect("a wgpu adapter (lavapipe)");
-    let mut limits = adapter.limits();
-    lower(&mut limits);
-    let (device, queue) = pollster::block_on(
-        adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("a test's device"),
-            required_features: adapter
-                .features()
-                .difference(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
-            required_limits: limits,
-            memory_hints: wgpu::MemoryHints::MemoryUsage,
-            trace: wgpu::Trace::Off,
-            // SAFETY: the request burn's own device makes (as the app's).
-            experimental_features: unsafe { wgpu::ExperimentalFeatures::enabled() },
-        }),
-    )
-    .expect("a device");
-    let ours = device.clone();
-    homer_model::backend::share_wgpu(instance, adapter, device, queue).unwrap();
-    ours
-}
+#[path = "../../../../crates/homer-engine/tests/common/device.rs"]
+mod device;
+#[allow(unused_imports)] // not every test file asks for a device
+pub use device::share_device;
 
-/// The app on the tiny model and `backend`, keeping its data in `data`, 4-token answers
-/// without HOMER.
-pub fn desk(data: &Path, backend: BackendKind) -> Harness<'static, DeskApp> {
+/// The app on the tiny model and `backend`, keeping its data in `data`; `token_pace` slows the
+/// streamed answer to a human pace.
+pub fn app(
+    data: &Path,
+    backend: BackendKind,
+    token_pace: Option<std::time::Duration>,
+) -> Harness<'static, DeskApp> {
     let data = data.to_path_buf();
-    let mut h = Harness::builder()
+    Harness::builder()
         .with_size([1100.0, 700.0])
         .wgpu()
+        // The tiny random model decodes to bytes that are not UTF-8 (shown as U+FFFD, which the
+        // built-in fonts lack).
         .allow_missing_glyphs()
         .build_eframe(move |cc| {
             DeskApp::new(
@@ -93,10 +76,16 @@ pub fn desk(data: &Path, backend: BackendKind) -> Harness<'static, DeskApp> {
                     screenshot: None,
                     shot_tabs: vec![],
                     ask: None,
-                    token_pace: None,
+                    token_pace,
                 },
             )
-        });
+        })
+}
+
+/// The app on the tiny model and `backend`, keeping its data in `data`, 4-token answers
+/// without HOMER.
+pub fn desk(data: &Path, backend: BackendKind) -> Harness<'static, DeskApp> {
+    let mut h = app(data, backend, None);
     let s = &mut h.state_mut().settings;
     s.max_tokens = 4;
     s.homer = "never".into();
