@@ -43,7 +43,7 @@ pub struct HomerArgs {
     /// sentence,reread=all,prior=lexical,order=prior-first
     #[arg(long, default_value = "default", value_parser = homer_engine::parse_selection)]
     pub selection: homer_engine::Selection,
-    /// The root's budget in rows (default: 512 when the selection rereads all it kept,
+    /// The root's budget in rows (default: 640 when the selection rereads all it kept,
     /// reread=all; else the chunk length, as the paper)
     #[arg(long, alias = "target-len")]
     pub budget: Option<usize>,

@@ -159,8 +159,10 @@ pub const DEFAULT_SELECTION: homer::Selection = homer::Selection {
 /// The root budget, in rows, of a selection that reads its kept tokens again as one plain prompt
 /// (`reread=all`) when no budget is given: the kept prompt is read like any short prompt, and the
 /// default model reads a needle among a few hundred tokens far better than among thousands
-/// (issue 15's replay bench, docs/results/selection).
-pub const DEFAULT_REREAD_BUDGET: usize = 512;
+/// (issue 15's replay bench, docs/results/selection). 640 rather than 512: the same QA F1 on the
+/// dev questions and passkeys within noise, and room for the verse a question asks about next
+/// to the ones that match it (docs/results/selection/NOTES.md, "sixth session").
+pub const DEFAULT_REREAD_BUDGET: usize = 640;
 
 /// The root budget `selection` runs with when none is given: [`DEFAULT_REREAD_BUDGET`] under
 /// `reread=all`, else None (the chunk length, the paper's).

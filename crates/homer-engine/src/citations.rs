@@ -1,7 +1,9 @@
 //! From a HOMER trace back to the documents: which passages the model kept. A passage is a run of
 //! whole lines of one document (at least `min_tokens` context tokens, a long line is cut); it is
-//! ranked by the share of its tokens that reached the final cache, then by their mean
-//! significance. The desktop app shows the best ones as citations and as "densest regions".
+//! ranked by the share of its tokens that reached the final cache, then by how well it matches the
+//! question (BM25, when the prompt has one: selections that keep whole sentences keep many
+//! passages whole, and the ones the question is about should lead), then by the mean significance
+//! of its kept tokens. The desktop app shows the best ones as citations and as "densest regions".
 
 use std::borrow::Borrow;
 use std::ops::Range;
@@ -33,6 +35,10 @@ pub struct Citation {
     pub kept: usize,
     /// Mean significance of the kept tokens that were scored (None when none was).
     pub mean_score: Option<f32>,
+    /// BM25 score of the passage against the prompt's question, among the passages HOMER kept
+    /// some of (None: the prompt has no question; 0: no word in common).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub question_match: Option<f32>,
     /// The passage, trimmed and cut to 240 characters.
     pub text: String,
 }
@@ -135,12 +141,32 @@ pub fn citations<D: Borrow<Document>>(
                 tokens: toks,
                 kept: n_kept,
                 mean_score,
+                question_match: None,
             })
         })
         .collect();
+    if let Some(q) = prompt.question.as_deref().filter(|q| !q.trim().is_empty()) {
+        let corpus: Vec<String> = all
+            .iter()
+            .map(|c| docs[c.doc].borrow().text[c.bytes.clone()].to_string())
+            .collect();
+        let search =
+            bm25::SearchEngineBuilder::<u32>::with_corpus(bm25::Language::English, corpus).build();
+        for c in &mut all {
+            c.question_match = Some(0.0);
+        }
+        for hit in search.search(q, all.len()) {
+            all[hit.document.id as usize].question_match = Some(hit.score.max(0.0));
+        }
+    }
     all.sort_by(|a, b| {
         b.density()
             .total_cmp(&a.density())
+            .then(
+                b.question_match
+                    .unwrap_or(0.0)
+                    .total_cmp(&a.question_match.unwrap_or(0.0)),
+            )
             .then(
                 b.mean_score
                     .unwrap_or(f32::NEG_INFINITY)
@@ -264,5 +290,25 @@ mod tests {
         assert_eq!(c[0].page, None);
         // Everything kept: nothing to cite.
         assert!(citations(&p, &d, &trace(180, (0..180).collect()), 5).is_empty());
+    }
+
+    #[test]
+    fn whole_passages_the_question_matches_come_first() {
+        let (mut p, d) = setup(6);
+        // Lines 2, 4 and 5 kept whole (w001, w003, w004), a third of line 6.
+        let mut kept: Vec<usize> = (30..60).chain(90..150).collect();
+        kept.extend(150..160);
+        let t = trace(180, kept);
+        // Without a question: the whole lines in document order (no scores to tell them apart).
+        let lines = |c: &[Citation]| c.iter().map(|c| c.line).collect::<Vec<_>>();
+        let c = citations(&p, &d, &t, 10);
+        assert_eq!(lines(&c), [2, 4, 5, 6]);
+        assert!(c.iter().all(|c| c.question_match.is_none()));
+        // A question about w004 puts line 5 first; the partly kept line stays behind the whole ones.
+        p.question = Some("What is said about w004?".into());
+        let c = citations(&p, &d, &t, 10);
+        assert_eq!(lines(&c), [5, 2, 4, 6]);
+        assert!(c[0].question_match.unwrap() > 0.0);
+        assert_eq!(c[1].question_match, Some(0.0));
     }
 }
