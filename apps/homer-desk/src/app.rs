@@ -970,7 +970,7 @@ impl DeskApp {
                     }
                     ui.label(RichText::new(meta).small().weak());
                     if !ex.citations.is_empty() {
-                        ui.label(RichText::new("Passages the model kept most of:").small());
+                        ui.label(RichText::new("Passages the model kept most of (those matching the question first):").small());
                         let live = i + 1 == n && last_run.is_some();
                         for c in &ex.citations {
                             let place = match c.page {
