@@ -30,6 +30,14 @@ pub struct EvalArgs {
     window: Option<usize>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Cells not to run, as METHOD@LENGTH (comma-separated, e.g. plain@32768,yarn@32768):
+    /// recorded as skipped with --skip-reason and listed under the table; a later run without
+    /// the skip measures them
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<homer_eval::Skip>,
+    /// Why the --skip cells were not run (shown in the tables)
+    #[arg(long, default_value = "left out of this run")]
+    skip_reason: String,
 }
 
 const TEXT_HELP: &str = "KJV verse text (one verse a line, as scripts/fetch-kjv writes it)";
@@ -214,6 +222,8 @@ fn settings(engine: &homer_engine::Engine, a: &EvalArgs) -> Result<Settings, Str
         rope_factor: a.model.rope_factor,
         seed: a.seed,
         verbose: !a.model.quiet,
+        skip: a.skip.clone(),
+        skip_reason: a.skip_reason.clone(),
     })
 }
 

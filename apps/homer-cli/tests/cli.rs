@@ -327,6 +327,74 @@ fn passkey_runs_every_baseline_method() {
     assert!(!ok && err.contains("bm25"), "{err}");
 }
 
+/// `--skip METHOD@LENGTH`: the cell is recorded once as skipped with the reason, listed under
+/// the table, and measured by a later run without the skip (which then drops it from the list).
+#[test]
+fn skipped_cells_are_recorded_listed_and_run_later() {
+    let model = fixtures().join("tiny-llama").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out_s = dir.path().display().to_string();
+    let args = [
+        "eval",
+        "passkey",
+        "--model",
+        &model,
+        "--backend",
+        "cpu",
+        "--lengths",
+        "300,600",
+        "--depths",
+        "0.5",
+        "--trials",
+        "1",
+        "--method",
+        "plain,truncation",
+        "--out",
+        &out_s,
+    ];
+    let skip = ["--skip", "plain@600", "--skip-reason", "too slow here"];
+    let (ok, stdout, err) = homer(&[&args[..], &skip].concat());
+    assert!(ok, "{err}");
+    let rows = jsonl(&dir.path().join("passkey.jsonl"));
+    let skipped: Vec<_> = rows.iter().filter(|r| r["skipped"].is_string()).collect();
+    assert_eq!(skipped.len(), 1, "{rows:?}");
+    assert_eq!(
+        (
+            &skipped[0]["method"],
+            &skipped[0]["length"],
+            &skipped[0]["skipped"]
+        ),
+        (
+            &serde_json::json!("plain"),
+            &serde_json::json!(600),
+            &serde_json::json!("too slow here")
+        )
+    );
+    assert_eq!(rows.iter().filter(|r| r["correct"].is_boolean()).count(), 3);
+    assert!(!stdout.contains("| plain | 600 |"), "{stdout}");
+    assert!(
+        stdout.contains("- plain at 600 tokens (1 cell): too slow here"),
+        "{stdout}"
+    );
+    // Skipped again: not recorded twice.
+    let (ok, _, err) = homer(&[&args[..], &skip].concat());
+    assert!(ok, "{err}");
+    assert_eq!(jsonl(&dir.path().join("passkey.jsonl")).len(), 4);
+    // Without the skip the cell runs and leaves the list.
+    let (ok, stdout, err) = homer(&args);
+    assert!(ok, "{err}");
+    let rows = jsonl(&dir.path().join("passkey.jsonl"));
+    assert_eq!(rows.iter().filter(|r| r["correct"].is_boolean()).count(), 4);
+    assert!(stdout.contains("| plain | 600 |"), "{stdout}");
+    assert!(!stdout.contains("Skipped"), "{stdout}");
+    // A skip that names no method is refused with the value.
+    let (ok, _, err) = homer(&[&args[..], &["--skip", "plain600"]].concat());
+    assert!(
+        !ok && err.contains("plain600") && err.contains("METHOD@LENGTH"),
+        "{err}"
+    );
+}
+
 fn jsonl(p: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(p)
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))

@@ -116,13 +116,16 @@ pub fn run(
             if store.has(&key) {
                 continue;
             }
+            let cell = json!({
+                "key": key, "model": model, "method": method.to_string(), "length": len,
+            });
+            if s.skipped(store, &method.to_string(), len, cell.clone())? {
+                continue;
+            }
             let prompt = prompt_of(tokens, len);
             let m = match measure(engine, &prompt, method, s, cancel) {
                 Ok(m) => m,
                 Err(e) => {
-                    let cell = json!({
-                        "key": key, "model": model, "method": method.to_string(), "length": len,
-                    });
                     crate::refuse(store, s, e, cell)?;
                     continue;
                 }

@@ -61,9 +61,64 @@ pub struct Settings {
     pub seed: u64,
     /// Print one line per finished cell to stderr.
     pub verbose: bool,
+    /// Cells not to run, recorded as skipped with `skip_reason` (the table lists them).
+    pub skip: Vec<Skip>,
+    pub skip_reason: String,
+}
+
+/// A method at a length that a run leaves out (`--skip METHOD@LENGTH`), e.g. full attention over
+/// 32K tokens on a 2-core CPU. A skipped cell is recorded once with the reason; a later run
+/// without the skip measures it (the skip record does not count as done).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skip {
+    /// The method as records spell it (`QaMethod`'s / `Method`'s display).
+    pub method: String,
+    pub length: usize,
+}
+
+impl std::str::FromStr for Skip {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (m, l) = s
+            .rsplit_once('@')
+            .ok_or_else(|| format!("--skip `{s}`: write METHOD@LENGTH, e.g. plain@32768"))?;
+        let method = m
+            .parse::<qa::QaMethod>()
+            .map_err(|e| format!("--skip `{s}`: {e}"))?
+            .to_string();
+        let length = l
+            .parse()
+            .map_err(|_| format!("--skip `{s}`: `{l}` is not a length in tokens"))?;
+        Ok(Skip { method, length })
+    }
 }
 
 impl Settings {
+    /// Whether `method` at `len` is skipped; if so, record `cell` (its key and coordinates) as
+    /// skipped, once, and return true.
+    pub fn skipped(
+        &self,
+        store: &mut store::Store,
+        method: &str,
+        len: usize,
+        mut cell: serde_json::Value,
+    ) -> Result<bool> {
+        if !self
+            .skip
+            .iter()
+            .any(|k| k.method == method && k.length == len)
+        {
+            return Ok(false);
+        }
+        let key = cell["key"].as_str().unwrap_or_default().to_string();
+        if !store.has_skip(&key) {
+            self.log(format!("{method} at {len}: skipped: {}", self.skip_reason));
+            cell["skipped"] = serde_json::json!(self.skip_reason);
+            store.append(cell)?;
+        }
+        Ok(true)
+    }
+
     pub fn log(&self, line: impl AsRef<str>) {
         if self.verbose {
             eprintln!("{}", line.as_ref());
@@ -250,11 +305,12 @@ pub fn refusal(e: &EvalError) -> Option<String> {
     }
 }
 
-/// Records of cells that ran (not refused).
+/// Records of cells that ran (not refused, not skipped).
 pub fn ran(records: &[serde_json::Value]) -> Vec<serde_json::Value> {
     records
         .iter()
         .filter(|r| r.get("refused").is_none_or(|v| v.is_null()))
+        .filter(|r| r.get("skipped").is_none_or(|v| v.is_null()))
         .cloned()
         .collect()
 }
@@ -274,14 +330,36 @@ pub fn refused_note(records: &[serde_json::Value]) -> String {
             seen.insert(format!("- {name} at {} tokens: {msg}\n", r["length"]));
         }
     }
-    if seen.is_empty() {
-        String::new()
-    } else {
-        format!(
+    // Skipped cells, per method and length, unless a later run measured them.
+    let done: std::collections::HashSet<String> = ran(records)
+        .iter()
+        .filter_map(|r| r["key"].as_str().map(str::to_string))
+        .collect();
+    let mut skipped: std::collections::BTreeMap<(String, u64, String), usize> = Default::default();
+    for r in records {
+        if let Some(msg) = r["skipped"].as_str()
+            && !r["key"].as_str().is_some_and(|k| done.contains(k))
+        {
+            let m = r["method"].as_str().unwrap_or("?").to_string();
+            let len = r["length"].as_u64().unwrap_or(0);
+            *skipped.entry((m, len, msg.to_string())).or_default() += 1;
+        }
+    }
+    let mut out = String::new();
+    if !seen.is_empty() {
+        out += &format!(
             "\nRefused (the settings cannot form a HOMER plan for the model):\n\n{}",
             seen.into_iter().collect::<String>()
-        )
+        );
     }
+    if !skipped.is_empty() {
+        out += "\nSkipped (not run here; the reason is the run's):\n\n";
+        for ((m, len, msg), n) in skipped {
+            let cells = if n == 1 { "cell" } else { "cells" };
+            out += &format!("- {m} at {len} tokens ({n} {cells}): {msg}\n");
+        }
+    }
+    out
 }
 
 /// One (length, depth, trial) cell of a task's grid, with the seed its sample is drawn from (the

@@ -72,6 +72,14 @@ pub fn run(
                 if store.has_sample(&key, seed)? {
                     continue;
                 }
+                let cell = json!({
+                    "key": key, "model": model, "method": method.to_string(),
+                    "variant": vname, "length": len, "depth": depth, "trial": t,
+                    "sample_seed": seed,
+                });
+                if s.skipped(store, &method.to_string(), len, cell.clone())? {
+                    continue;
+                }
                 if sample.is_none() {
                     sample = Some(engine.passkey_sample_in(
                         len,
@@ -95,11 +103,6 @@ pub fn run(
                 ) {
                     Ok(r) => r,
                     Err(e) => {
-                        let cell = json!({
-                            "key": key, "model": model, "method": method.to_string(),
-                            "variant": vname, "length": len, "depth": depth, "trial": t,
-                            "sample_seed": seed,
-                        });
                         crate::refuse(store, s, e, cell)?;
                         continue;
                     }

@@ -228,13 +228,16 @@ pub fn run(
         if store.has(&key) {
             continue;
         }
+        let cell = json!({
+            "key": key, "model": model, "method": method.to_string(), "length": length,
+        });
+        if s.skipped(store, &method.to_string(), length, cell.clone())? {
+            continue;
+        }
         let t0 = Instant::now();
         let nll = match score(engine, &tokens[..length], method, s, cancel) {
             Ok(n) => n,
             Err(e) => {
-                let cell = json!({
-                    "key": key, "model": model, "method": method.to_string(), "length": length,
-                });
                 crate::refuse(store, s, e, cell)?;
                 continue;
             }

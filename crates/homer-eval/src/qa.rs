@@ -259,6 +259,13 @@ pub fn run(
             if store.has_sample(&key, seed)? {
                 continue;
             }
+            let cell = json!({
+                "key": key, "model": model, "method": method.to_string(),
+                "length": len, "depth": depth, "trial": t, "sample_seed": seed,
+            });
+            if s.skipped(store, &method.to_string(), len, cell.clone())? {
+                continue;
+            }
             if smp.is_none() {
                 smp = Some(sample(engine, verses, len, depth, seed)?);
             }
@@ -297,10 +304,6 @@ pub fn run(
             let (run, retrieved) = match result {
                 Ok(r) => r,
                 Err(e) => {
-                    let cell = json!({
-                        "key": key, "model": model, "method": method.to_string(),
-                        "length": len, "depth": depth, "trial": t, "sample_seed": seed,
-                    });
                     crate::refuse(store, s, e, cell)?;
                     continue;
                 }

@@ -1,7 +1,7 @@
 //! JSON-lines records, one file per task, appended as cells finish and keyed so that a rerun
 //! skips what is done.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +13,15 @@ pub struct Store {
     path: PathBuf,
     /// Every record's key, with the seed of the prompt it measured when the record says.
     keys: HashMap<String, Option<u64>>,
+    /// Keys of cells recorded as skipped (`--skip`): not done, so a run without the skip
+    /// measures them.
+    skipped: HashSet<String>,
     records: Vec<Value>,
+}
+
+/// Whether a record says its cell was skipped rather than run.
+fn is_skip(v: &Value) -> bool {
+    v.get("skipped").is_some_and(|s| !s.is_null())
 }
 
 impl Store {
@@ -24,6 +32,7 @@ impl Store {
             .map_err(|e| EvalError::Io(format!("{}: cannot create: {e}", dir.display())))?;
         let path = dir.join(format!("{task}.jsonl"));
         let mut keys = HashMap::new();
+        let mut skipped = HashSet::new();
         let mut records = vec![];
         if path.exists() {
             let text = std::fs::read_to_string(&path)
@@ -40,7 +49,11 @@ impl Store {
                     ))
                 })?;
                 if let Some(k) = v["key"].as_str() {
-                    keys.insert(k.to_string(), v["sample_seed"].as_u64());
+                    if is_skip(&v) {
+                        skipped.insert(k.to_string());
+                    } else {
+                        keys.insert(k.to_string(), v["sample_seed"].as_u64());
+                    }
                 }
                 records.push(v);
             }
@@ -48,6 +61,7 @@ impl Store {
         Ok(Store {
             path,
             keys,
+            skipped,
             records,
         })
     }
@@ -58,6 +72,11 @@ impl Store {
 
     pub fn has(&self, key: &str) -> bool {
         self.keys.contains_key(key)
+    }
+
+    /// Whether the cell `key` is recorded as skipped.
+    pub fn has_skip(&self, key: &str) -> bool {
+        self.skipped.contains(key)
     }
 
     /// Whether the cell `key` is done for the prompt made from `sample_seed`. A record of the
@@ -92,7 +111,11 @@ impl Store {
         writeln!(f, "{line}")
             .and_then(|_| f.sync_data())
             .map_err(|e| EvalError::Io(format!("{}: cannot write: {e}", self.path.display())))?;
-        self.keys.insert(key, record["sample_seed"].as_u64());
+        if is_skip(&record) {
+            self.skipped.insert(key);
+        } else {
+            self.keys.insert(key, record["sample_seed"].as_u64());
+        }
         self.records.push(record);
         Ok(())
     }
