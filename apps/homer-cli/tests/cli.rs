@@ -274,29 +274,40 @@ fn rope_scaling_extends_the_window_and_bad_choices_are_refused() {
     assert!(!ok && err.contains("--rope-factor 0.5"), "{err}");
 }
 
-#[test]
-fn passkey_runs_every_baseline_method() {
-    let model = fixtures().join("tiny-llama").display().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let out_s = dir.path().display().to_string();
-    let args = [
+/// `homer eval passkey` on the tiny model, one trial at depth 0.5, into `out`; `--method` is
+/// after the first 12 arguments.
+fn passkey_args<'a>(
+    model: &'a str,
+    out: &'a str,
+    lengths: &'a str,
+    methods: &'a str,
+) -> Vec<&'a str> {
+    vec![
         "eval",
         "passkey",
         "--model",
-        &model,
+        model,
         "--backend",
         "cpu",
         "--lengths",
-        "600",
+        lengths,
         "--depths",
         "0.5",
         "--trials",
         "1",
         "--method",
-        "plain,truncation,yarn,homer+yarn",
+        methods,
         "--out",
-        &out_s,
-    ];
+        out,
+    ]
+}
+
+#[test]
+fn passkey_runs_every_baseline_method() {
+    let model = fixtures().join("tiny-llama").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out_s = dir.path().display().to_string();
+    let args = passkey_args(&model, &out_s, "600", "plain,truncation,yarn,homer+yarn");
     let (ok, stdout, err) = homer(&args);
     assert!(ok, "{err}");
     let rows = jsonl(&dir.path().join("passkey.jsonl"));
@@ -334,24 +345,7 @@ fn skipped_cells_are_recorded_listed_and_run_later() {
     let model = fixtures().join("tiny-llama").display().to_string();
     let dir = tempfile::tempdir().unwrap();
     let out_s = dir.path().display().to_string();
-    let args = [
-        "eval",
-        "passkey",
-        "--model",
-        &model,
-        "--backend",
-        "cpu",
-        "--lengths",
-        "300,600",
-        "--depths",
-        "0.5",
-        "--trials",
-        "1",
-        "--method",
-        "plain,truncation",
-        "--out",
-        &out_s,
-    ];
+    let args = passkey_args(&model, &out_s, "300,600", "plain,truncation");
     let skip = ["--skip", "plain@600", "--skip-reason", "too slow here"];
     let (ok, stdout, err) = homer(&[&args[..], &skip].concat());
     assert!(ok, "{err}");
