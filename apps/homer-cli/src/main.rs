@@ -316,7 +316,7 @@ enum Cmd {
 #[derive(Subcommand)]
 enum BenchWhat {
     /// HOMER's WGSL kernels against the tensor-op oracle on the same adapter (wgpu), at the
-    /// default model's shapes: significance, selection, gather, merge
+    /// default model's shapes: significance, selection, gather, gather with turned keys, key rotation, merge
     Kernels {
         #[command(flatten)]
         model: ModelArgs,

@@ -583,9 +583,15 @@ impl Llama {
     /// Post-RoPE keys `k` [KV, n, head_dim] rotated at positions `from` (row-wise), re-rotated
     /// to positions `to`, in `k`'s element type (f16 caches are rotated in f32).
     pub fn rerotate_keys(&self, k: Tensor<3>, from: &[usize], to: &[usize]) -> Tensor<3> {
-        let dtype = k.dtype();
-        let (c, s) = self.rope.shift_tables(from, to, &self.device);
-        crate::rope::apply(k.cast(burn::tensor::DType::F32), &c, &s).cast(dtype)
+        let (c, s) = self.key_shift(from, to);
+        crate::rope::rotate(k, &c, &s)
+    }
+
+    /// The rotation that moves a post-RoPE key from position `from[r]` to `to[r]`, row by row:
+    /// cos and sin tables [rows, head_dim] for [`crate::rope::rotate`] (halves repeated, as
+    /// RoPE's own tables; the model's frequency scaling included).
+    pub fn key_shift(&self, from: &[usize], to: &[usize]) -> (Tensor<2>, Tensor<2>) {
+        self.rope.shift_tables(from, to, &self.device)
     }
 
     /// Run `ids` (at `positions`, default: continuing from `cache.next_position`) through all

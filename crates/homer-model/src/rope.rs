@@ -203,6 +203,13 @@ pub fn apply(x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<3> {
     x * cos + rotated * sin
 }
 
+/// Turn post-RoPE keys `k` [heads, n, head_dim] by a further rotation (tables [n, head_dim], e.g.
+/// [`Rope::shift_tables`]) in f32, returned in `k`'s element type (f16 caches are rotated in f32).
+pub fn rotate(k: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<3> {
+    let dtype = k.dtype();
+    apply(k.cast(burn::tensor::DType::F32), cos, sin).cast(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

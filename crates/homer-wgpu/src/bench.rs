@@ -6,7 +6,7 @@ use std::time::Instant;
 use burn::tensor::{Tensor, TensorData};
 use homer::ops::wait_for;
 use homer::prune::keep_after_dropping;
-use homer::{ChunkTensors, HomerOps, Result, SignificanceInput, TensorOps};
+use homer::{ChunkTensors, HomerOps, KeyShift, Result, SignificanceInput, TensorOps};
 use homer_model::{Device, LayerKv};
 use serde::Serialize;
 
@@ -113,6 +113,33 @@ fn chunk(rng: &mut Rng, b: &KernelBench, n: usize, dev: &Device) -> Result<Chunk
     Ok(c)
 }
 
+/// Shift tables of random angles for `rows` kept rows (halves repeated, as the model's).
+fn shift(rng: &mut Rng, rows: usize, hd: usize, dev: &Device) -> KeyShift {
+    let half = hd / 2;
+    let (mut cos, mut sin) = (vec![0f32; rows * hd], vec![0f32; rows * hd]);
+    for r in 0..rows {
+        for i in 0..half {
+            let a = rng.next() * 100.0;
+            for c in [r * hd + i, r * hd + half + i] {
+                cos[c] = a.cos();
+                sin[c] = a.sin();
+            }
+        }
+    }
+    KeyShift {
+        cos: Tensor::from_data(TensorData::new(cos, [rows, hd]), dev),
+        sin: Tensor::from_data(TensorData::new(sin, [rows, hd]), dev),
+    }
+}
+
+/// Wait for the last layer's keys (a pure renumbering leaves the values as they were).
+fn keys_done(c: &ChunkTensors) -> Result<()> {
+    match c.cache.last() {
+        Some(kv) => wait_for(&kv.k),
+        None => wait_for(&c.hidden),
+    }
+}
+
 fn done(c: &ChunkTensors) -> Result<()> {
     match c.cache.last() {
         Some(kv) => wait_for(&kv.v),
@@ -196,6 +223,43 @@ pub fn run(
                 done(&TensorOps.gather(c.clone(), &keep)?)
             })?,
             wgsl_seconds: timed(b.warmup, b.reps, || done(&wgsl.gather(c.clone(), &keep)?))?,
+        };
+        log(&row);
+        rows.push(row);
+
+        // The same gather with every kept key turned to a new position (the root's gather under
+        // positions=reindex|root): oracle = gather, then RoPE's tensor ops on the keys.
+        let turn = shift(&mut rng, keep.len(), b.head_dim, dev);
+        wait_for(&turn.sin)?;
+        let row = KernelRow {
+            op: "gather+rotate keys".into(),
+            rows: n,
+            bytes: 2 * m * row_bytes + 2 * m * (b.head_dim * 4) as u64,
+            oracle_seconds: timed(b.warmup, b.reps, || {
+                done(&TensorOps.gather_rotate(c.clone(), &keep, &turn)?)
+            })?,
+            wgsl_seconds: timed(b.warmup, b.reps, || {
+                done(&wgsl.gather_rotate(c.clone(), &keep, &turn)?)
+            })?,
+        };
+        log(&row);
+        rows.push(row);
+
+        // Renumbering alone (the children at a positions=reindex merge): every key turned.
+        let all: Vec<usize> = (0..n).collect();
+        let turn = shift(&mut rng, n, b.head_dim, dev);
+        wait_for(&turn.sin)?;
+        let key_bytes = (b.layers * b.kv_heads * b.head_dim * 4) as u64;
+        let row = KernelRow {
+            op: "rotate keys".into(),
+            rows: n,
+            bytes: n as u64 * (2 * key_bytes + 2 * (b.head_dim * 4) as u64),
+            oracle_seconds: timed(b.warmup, b.reps, || {
+                keys_done(&TensorOps.gather_rotate(c.clone(), &all, &turn)?)
+            })?,
+            wgsl_seconds: timed(b.warmup, b.reps, || {
+                keys_done(&wgsl.gather_rotate(c.clone(), &all, &turn)?)
+            })?,
         };
         log(&row);
         rows.push(row);

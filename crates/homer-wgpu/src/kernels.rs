@@ -23,6 +23,7 @@ use cubecl::{CubeCount, CubeDim};
 
 const SIGNIFICANCE: &str = include_str!("../../../shaders/significance.wgsl");
 const GATHER: &str = include_str!("../../../shaders/gather.wgsl");
+const GATHER_ROTATE: &str = include_str!("../../../shaders/gather_rotate.wgsl");
 const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
 const SELECT: &str = include_str!("../../../shaders/select.wgsl");
 const ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
@@ -183,6 +184,34 @@ pub trait HomerKernels: Backend {
         job: GatherJob,
     ) -> FloatTensor<Self>;
 
+    /// Rows `index` [M] of a layer's keys `k` and values `v` [KV, N, hd], the keys turned by the
+    /// shift tables `cos`, `sin` [M, hd] (f32) on the way (`shaders/gather_rotate.wgsl`).
+    #[fusion(meta = |k, v, index, _cos, _sin, _job| (
+        TensorSpec::new(with_rows(&k.shape, index.shape[0]), k.dtype),
+        TensorSpec::new(with_rows(&v.shape, index.shape[0]), v.dtype),
+    ))]
+    fn homer_gather_rotate_pair(
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        index: IntTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        job: GatherJob,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Rows `index` [M] of keys `k` [KV, N, hd], turned by `cos`, `sin` [M, hd] (f32).
+    #[fusion(meta = |k, index, _cos, _sin, _job| TensorSpec::new(
+        with_rows(&k.shape, index.shape[0]),
+        k.dtype,
+    ))]
+    fn homer_gather_rotate_one(
+        k: FloatTensor<Self>,
+        index: IntTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        job: GatherJob,
+    ) -> FloatTensor<Self>;
+
     /// The §5 merge of two tensor pairs (x = left child, y = right child).
     #[fusion(meta = |xa, ya, xb, yb, job| (
         TensorSpec::new(with_rows(&xa.shape, merged_rows(&xa.shape, &ya.shape, job)), xa.dtype),
@@ -250,6 +279,7 @@ pub trait HomerKernels: Backend {
 enum Shader {
     Significance,
     Gather,
+    GatherRotate,
     Merge,
     Select,
     Attention,
@@ -285,6 +315,7 @@ impl KernelSource for WgslKernel {
         let text = match self.shader {
             Shader::Significance => SIGNIFICANCE,
             Shader::Gather => GATHER,
+            Shader::GatherRotate => GATHER_ROTATE,
             Shader::Merge => MERGE,
             Shader::Select => SELECT,
             Shader::Attention => ATTENTION,
@@ -305,6 +336,7 @@ impl KernelSource for WgslKernel {
                     scalar.to_string()
                 }
             })
+            .register("felem", if self.vec4 { "vec4<f32>" } else { "f32" })
             .register("q_elem", if self.q_f16 { "f16" } else { "f32" })
             .register(
                 "enable",
@@ -533,6 +565,73 @@ fn gather(
         ],
     );
     (a_out, b_out)
+}
+
+/// Rows `index` of keys `k` (turned by the shift tables `cos`, `sin` [M, hd]) and of values `v`.
+fn gather_rotate(
+    k: CubeTensor,
+    v: Option<CubeTensor>,
+    index: CubeTensor,
+    (cos, sin): (CubeTensor, CubeTensor),
+    job: &GatherJob,
+) -> (CubeTensor, CubeTensor) {
+    let k = into_contiguous(k);
+    let v = v.map(into_contiguous);
+    let index = into_contiguous(index);
+    let (cos, sin) = (into_contiguous(cos), into_contiguous(sin));
+    assert_eq!(
+        index.dtype.size(),
+        4,
+        "gather index must be 32-bit (checked by WgslOps)"
+    );
+    assert!(
+        cos.dtype == DType::F32 && sin.dtype == DType::F32,
+        "shift tables are f32 (checked by WgslOps)"
+    );
+    let f16 = element_f16(k.dtype);
+    let m = index.meta.shape().num_elements();
+    let sk = k.meta.shape().clone();
+    let hd = sk[2];
+    assert!(
+        hd % 2 == 0 && cos.meta.shape().num_elements() == m * hd,
+        "shift tables [{m}, {hd}] for even head dims (checked by WgslOps)"
+    );
+    let k_out = output(&k, with_rows(&sk, m), k.dtype, job.cfg.poison);
+    let (v_in, v_out, sv) = match v {
+        Some(v) => {
+            assert_eq!(k.dtype, v.dtype, "one KV cache, one element type");
+            let sv = v.meta.shape().clone();
+            let out = output(&v, with_rows(&sv, m), v.dtype, job.cfg.poison);
+            (v, out, [sv[0], sv[2]])
+        }
+        None => (dummy(&k), dummy(&k), [0, 8]),
+    };
+    // vec4 elements when both halves of a key row hold whole vec4s.
+    let w = if hd % 8 == 0 && sv[1] % 4 == 0 { 4 } else { 1 };
+    let (ik, iv) = (hd / w, sv[1] / w);
+    let info = [sk[1] as u32, m as u32, sk[0] as u32, sv[0] as u32];
+    let info = upload_u32(&k, &info);
+    launch(
+        &k,
+        Shader::GatherRotate,
+        (f16, f16),
+        w == 4,
+        (ik as u32, iv as u32),
+        job.cfg,
+        m * ik.max(iv),
+        Some(sk[0] + sv[0]),
+        vec![
+            k.handle.clone().binding(),
+            v_in.handle.clone().binding(),
+            k_out.handle.clone().binding(),
+            v_out.handle.clone().binding(),
+            index.handle.clone().binding(),
+            cos.handle.clone().binding(),
+            sin.handle.clone().binding(),
+            info.binding(),
+        ],
+    );
+    (k_out, v_out)
 }
 
 fn merge(
@@ -926,6 +1025,27 @@ impl HomerKernels for CubeBackend {
 
     fn homer_gather_one(a: CubeTensor, index: CubeTensor, job: GatherJob) -> CubeTensor {
         gather(a, None, index, &job).0
+    }
+
+    fn homer_gather_rotate_pair(
+        k: CubeTensor,
+        v: CubeTensor,
+        index: CubeTensor,
+        cos: CubeTensor,
+        sin: CubeTensor,
+        job: GatherJob,
+    ) -> (CubeTensor, CubeTensor) {
+        gather_rotate(k, Some(v), index, (cos, sin), &job)
+    }
+
+    fn homer_gather_rotate_one(
+        k: CubeTensor,
+        index: CubeTensor,
+        cos: CubeTensor,
+        sin: CubeTensor,
+        job: GatherJob,
+    ) -> CubeTensor {
+        gather_rotate(k, None, index, (cos, sin), &job).0
     }
 
     fn homer_merge_pair(

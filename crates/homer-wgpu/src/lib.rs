@@ -5,6 +5,8 @@
 //! - significance: one pass over a node's keys, max over query heads of the scaled dot product,
 //!   minus the calibration bias, +∞ for affixes; no [heads × n] intermediate.
 //! - gather: the kept rows of the hidden state and every cached layer's K/V, two tensors a dispatch.
+//! - gather_rotate: the same, every kept key turned to a new position on the way (HOMER's
+//!   renumbered positions); a pure renumbering rewrites the keys alone, one dispatch a layer.
 //! - merge: §5's averaged affixes + concatenated contexts, two tensors a dispatch.
 //!
 //! Selection of the rows to drop runs on the host (`homer::prune`) after the n scores are read
@@ -18,8 +20,8 @@ use std::sync::Arc;
 
 use burn::backend::Dispatch;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use homer::ops::{check_gather, check_merge, check_significance_input};
-use homer::{ChunkTensors, HomerError, HomerOps, Result, SignificanceInput};
+use homer::ops::{check_gather, check_merge, check_shift, check_significance_input, keeps_all};
+use homer::{ChunkTensors, HomerError, HomerOps, KeyShift, Result, SignificanceInput};
 use homer_model::{DeviceInfo, LayerKv, read_f32};
 
 pub use kernels::{
@@ -171,6 +173,15 @@ impl HomerOps for WgslOps {
         self.gather_on_device(chunk, keep)
     }
 
+    fn gather_rotate(
+        &self,
+        chunk: ChunkTensors,
+        keep: &[usize],
+        shift: &KeyShift,
+    ) -> Result<ChunkTensors> {
+        self.gather_rotate_on_device(chunk, keep, shift)
+    }
+
     fn merge(
         &self,
         left: ChunkTensors,
@@ -279,6 +290,75 @@ impl WgslOps {
             }
         }
         Ok(unflatten(d, out))
+    }
+
+    /// [`HomerOps::gather_rotate`] with the kernels: one dispatch a layer moves its values and
+    /// its turned keys (`gather_rotate.wgsl`); a pure renumbering (`keep` = 0..n) rewrites the
+    /// keys alone.
+    fn gather_rotate_on_device(
+        &self,
+        chunk: ChunkTensors,
+        keep: &[usize],
+        shift: &KeyShift,
+    ) -> Result<ChunkTensors> {
+        check_gather(&chunk, keep)?;
+        check_shift(&chunk, keep, shift)?;
+        self.check_chunk(&chunk)?;
+        self.check("key shift cos", &shift.cos)?;
+        self.check("key shift sin", &shift.sin)?;
+        let f32_tables = |t: &Tensor<2>| t.clone().cast(DType::F32).into_dispatch();
+        let (cos, sin) = (f32_tables(&shift.cos), f32_tables(&shift.sin));
+        let device = chunk.hidden.device();
+        let all = keeps_all(keep, chunk.rows());
+        let keep: Vec<i32> = keep.iter().map(|&i| i as i32).collect();
+        let m = keep.len();
+        let index =
+            Tensor::<1, Int>::from_data(TensorData::new(keep, [m]), &device).cast(DType::I32);
+        let job = GatherJob { cfg: self.cfg };
+        let hidden = if all {
+            chunk.hidden
+        } else {
+            let [n, d] = chunk.hidden.dims();
+            let h = Dispatch::homer_gather_one(
+                chunk.hidden.reshape([1, n, d]).into_dispatch(),
+                index.clone().into_dispatch(),
+                job.clone(),
+            );
+            Tensor::<3>::from_dispatch(h).reshape([m, d])
+        };
+        let cache = chunk
+            .cache
+            .into_iter()
+            .map(|kv| {
+                if all {
+                    let k = Dispatch::homer_gather_rotate_one(
+                        kv.k.into_dispatch(),
+                        index.clone().into_dispatch(),
+                        cos.clone(),
+                        sin.clone(),
+                        job.clone(),
+                    );
+                    LayerKv {
+                        k: Tensor::from_dispatch(k),
+                        v: kv.v,
+                    }
+                } else {
+                    let (k, v) = Dispatch::homer_gather_rotate_pair(
+                        kv.k.into_dispatch(),
+                        kv.v.into_dispatch(),
+                        index.clone().into_dispatch(),
+                        cos.clone(),
+                        sin.clone(),
+                        job.clone(),
+                    );
+                    LayerKv {
+                        k: Tensor::from_dispatch(k),
+                        v: Tensor::from_dispatch(v),
+                    }
+                }
+            })
+            .collect();
+        Ok(ChunkTensors { hidden, cache })
     }
 
     /// [`HomerOps::merge`] with the kernels.

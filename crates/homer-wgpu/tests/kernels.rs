@@ -8,8 +8,8 @@ use std::sync::atomic::AtomicBool;
 
 use burn::tensor::{Tensor, TensorData};
 use homer::{
-    BiasTable, ChunkTensors, HomerConfig, HomerInput, HomerOps, HomerOutput, NextPosition, Scoring,
-    SignificanceInput, TensorOps,
+    BiasTable, ChunkTensors, HomerConfig, HomerInput, HomerOps, HomerOutput, KeyShift,
+    NextPosition, Scoring, SignificanceInput, TensorOps,
 };
 use homer_model::{
     BackendKind, Device, DeviceInfo, KvDtype, LayerKv, Llama, LlamaConfig, read_f32,
@@ -188,6 +188,96 @@ fn gather_matches_oracle() {
             }
         }
     }
+}
+
+/// Shift tables as `Llama::key_shift` lays them out ([rows, hd], halves repeated) for random
+/// angles: the kernel's contract holds for any rotation.
+fn random_shift(rng: &mut StdRng, rows: usize, hd: usize, dev: &Device) -> KeyShift {
+    let half = hd / 2;
+    let (mut cos, mut sin) = (vec![0f32; rows * hd], vec![0f32; rows * hd]);
+    for r in 0..rows {
+        for i in 0..half {
+            let a = rng.random_range(-40.0f32..40.0);
+            for c in [r * hd + i, r * hd + half + i] {
+                cos[c] = a.cos();
+                sin[c] = a.sin();
+            }
+        }
+    }
+    KeyShift {
+        cos: Tensor::from_data(TensorData::new(cos, [rows, hd]), dev),
+        sin: Tensor::from_data(TensorData::new(sin, [rows, hd]), dev),
+    }
+}
+
+/// Turned keys to f32 rounding (the kernel may fuse the multiply-add), every other tensor
+/// bit for bit, nothing left unwritten.
+fn assert_rotated_chunk(what: &str, got: &ChunkTensors, want: &ChunkTensors, rel: f32) {
+    assert_eq!(
+        got.hidden.dims(),
+        want.hidden.dims(),
+        "{what}: hidden shape"
+    );
+    assert_eq!(host(&got.hidden), host(&want.hidden), "{what}: hidden rows");
+    assert_eq!(got.cache.len(), want.cache.len(), "{what}: layers");
+    for (l, (g, w)) in got.cache.iter().zip(&want.cache).enumerate() {
+        assert_eq!(g.k.dims(), w.k.dims(), "{what}: layer {l} key shape");
+        assert_eq!(g.k.dtype(), w.k.dtype(), "{what}: layer {l} key type");
+        assert_close(
+            &format!("{what}: layer {l} keys"),
+            &host(&g.k),
+            &host(&w.k),
+            rel,
+        );
+        assert_eq!(host(&g.v), host(&w.v), "{what}: layer {l} values");
+    }
+}
+
+#[test]
+fn gather_rotate_matches_oracle() {
+    let (dev, info) = wgpu();
+    let ops = poisoned_ops(&info, 32, 5);
+    let mut rng = StdRng::seed_from_u64(23);
+    let mut checked = 0;
+    // Head dims 64 and 128 take the vec4 path, 6 and 12 (halves not whole vec4s) the scalar one.
+    for &(kv, hd) in &[(3, 64), (1, 6), (8, 128), (2, 12)] {
+        for &n in &[1usize, 7, 255, 1031] {
+            for layers in [1, 2] {
+                let chunk = random_chunk(&mut rng, n, 30, layers, kv, hd, &dev);
+                let mut keep: Vec<usize> = (0..n).filter(|_| rng.random_bool(0.6)).collect();
+                if keep.is_empty() {
+                    keep.push(n - 1);
+                }
+                let all: Vec<usize> = (0..n).collect();
+                for keep in [keep, all] {
+                    let shift = random_shift(&mut rng, keep.len(), hd, &dev);
+                    let want = TensorOps
+                        .gather_rotate(chunk.clone(), &keep, &shift)
+                        .unwrap();
+                    // The oracle turned something: its keys differ from a plain gather's.
+                    let plain = TensorOps.gather(chunk.clone(), &keep).unwrap();
+                    assert_ne!(host(&want.cache[0].k), host(&plain.cache[0].k));
+                    let got = ops.gather_rotate(chunk.clone(), &keep, &shift).unwrap();
+                    assert_rotated_chunk(
+                        &format!(
+                            "gather_rotate kv{kv} d{hd} n{n} layers {layers} keep {}",
+                            keep.len()
+                        ),
+                        &got,
+                        &want,
+                        1e-5,
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 64);
+    // Tables that do not fit the kept rows are refused, not read past.
+    let chunk = random_chunk(&mut rng, 9, 30, 1, 2, 64, &dev);
+    let shift = random_shift(&mut rng, 4, 64, &dev);
+    let e = ops.gather_rotate(chunk, &[0, 2, 4], &shift).unwrap_err();
+    assert!(e.to_string().contains("key shift tables"), "{e}");
 }
 
 #[test]
@@ -386,7 +476,8 @@ fn homer_prefill_both_ways(model: &Llama, info: &DeviceInfo, kv_dtype: KvDtype) 
     };
     // The paper's per-token selection; whole spans (nodes may keep fewer rows than planned, so
     // the kernels see parents built from under-filled children); the mean query of the suffix
-    // rows with re-indexed positions (re-rotated keys in every merge).
+    // rows with re-indexed positions (re-rotated keys in every merge and in the root's gather);
+    // the final cache alone renumbered (keys turned in the root's gather, gather_rotate.wgsl).
     use homer::{Agg, Positions, Query, Selection, Unit};
     for selection in [
         Selection::default(),
@@ -400,6 +491,10 @@ fn homer_prefill_both_ways(model: &Llama, info: &DeviceInfo, kv_dtype: KvDtype) 
         Selection {
             query: Query::Suffix,
             positions: Positions::Reindex,
+            ..Default::default()
+        },
+        Selection {
+            positions: Positions::Root,
             ..Default::default()
         },
     ] {
@@ -539,9 +634,27 @@ fn f16_storage_where_the_adapter_has_shader_f16() {
     };
     let keep: Vec<usize> = (0..n).filter(|j| j % 3 != 1).collect();
     let want = TensorOps.gather(chunk.clone(), &keep).unwrap();
-    let got = ops.gather(chunk, &keep).unwrap();
+    let got = ops.gather(chunk.clone(), &keep).unwrap();
     assert_eq!(got.cache[0].k.dtype(), DType::F16);
     assert_same_chunk("f16 gather", &got, &want);
+    // f16 keys turned in f32 and rounded once; the oracle rounds the same f32 result, so the two
+    // may differ by one f16 step where a fused multiply-add moves the f32 value across a rounding
+    // boundary.
+    let all: Vec<usize> = (0..n).collect();
+    for keep in [keep, all] {
+        let shift = random_shift(&mut rng, keep.len(), hd, &dev);
+        let want = TensorOps
+            .gather_rotate(chunk.clone(), &keep, &shift)
+            .unwrap();
+        let got = ops.gather_rotate(chunk.clone(), &keep, &shift).unwrap();
+        assert_eq!(got.cache[0].k.dtype(), DType::F16);
+        assert_rotated_chunk(
+            &format!("f16 gather_rotate keep {}", keep.len()),
+            &got,
+            &want,
+            2e-3,
+        );
+    }
 }
 
 /// Device-side selection (`select.wgsl`) equals the host oracle `homer::prune`, ties, ±inf and

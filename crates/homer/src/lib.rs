@@ -34,7 +34,9 @@ pub mod tree;
 
 pub use bias::BiasTable;
 pub use error::{HomerError, Result};
-pub use ops::{ChunkTensors, HomerOps, OpTime, OpTimes, SignificanceInput, TensorOps, TimedOps};
+pub use ops::{
+    ChunkTensors, HomerOps, KeyShift, OpTime, OpTimes, SignificanceInput, TensorOps, TimedOps,
+};
 pub use plan::{NodePlan, Plan, PlanParams};
 pub use select::{Agg, Order, Positions, Prior, Query, Reread, Selection, Sep, Unit};
 pub use trace::{MergeTrace, NodeTrace};

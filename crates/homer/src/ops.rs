@@ -54,6 +54,18 @@ pub trait HomerOps: Send + Sync {
     /// and V, in that order.
     fn gather(&self, chunk: ChunkTensors, keep: &[usize]) -> Result<ChunkTensors>;
 
+    /// [`gather`](Self::gather), and every cached layer's keys turned row by row by `shift`
+    /// (its row r turns output row r, input row `keep[r]`): k' = k·cos + rotate_half(k)·sin, in
+    /// f32 (f16 keys come back f16). HOMER renumbers positions this way (`positions=reindex`,
+    /// `positions=root`); the turn rides on the gather's pass over the keys. With `keep` = 0..n
+    /// the hidden rows and values are returned as they are and only the keys are rewritten.
+    fn gather_rotate(
+        &self,
+        chunk: ChunkTensors,
+        keep: &[usize],
+        shift: &KeyShift,
+    ) -> Result<ChunkTensors>;
+
     /// Merge two adjacent nodes (spec §5): [avg(prefixes), left context, right context,
     /// avg(suffixes)] along the rows of the hidden state and of every cached layer's K and V.
     /// Both children cache the same layers.
@@ -64,6 +76,40 @@ pub trait HomerOps: Send + Sync {
         prefix_len: usize,
         suffix_len: usize,
     ) -> Result<ChunkTensors>;
+}
+
+/// A rotation of kept keys from the positions they were computed at to new ones, one row of
+/// tables per kept row: cos and sin [rows, head_dim] with halves repeated, as
+/// `homer_model::Llama::key_shift` builds them.
+#[derive(Debug, Clone)]
+pub struct KeyShift {
+    pub cos: Tensor<2>,
+    pub sin: Tensor<2>,
+}
+
+impl KeyShift {
+    pub fn rows(&self) -> usize {
+        self.cos.dims()[0]
+    }
+}
+
+/// Whether `keep` lists every one of `n` rows in order (a pure re-rotation, no gather).
+pub fn keeps_all(keep: &[usize], n: usize) -> bool {
+    keep.len() == n && keep.iter().enumerate().all(|(i, &j)| i == j)
+}
+
+/// A key shift fits the kept rows and the keys of every cached layer; shared by every
+/// [`HomerOps`] implementation.
+pub fn check_shift(chunk: &ChunkTensors, keep: &[usize], shift: &KeyShift) -> Result<()> {
+    let (cos, sin) = (shift.cos.dims(), shift.sin.dims());
+    let hd = chunk.cache.first().map(|kv| kv.k.dims()[2]);
+    if cos != sin || cos[0] != keep.len() || hd.is_some_and(|hd| hd != cos[1] || hd % 2 != 0) {
+        return Err(HomerError::Bug(format!(
+            "key shift tables {cos:?} / {sin:?} for {} kept rows of keys with head dim {hd:?}",
+            keep.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The oracle: burn tensor ops, any backend.
@@ -204,6 +250,33 @@ impl HomerOps for TensorOps {
         Ok(ChunkTensors { hidden, cache })
     }
 
+    fn gather_rotate(
+        &self,
+        chunk: ChunkTensors,
+        keep: &[usize],
+        shift: &KeyShift,
+    ) -> Result<ChunkTensors> {
+        check_gather(&chunk, keep)?;
+        check_shift(&chunk, keep, shift)?;
+        let chunk = if keeps_all(keep, chunk.rows()) {
+            chunk
+        } else {
+            self.gather(chunk, keep)?
+        };
+        let cache = chunk
+            .cache
+            .into_iter()
+            .map(|kv| LayerKv {
+                k: homer_model::rope::rotate(kv.k, &shift.cos, &shift.sin),
+                v: kv.v,
+            })
+            .collect();
+        Ok(ChunkTensors {
+            hidden: chunk.hidden,
+            cache,
+        })
+    }
+
     fn merge(
         &self,
         left: ChunkTensors,
@@ -237,6 +310,7 @@ pub struct OpTime {
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct OpTimes {
     pub significance: OpTime,
+    /// Gathers, and gathers that re-rotate keys ([`HomerOps::gather_rotate`]).
     pub gather: OpTime,
     pub merge: OpTime,
 }
@@ -309,6 +383,20 @@ impl HomerOps for TimedOps<'_> {
         wait_for_chunk(&chunk)?;
         let t = std::time::Instant::now();
         let out = self.inner.gather(chunk, keep)?;
+        wait_for_chunk(&out)?;
+        self.record(|t| &mut t.gather, t);
+        Ok(out)
+    }
+
+    fn gather_rotate(
+        &self,
+        chunk: ChunkTensors,
+        keep: &[usize],
+        shift: &KeyShift,
+    ) -> Result<ChunkTensors> {
+        wait_for_chunk(&chunk)?;
+        let t = std::time::Instant::now();
+        let out = self.inner.gather_rotate(chunk, keep, shift)?;
         wait_for_chunk(&out)?;
         self.record(|t| &mut t.gather, t);
         Ok(out)

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::bias::BiasTable;
 use crate::error::{HomerError, Result};
-use crate::ops::{ChunkTensors, HomerOps, SignificanceInput};
+use crate::ops::{ChunkTensors, HomerOps, KeyShift, SignificanceInput};
 use crate::plan::{NodePlan, Plan, PlanParams};
 use crate::select::{Positions, Reread, Selection, select_with_prior};
 use crate::trace::{MergeTrace, NodeTrace};
@@ -429,7 +429,8 @@ pub fn homer_prefill_with_store(
             root.meta.positions = to;
             root
         } else {
-            run.renumber(root, to)
+            // Usually numbered already: the root's own gather re-rotated its kept keys.
+            run.renumber(root, to)?
         };
     }
     let mut last_position_id = *root.meta.positions.last().expect("the root has rows");
@@ -597,7 +598,7 @@ impl Run<'_, '_> {
                     let suffix = p + ml + mr..p + ml + mr + s;
                     let lt = (0..p + ml).chain(suffix.clone()).collect();
                     let rt = (0..p).chain(p + ml..p + ml + mr).chain(suffix).collect();
-                    (self.renumber(left, lt), self.renumber(right, rt))
+                    (self.renumber(left, lt)?, self.renumber(right, rt)?)
                 } else {
                     (left, right)
                 };
@@ -614,32 +615,29 @@ impl Run<'_, '_> {
     }
 
     /// The chunk with its rows at positions `to`: every cached layer's keys re-rotated.
-    fn renumber(&self, chunk: Chunk, to: Vec<usize>) -> Chunk {
+    fn renumber(&self, chunk: Chunk, to: Vec<usize>) -> Result<Chunk> {
         if chunk.meta.positions == to {
-            return chunk;
+            return Ok(chunk);
         }
         let Chunk {
             t,
             mut meta,
             attended,
         } = chunk;
-        let cache = t
-            .cache
-            .into_iter()
-            .map(|kv| homer_model::LayerKv {
-                k: self.model.rerotate_keys(kv.k, &meta.positions, &to),
-                v: kv.v,
-            })
-            .collect();
+        let (cos, sin) = self.model.key_shift(&meta.positions, &to);
+        let all: Vec<usize> = (0..meta.len()).collect();
+        let t = self.ops.gather_rotate(t, &all, &KeyShift { cos, sin })?;
         meta.positions = to;
-        Chunk {
-            t: ChunkTensors {
-                hidden: t.hidden,
-                cache,
-            },
-            meta,
-            attended,
-        }
+        Ok(Chunk { t, meta, attended })
+    }
+
+    /// Whether `node` is the root of a run whose final cache is renumbered 0..n with its keys
+    /// re-rotated (`positions=reindex|root` without a full re-read, which replaces the cache).
+    fn renumbers_root(&self, node: &NodePlan) -> bool {
+        let s = &self.config.selection;
+        node.id + 1 == self.plan.nodes.len()
+            && s.positions != Positions::Local
+            && s.reread != Reread::All
     }
 
     fn leaf(&mut self, node: &NodePlan) -> Result<Chunk> {
@@ -976,10 +974,26 @@ impl Run<'_, '_> {
                         node.id
                     )));
                 }
-                let g = self.ops.gather(ChunkTensors { hidden: x, cache }, &keep)?;
+                let chunk = ChunkTensors { hidden: x, cache };
+                let g = if self.renumbers_root(node) {
+                    // The root's gather is its last pass over the keys (only the feed-forward
+                    // half follows): the final cache's numbering 0..n is turned in on the way.
+                    let from: Vec<usize> = keep.iter().map(|&j| meta.positions[j]).collect();
+                    let to: Vec<usize> = (0..keep.len()).collect();
+                    let (cos, sin) = self.model.key_shift(&from, &to);
+                    let g = self
+                        .ops
+                        .gather_rotate(chunk, &keep, &KeyShift { cos, sin })?;
+                    meta = meta.gather(&keep);
+                    meta.positions = to;
+                    g
+                } else {
+                    let g = self.ops.gather(chunk, &keep)?;
+                    meta = meta.gather(&keep);
+                    g
+                };
                 x = g.hidden;
                 cache = g.cache;
-                meta = meta.gather(&keep);
             }
             x = layer.feed_forward(x);
             homer_model::backend::layer_done(&x.device());
