@@ -38,6 +38,12 @@ pub struct EvalArgs {
     /// Why the --skip cells were not run (shown in the tables)
     #[arg(long, default_value = "left out of this run")]
     skip_reason: String,
+    /// HOMER methods of one prompt share the leaves they compute alike (same chunks, warm-up
+    /// and RoPE, e.g. homer and homer:default) instead of computing them again: the same kept
+    /// tokens and logits to float rounding, less time; the records' prefill times then are not
+    /// each method's own (`leaves_reused` says how many leaves a record took)
+    #[arg(long)]
+    reuse_leaves: bool,
 }
 
 const TEXT_HELP: &str = "KJV verse text (one verse a line, as scripts/fetch-kjv writes it)";
@@ -224,6 +230,7 @@ fn settings(engine: &homer_engine::Engine, a: &EvalArgs) -> Result<Settings, Str
         verbose: !a.model.quiet,
         skip: a.skip.clone(),
         skip_reason: a.skip_reason.clone(),
+        reuse_leaves: a.reuse_leaves,
     })
 }
 

@@ -389,6 +389,65 @@ fn skipped_cells_are_recorded_listed_and_run_later() {
     );
 }
 
+/// `--reuse-leaves`: HOMER methods of one prompt share their leaves (the same chunks and
+/// warm-up) and write the records a run without sharing writes, the shared count recorded and
+/// their prefill times left out of the table.
+#[test]
+fn reused_leaves_give_the_same_records() {
+    let model = fixtures().join("tiny-llama").display().to_string();
+    let methods = "homer,homer:sentence+reread=all,homer:span4";
+    // A 250-token chunk and no warm-up: four leaves on the 3-layer model.
+    let plan = [
+        "--depths",
+        "0.3,0.7",
+        "--chunk-len",
+        "250",
+        "--warmup-layers",
+        "0",
+    ];
+    let mut runs = vec![];
+    for reuse in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let out_s = dir.path().display().to_string();
+        let mut args = passkey_args(&model, &out_s, "600", methods);
+        args.retain(|a| *a != "--depths" && *a != "0.5");
+        args.extend(plan);
+        if reuse {
+            args.push("--reuse-leaves");
+        }
+        let (ok, stdout, err) = homer(&args);
+        assert!(ok, "{err}");
+        runs.push((jsonl(&dir.path().join("passkey.jsonl")), stdout));
+    }
+    let ((alone, _), (shared, stdout)) = (&runs[0], &runs[1]);
+    assert_eq!(alone.len(), 6);
+    assert_eq!(shared.len(), 6);
+    for (a, b) in alone.iter().zip(shared) {
+        assert_eq!(a["key"], b["key"]);
+        assert_eq!(a["chunks"], serde_json::json!(4), "{a}");
+        for f in ["answer", "needle_tokens_kept", "cache_rows", "correct"] {
+            assert_eq!(a[f], b[f], "{f} of {}", a["key"]);
+        }
+        assert_eq!(a["leaves_reused"], serde_json::json!(0));
+    }
+    // Per prompt: the first HOMER method computes the four leaves, the other two take them.
+    let reused: Vec<u64> = shared
+        .iter()
+        .map(|r| r["leaves_reused"].as_u64().unwrap())
+        .collect();
+    assert_eq!(reused, [0, 4, 4, 0, 4, 4]);
+    assert!(
+        stdout.contains("leave out the 4 records whose HOMER leaves came from another method"),
+        "{stdout}"
+    );
+    // Both span4 records took leaves: no time of its own to show.
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("| homer:unit=span4 | 600 |"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(row.ends_with("| – |"), "{row}");
+}
+
 fn jsonl(p: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(p)
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))

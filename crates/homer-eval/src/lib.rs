@@ -64,6 +64,12 @@ pub struct Settings {
     /// Cells not to run, recorded as skipped with `skip_reason` (the table lists them).
     pub skip: Vec<Skip>,
     pub skip_reason: String,
+    /// HOMER methods of one prompt share the leaves they compute alike (the same chunks and
+    /// warm-up layers under the same RoPE: the paper's selection and the default, say) through
+    /// the engine's document cache: the same kept tokens and logits to float rounding (the
+    /// cache's tests), most of a prompt's second HOMER prefill skipped. Such a record's prefill
+    /// time is not the method's own cost: `leaves_reused` counts the leaves it took.
+    pub reuse_leaves: bool,
 }
 
 /// A method at a length that a run leaves out (`--skip METHOD@LENGTH`), e.g. full attention over
@@ -186,6 +192,43 @@ pub struct Run {
     pub kept: Option<Vec<usize>>,
     pub chunks: Option<usize>,
     pub cache_len: usize,
+    /// Leaves a HOMER prefill took from the document cache ([`Settings::reuse_leaves`]).
+    pub leaves_reused: Option<usize>,
+}
+
+/// Whether a record's HOMER prefill took leaves another method computed for the same prompt
+/// ([`Settings::reuse_leaves`]): its prefill time is not its method's own.
+pub fn took_leaves(r: &serde_json::Value) -> bool {
+    r["leaves_reused"].as_u64().unwrap_or(0) > 0
+}
+
+/// The median of a table cell's own prefill times, "–" where every record shared leaves.
+pub fn prefill_cell(secs: &mut [f64]) -> String {
+    if secs.is_empty() {
+        "–".into()
+    } else {
+        format!("{:.1}", stats::median(secs))
+    }
+}
+
+/// A line under a table whose records include shared leaves, saying their times are left out.
+pub fn shared_leaves_note(records: &[serde_json::Value]) -> String {
+    let n = records.iter().filter(|r| took_leaves(r)).count();
+    if n == 0 {
+        return String::new();
+    }
+    format!(
+        "\nPrefill times leave out the {n} records whose HOMER leaves came from another method's \
+         run on the same prompt (`--reuse-leaves`: the same result, not the method's own cost).\n"
+    )
+}
+
+/// Before the methods of a new prompt run: leaves shared by the previous prompt's methods are
+/// of no further use ([`Settings::reuse_leaves`]).
+pub fn new_prompt(engine: &Engine, s: &Settings) {
+    if s.reuse_leaves {
+        engine.doc_cache_lock().clear();
+    }
 }
 
 /// The RoPE scaling `method` runs a `total`-token prompt with, for the settings' window.
@@ -266,18 +309,23 @@ pub fn run_method(
     };
     let all = prompt.concatenated();
     let t0 = Instant::now();
-    let (logits, cache, kept, chunks) = if method.uses_homer() {
+    let (logits, cache, kept, chunks, leaves_reused) = if method.uses_homer() {
         let cfg = homer_config(engine, method, total, s, v)?;
-        let out = engine.homer_prefill(&prompt, &cfg, cancel, &mut |_| {})?;
+        let out = if s.reuse_leaves {
+            engine.homer_prefill_cached(&prompt, &cfg, cancel, &mut |_| {})?
+        } else {
+            engine.homer_prefill(&prompt, &cfg, cancel, &mut |_| {})?
+        };
         (
             out.logits,
             out.cache,
             Some(out.trace.kept),
             Some(out.plan.n_chunks),
+            Some(out.stats.leaves_reused),
         )
     } else {
         let (l, c) = engine.prefill(&all, cancel, &mut |_| {})?;
-        (l, c, None, None)
+        (l, c, None, None, None)
     };
     let prefill_secs = t0.elapsed().as_secs_f64();
     let cache_len = cache.len();
@@ -290,6 +338,7 @@ pub fn run_method(
         kept,
         chunks,
         cache_len,
+        leaves_reused,
     })
 }
 

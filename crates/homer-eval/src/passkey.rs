@@ -81,6 +81,7 @@ pub fn run(
                     continue;
                 }
                 if sample.is_none() {
+                    crate::new_prompt(engine, s);
                     sample = Some(engine.passkey_sample_in(
                         len,
                         depth,
@@ -138,6 +139,7 @@ pub fn run(
                             "correct": ok, "prefill_secs": run.prefill_secs, "secs": run.secs,
                             "needle_tokens_kept": needle_kept, "chunks": run.chunks, "cache_rows": run.cache_len,
                             "window": s.window, "filler": spec.filler.name(), "sample_seed": seed,
+                            "leaves_reused": run.leaves_reused,
                         }))?;
             }
         }
@@ -219,6 +221,7 @@ pub fn table(all: &[Value], order: &[String]) -> String {
             let mut secs: Vec<f64> = records
                 .iter()
                 .filter(|r| label(r) == name && r["length"].as_u64() == Some(*len as u64))
+                .filter(|r| !crate::took_leaves(r))
                 .filter_map(|r| r["prefill_secs"].as_f64())
                 .collect();
             let cols: Vec<String> = depths
@@ -235,16 +238,16 @@ pub fn table(all: &[Value], order: &[String]) -> String {
                 .collect();
             let (lo, hi) = crate::stats::wilson(ok, n, crate::stats::Z95);
             out += &format!(
-                "| {name} | {len} | {} | {ok}/{n} ({:.0}%; {:.0}–{:.0}%) | {:.1} |\n",
+                "| {name} | {len} | {} | {ok}/{n} ({:.0}%; {:.0}–{:.0}%) | {} |\n",
                 cols.join(" | "),
                 100.0 * ok as f64 / n.max(1) as f64,
                 100.0 * lo,
                 100.0 * hi,
-                crate::stats::median(&mut secs)
+                crate::prefill_cell(&mut secs)
             );
         }
     }
-    out + &crate::refused_note(all)
+    out + &crate::shared_leaves_note(records) + &crate::refused_note(all)
 }
 
 /// Names in the order given first (methods as asked), then the rest sorted.

@@ -267,6 +267,7 @@ pub fn run(
                 continue;
             }
             if smp.is_none() {
+                crate::new_prompt(engine, s);
                 smp = Some(sample(engine, verses, len, depth, seed)?);
             }
             let q = smp.as_ref().unwrap();
@@ -328,6 +329,7 @@ pub fn run(
                         "read_tokens": run.prompt_tokens, "prefill_secs": run.prefill_secs,
                         "target_kept_share": kept_share, "retrieved": retrieved, "cache_rows": run.cache_len,
                         "window": s.window, "sample_seed": seed,
+                        "leaves_reused": run.leaves_reused,
                     }))?;
         }
     }
