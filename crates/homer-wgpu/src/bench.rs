@@ -115,21 +115,8 @@ fn chunk(rng: &mut Rng, b: &KernelBench, n: usize, dev: &Device) -> Result<Chunk
 
 /// Shift tables of random angles for `rows` kept rows (halves repeated, as the model's).
 fn shift(rng: &mut Rng, rows: usize, hd: usize, dev: &Device) -> KeyShift {
-    let half = hd / 2;
-    let (mut cos, mut sin) = (vec![0f32; rows * hd], vec![0f32; rows * hd]);
-    for r in 0..rows {
-        for i in 0..half {
-            let a = rng.next() * 100.0;
-            for c in [r * hd + i, r * hd + half + i] {
-                cos[c] = a.cos();
-                sin[c] = a.sin();
-            }
-        }
-    }
-    KeyShift {
-        cos: Tensor::from_data(TensorData::new(cos, [rows, hd]), dev),
-        sin: Tensor::from_data(TensorData::new(sin, [rows, hd]), dev),
-    }
+    let angles: Vec<f32> = (0..rows * hd / 2).map(|_| rng.next() * 100.0).collect();
+    KeyShift::from_angles(&angles, hd, dev)
 }
 
 /// Wait for the last layer's keys (a pure renumbering leaves the values as they were).

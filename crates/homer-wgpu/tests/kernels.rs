@@ -193,21 +193,10 @@ fn gather_matches_oracle() {
 /// Shift tables as `Llama::key_shift` lays them out ([rows, hd], halves repeated) for random
 /// angles: the kernel's contract holds for any rotation.
 fn random_shift(rng: &mut StdRng, rows: usize, hd: usize, dev: &Device) -> KeyShift {
-    let half = hd / 2;
-    let (mut cos, mut sin) = (vec![0f32; rows * hd], vec![0f32; rows * hd]);
-    for r in 0..rows {
-        for i in 0..half {
-            let a = rng.random_range(-40.0f32..40.0);
-            for c in [r * hd + i, r * hd + half + i] {
-                cos[c] = a.cos();
-                sin[c] = a.sin();
-            }
-        }
-    }
-    KeyShift {
-        cos: Tensor::from_data(TensorData::new(cos, [rows, hd]), dev),
-        sin: Tensor::from_data(TensorData::new(sin, [rows, hd]), dev),
-    }
+    let angles: Vec<f32> = (0..rows * hd / 2)
+        .map(|_| rng.random_range(-40.0f32..40.0))
+        .collect();
+    KeyShift::from_angles(&angles, hd, dev)
 }
 
 /// Turned keys to f32 rounding (the kernel may fuse the multiply-add), every other tensor

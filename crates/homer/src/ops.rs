@@ -88,6 +88,25 @@ pub struct KeyShift {
 }
 
 impl KeyShift {
+    /// The tables of one angle per row and rotate-half pair (`angles` [rows, head_dim / 2],
+    /// row-major, radians), laid out as the model's: each angle at column i and i + head_dim / 2.
+    pub fn from_angles(angles: &[f32], head_dim: usize, device: &burn::tensor::Device) -> Self {
+        let half = head_dim / 2;
+        let rows = angles.len() / half.max(1);
+        let (mut cos, mut sin) = (vec![0f32; rows * head_dim], vec![0f32; rows * head_dim]);
+        for (j, a) in angles.iter().enumerate() {
+            let (r, i) = (j / half, j % half);
+            for c in [r * head_dim + i, r * head_dim + half + i] {
+                cos[c] = a.cos();
+                sin[c] = a.sin();
+            }
+        }
+        KeyShift {
+            cos: Tensor::from_data(TensorData::new(cos, [rows, head_dim]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [rows, head_dim]), device),
+        }
+    }
+
     pub fn rows(&self) -> usize {
         self.cos.dims()[0]
     }
@@ -416,5 +435,63 @@ impl HomerOps for TimedOps<'_> {
         wait_for_chunk(&out)?;
         self.record(|t| &mut t.merge, t);
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use homer_model::{BackendKind, Llama, LlamaConfig};
+
+    /// Tables from angles are laid out as RoPE's own (each angle at i and i + hd/2), so the
+    /// oracle's turn by the model's shift equals its turn by the same angles.
+    #[test]
+    fn key_shift_tables_from_angles_match_the_models_layout() {
+        let (dev, _) = homer_model::backend::device(BackendKind::Cpu).unwrap();
+        let s = KeyShift::from_angles(&[0.5, -1.25, 2.0, 0.0], 4, &dev);
+        assert_eq!(s.rows(), 2);
+        let cos = read_f32(s.cos.clone()).unwrap();
+        let sin = read_f32(s.sin.clone()).unwrap();
+        let want_cos: Vec<f32> = [0.5f32, -1.25, 0.5, -1.25, 2.0, 0.0, 2.0, 0.0]
+            .iter()
+            .map(|a| a.cos())
+            .collect();
+        let want_sin: Vec<f32> = [0.5f32, -1.25, 0.5, -1.25, 2.0, 0.0, 2.0, 0.0]
+            .iter()
+            .map(|a| a.sin())
+            .collect();
+        assert_eq!(cos, want_cos);
+        assert_eq!(sin, want_sin);
+
+        // The model's shift from position 3 to 10: angle 7·inv_freq[i] per pair.
+        let cfg = LlamaConfig {
+            vocab_size: 8,
+            hidden_size: 16,
+            intermediate_size: 32,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+            rope_scaling: Default::default(),
+        };
+        let model = Llama::random(cfg, 1, &dev);
+        let hd = 8;
+        let (mc, ms) = model.key_shift(&[3], &[10]);
+        let theta = model.config.rope_theta;
+        let angles: Vec<f32> = (0..hd / 2)
+            .map(|i| (7.0 * theta.powf(-((2 * i) as f64) / hd as f64)) as f32)
+            .collect();
+        let ours = KeyShift::from_angles(&angles, hd, &dev);
+        let close = |a: Tensor<2>, b: Tensor<2>| {
+            let (a, b) = (read_f32(a).unwrap(), read_f32(b).unwrap());
+            a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5)
+        };
+        assert!(close(mc, ours.cos) && close(ms, ours.sin));
     }
 }
