@@ -60,7 +60,48 @@ fn ramp(a: f64) -> RGBColor {
     RGBColor(lerp(215, 40), lerp(48, 160), lerp(39, 70))
 }
 
-/// Heatmaps (depth × length, green = every key found) side by side, one per method.
+/// Characters of a heatmap panel's title line (18-pixel type across a 330-pixel panel).
+const TITLE_CHARS: usize = 34;
+/// Pixels of one title line.
+const TITLE_LINE: u32 = 21;
+
+/// A panel title broken into lines of at most `width` characters, between a method's knobs
+/// (after `+` or `:`) where it can be, else anywhere.
+pub fn wrap_title(title: &str, width: usize) -> Vec<String> {
+    let width = width.max(1);
+    let mut pieces: Vec<String> = vec![];
+    let mut cur = String::new();
+    for ch in title.chars() {
+        cur.push(ch);
+        if ch == '+' || ch == ':' {
+            pieces.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        pieces.push(cur);
+    }
+    let mut lines: Vec<String> = vec![];
+    let mut line = String::new();
+    for piece in pieces {
+        if !line.is_empty() && line.chars().count() + piece.chars().count() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        line.push_str(&piece);
+        // A single knob wider than a line is cut where it must be.
+        while line.chars().count() > width {
+            let head: String = line.chars().take(width).collect();
+            line = line.chars().skip(width).collect();
+            lines.push(head);
+        }
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+/// Heatmaps (depth × length, green = every key found) side by side, one per method; long
+/// method names are wrapped over several title lines.
 pub fn heatmaps(path: &Path, title: &str, panels: &[Heatmap]) -> Result<()> {
     font();
     if panels.is_empty() {
@@ -68,18 +109,30 @@ pub fn heatmaps(path: &Path, title: &str, panels: &[Heatmap]) -> Result<()> {
     }
     let cols = panels.len().min(4);
     let rows = panels.len().div_ceil(cols);
-    let (w, h) = (330 * cols as u32, 300 * rows as u32 + 50);
+    let titles: Vec<Vec<String>> = panels
+        .iter()
+        .map(|p| wrap_title(&p.title, TITLE_CHARS))
+        .collect();
+    let title_lines = titles.iter().map(Vec::len).max().unwrap_or(1).max(1) as u32;
+    let head = TITLE_LINE * title_lines + 8;
+    let (w, h) = (330 * cols as u32, (280 + head) * rows as u32 + 50);
     let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(path, e))?;
     let root = root.titled(title, (FONT, 24)).map_err(|e| err(path, e))?;
     let areas = root.split_evenly((rows, cols));
-    for (p, area) in panels.iter().zip(areas.iter()) {
+    for ((p, lines), area) in panels.iter().zip(&titles).zip(areas.iter()) {
         let nx = p.lengths.len();
         let ny = p.depths.len();
+        let (top, area) = area.split_vertically(head);
+        let centre = top.dim_in_pixel().0 as i32 / 2;
+        let style = TextStyle::from((FONT, 18).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+        for (k, line) in lines.iter().enumerate() {
+            top.draw_text(line, &style, (centre, 4 + (k as u32 * TITLE_LINE) as i32))
+                .map_err(|e| err(path, e))?;
+        }
         // Cell (i, j) is the unit square centred on (i, j); asking for 2n + 1 labels makes the
         // tick step at most ½, so every centre gets a tick, and the formatter names only those.
-        let mut chart = ChartBuilder::on(area)
-            .caption(&p.title, (FONT, 18))
+        let mut chart = ChartBuilder::on(&area)
             .margin(8)
             .x_label_area_size(42)
             .y_label_area_size(48)
@@ -320,11 +373,30 @@ mod tests {
             }],
         )
         .unwrap();
-        for (p, w, h) in [(hm, 330, 350), (li, 620, 470)] {
+        // One title line: 280 + 21 + 8 pixels of panel, 50 of figure title.
+        for (p, w, h) in [(hm, 330, 359), (li, 620, 470)] {
             let img = image_size(&p);
             assert_eq!(img, (w, h), "{}", p.display());
         }
         assert_eq!(fmt_num(4096.0), "4K");
+        // Long method names break between knobs, never past the width.
+        let name = "homer:unit=sentence+reread=all+prior=lexical+order=prior-first+budget=640";
+        let lines = wrap_title(name, TITLE_CHARS);
+        assert_eq!(lines.concat(), name);
+        assert_eq!(
+            lines,
+            [
+                "homer:unit=sentence+reread=all+",
+                "prior=lexical+order=prior-first+",
+                "budget=640"
+            ]
+        );
+        assert!(
+            wrap_title("x".repeat(70).as_str(), 34)
+                .iter()
+                .all(|l| l.len() <= 34)
+        );
+        assert_eq!(wrap_title("homer", 34), ["homer"]);
         assert_eq!(fmt_num(12.0), "12");
         assert_eq!(fmt_num(3.25), "3.2");
     }
