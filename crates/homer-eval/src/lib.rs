@@ -223,9 +223,9 @@ pub fn shared_leaves_note(records: &[serde_json::Value]) -> String {
     )
 }
 
-/// Before the methods of a new prompt run: leaves shared by the previous prompt's methods are
-/// of no further use ([`Settings::reuse_leaves`]).
-pub fn new_prompt(engine: &Engine, s: &Settings) {
+/// Before the methods of a new prompt run, and after a task's last: leaves shared by a
+/// prompt's methods are of no further use ([`Settings::reuse_leaves`]).
+pub fn forget_leaves(engine: &Engine, s: &Settings) {
     if s.reuse_leaves {
         engine.doc_cache_lock().clear();
     }
@@ -277,16 +277,58 @@ pub fn homer_config(
 
 /// Run `prompt` with `method` (plain, truncation, a RoPE scaling, HOMER, HOMER + scaling) and
 /// decode greedily up to `max_tokens`, stopping at a newline when `stop_at_newline`.
+/// How [`run_method`] answers: at most `max_tokens`, stopping at a newline or not, and whether
+/// the HOMER prefill takes and keeps leaves in the engine's document cache ([`shares_leaves`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Answer {
+    pub max_tokens: usize,
+    pub stop_at_newline: bool,
+    pub share_leaves: bool,
+}
+
+/// The RoPE a HOMER method's leaves are computed under, when they may be shared: none for
+/// dynamic NTK, whose tables follow the rows of each pass (the document and question rows of
+/// a cached leaf run as two passes, so they would turn by other frequencies than in one).
+fn leaf_rope(m: &Method) -> Option<&str> {
+    match m {
+        Method::Homer | Method::HomerWith { .. } => Some("native"),
+        Method::HomerRope(k) if k != "dynamic-ntk" => Some(k.as_str()),
+        _ => None,
+    }
+}
+
+/// Whether `method` shares leaves with the other methods of its prompt: `--reuse-leaves`, and
+/// another HOMER method in `methods` runs under the same RoPE (so their chunks can match; the
+/// cache's keys decide). A method with no partner keeps its own path, time and memory.
+pub fn shares_leaves<'a>(
+    s: &Settings,
+    methods: impl IntoIterator<Item = &'a Method>,
+    method: &Method,
+) -> bool {
+    let Some(rope) = leaf_rope(method).filter(|_| s.reuse_leaves) else {
+        return false;
+    };
+    methods
+        .into_iter()
+        .filter(|m| leaf_rope(m) == Some(rope))
+        .count()
+        >= 2
+}
+
 pub fn run_method(
     engine: &mut Engine,
     prompt: &DocPrompt,
     method: &Method,
     s: &Settings,
     v: &HomerVariant,
-    max_tokens: usize,
-    stop_at_newline: bool,
+    answer: Answer,
     cancel: &AtomicBool,
 ) -> Result<Run> {
+    let Answer {
+        max_tokens,
+        stop_at_newline,
+        share_leaves,
+    } = answer;
     let total = prompt.total_len();
     set_rope(engine, method, total, s)?;
     let prompt = if *method == Method::Truncation {
@@ -311,7 +353,7 @@ pub fn run_method(
     let t0 = Instant::now();
     let (logits, cache, kept, chunks, leaves_reused) = if method.uses_homer() {
         let cfg = homer_config(engine, method, total, s, v)?;
-        let out = if s.reuse_leaves {
+        let out = if share_leaves {
             engine.homer_prefill_cached(&prompt, &cfg, cancel, &mut |_| {})?
         } else {
             engine.homer_prefill(&prompt, &cfg, cancel, &mut |_| {})?

@@ -81,7 +81,7 @@ pub fn run(
                     continue;
                 }
                 if sample.is_none() {
-                    crate::new_prompt(engine, s);
+                    crate::forget_leaves(engine, s);
                     sample = Some(engine.passkey_sample_in(
                         len,
                         depth,
@@ -92,22 +92,19 @@ pub fn run(
                 }
                 let sample = sample.as_ref().unwrap();
                 // "The pass key is " and five digits: a few tokens; 16 leave room.
-                let run = match run_method(
-                    engine,
-                    &sample.prompt,
-                    method,
-                    s,
-                    variant,
-                    16,
-                    false,
-                    cancel,
-                ) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        crate::refuse(store, s, e, cell)?;
-                        continue;
-                    }
+                let answer = crate::Answer {
+                    max_tokens: 16,
+                    stop_at_newline: false,
+                    share_leaves: crate::shares_leaves(s, &spec.methods, method),
                 };
+                let run =
+                    match run_method(engine, &sample.prompt, method, s, variant, answer, cancel) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            crate::refuse(store, s, e, cell)?;
+                            continue;
+                        }
+                    };
                 let got = first_number(&run.text).unwrap_or("").to_string();
                 let ok = got == sample.passkey;
                 let needle_kept = run.kept.as_ref().map(|k| {
@@ -144,6 +141,7 @@ pub fn run(
             }
         }
     }
+    crate::forget_leaves(engine, s);
     Ok(())
 }
 

@@ -267,23 +267,34 @@ pub fn run(
                 continue;
             }
             if smp.is_none() {
-                crate::new_prompt(engine, s);
+                crate::forget_leaves(engine, s);
                 smp = Some(sample(engine, verses, len, depth, seed)?);
             }
             let q = smp.as_ref().unwrap();
             let max_tokens = engine.tokenizer.encode(&q.reference, false)?.len() + 8;
+            let answer = |share_leaves| crate::Answer {
+                max_tokens,
+                stop_at_newline: true,
+                share_leaves,
+            };
             let result = match method {
-                QaMethod::Model(m) => run_method(
-                    engine,
-                    &q.prompt,
-                    m,
-                    s,
-                    &HomerVariant::default(),
-                    max_tokens,
-                    true,
-                    cancel,
-                )
-                .map(|r| (r, None)),
+                QaMethod::Model(m) => {
+                    let models = spec.methods.iter().filter_map(|q| match q {
+                        QaMethod::Model(m) => Some(m),
+                        QaMethod::Bm25 => None,
+                    });
+                    let share = crate::shares_leaves(s, models, m);
+                    run_method(
+                        engine,
+                        &q.prompt,
+                        m,
+                        s,
+                        &HomerVariant::default(),
+                        answer(share),
+                        cancel,
+                    )
+                    .map(|r| (r, None))
+                }
                 QaMethod::Bm25 => {
                     let budget = s
                         .window
@@ -295,8 +306,7 @@ pub fn run(
                         &Method::Plain,
                         s,
                         &HomerVariant::default(),
-                        max_tokens,
-                        true,
+                        answer(false),
                         cancel,
                     )
                     .map(|r| (r, Some(hit)))
@@ -333,6 +343,7 @@ pub fn run(
                     }))?;
         }
     }
+    crate::forget_leaves(engine, s);
     Ok(())
 }
 

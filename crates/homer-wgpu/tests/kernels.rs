@@ -644,6 +644,22 @@ fn f16_storage_where_the_adapter_has_shader_f16() {
             2e-3,
         );
     }
+    // The scalar f16 path (head dim 12: its halves are not whole vec4s).
+    let chunk = ChunkTensors {
+        hidden: tensor(&mut rng, [n, 16], &dev).cast(DType::F16),
+        cache: vec![LayerKv {
+            k: tensor(&mut rng, [kv, n, 12], &dev).cast(DType::F16),
+            v: tensor(&mut rng, [kv, n, 12], &dev).cast(DType::F16),
+        }],
+    };
+    let keep: Vec<usize> = (0..n).filter(|j| j % 4 != 3).collect();
+    let shift = random_shift(&mut rng, keep.len(), 12, &dev);
+    let want = TensorOps
+        .gather_rotate(chunk.clone(), &keep, &shift)
+        .unwrap();
+    let got = ops.gather_rotate(chunk, &keep, &shift).unwrap();
+    assert_eq!(got.cache[0].k.dtype(), DType::F16);
+    assert_rotated_chunk("f16 gather_rotate, head dim 12", &got, &want, 2e-3);
 }
 
 /// Device-side selection (`select.wgsl`) equals the host oracle `homer::prune`, ties, ±inf and

@@ -416,7 +416,11 @@ impl HomerOps for TimedOps<'_> {
         wait_for_chunk(&chunk)?;
         let t = std::time::Instant::now();
         let out = self.inner.gather_rotate(chunk, keep, shift)?;
-        wait_for_chunk(&out)?;
+        // The turned keys are the op's last output (a pure renumbering leaves the values).
+        match out.cache.last() {
+            Some(kv) => wait_for(&kv.k)?,
+            None => wait_for(&out.hidden)?,
+        }
         self.record(|t| &mut t.gather, t);
         Ok(out)
     }

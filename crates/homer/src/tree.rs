@@ -686,6 +686,12 @@ impl Run<'_, '_> {
             .as_mut()
             .and_then(|s| s.get(&slice, layers))
             .filter(|s| s.rows() == n_doc && s.kv.len() == layers);
+        // One set of RoPE tables for the whole leaf, as a leaf run in one pass gets (a dynamic
+        // scaling sizes them by the rows they cover), split between the two passes.
+        let (cos, sin) = self.model.rope_tables(&meta.positions);
+        let hd = cos.dims()[1];
+        let rows = |t: &Tensor<2>, r: std::ops::Range<usize>| t.clone().slice([r, 0..hd]);
+        let n = meta.len();
         let doc = match stored {
             Some(s) => {
                 self.tracker.stats.leaves_reused += 1;
@@ -694,9 +700,9 @@ impl Run<'_, '_> {
                 s
             }
             None => {
-                let (cos, sin) = self.model.rope_tables(&meta.positions[..n_doc]);
+                let (c, s) = (rows(&cos, 0..n_doc), rows(&sin, 0..n_doc));
                 let x = self.model.embed(&ids[..n_doc])?;
-                let s = self.run_rows(node, x, &cos, &sin, None)?.state;
+                let s = self.run_rows(node, x, &c, &s, None)?.state;
                 if let Some(store) = self.store.as_mut() {
                     store.put(&slice, layers, &s);
                 }
@@ -705,9 +711,9 @@ impl Run<'_, '_> {
             }
         };
         // The suffix rows over the document rows' keys and values, layer by layer.
-        let (cos, sin) = self.model.rope_tables(&meta.positions[n_doc..]);
+        let (c, s) = (rows(&cos, n_doc..n), rows(&sin, n_doc..n));
         let x = self.model.embed(&ids[n_doc..])?;
-        let q = self.run_rows(node, x, &cos, &sin, Some(&doc.kv))?;
+        let q = self.run_rows(node, x, &c, &s, Some(&doc.kv))?;
         let cache = doc
             .kv
             .into_iter()
