@@ -287,8 +287,8 @@ pub struct Answer {
 }
 
 /// The RoPE a HOMER method's leaves are computed under, when they may be shared: none for
-/// dynamic NTK, whose tables follow the rows of each pass (the document and question rows of
-/// a cached leaf run as two passes, so they would turn by other frequencies than in one).
+/// dynamic NTK, whose tables also follow the RoPE's running sequence length, a state a leaf
+/// kept from another method's run may have met differently (kept out as a precaution).
 fn leaf_rope(m: &Method) -> Option<&str> {
     match m {
         Method::Homer | Method::HomerWith { .. } => Some("native"),

@@ -445,7 +445,7 @@ impl HomerOps for TimedOps<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use homer_model::{BackendKind, Llama, LlamaConfig};
+    use homer_model::BackendKind;
 
     /// Tables from angles are laid out as RoPE's own (each angle at i and i + hd/2), so the
     /// oracle's turn by the model's shift equals its turn by the same angles.
@@ -456,38 +456,15 @@ mod tests {
         assert_eq!(s.rows(), 2);
         let cos = read_f32(s.cos.clone()).unwrap();
         let sin = read_f32(s.sin.clone()).unwrap();
-        let want_cos: Vec<f32> = [0.5f32, -1.25, 0.5, -1.25, 2.0, 0.0, 2.0, 0.0]
-            .iter()
-            .map(|a| a.cos())
-            .collect();
-        let want_sin: Vec<f32> = [0.5f32, -1.25, 0.5, -1.25, 2.0, 0.0, 2.0, 0.0]
-            .iter()
-            .map(|a| a.sin())
-            .collect();
-        assert_eq!(cos, want_cos);
-        assert_eq!(sin, want_sin);
+        let by_column = [0.5f32, -1.25, 0.5, -1.25, 2.0, 0.0, 2.0, 0.0];
+        assert_eq!(cos, by_column.map(f32::cos));
+        assert_eq!(sin, by_column.map(f32::sin));
 
-        // The model's shift from position 3 to 10: angle 7·inv_freq[i] per pair.
-        let cfg = LlamaConfig {
-            vocab_size: 8,
-            hidden_size: 16,
-            intermediate_size: 32,
-            num_hidden_layers: 1,
-            num_attention_heads: 2,
-            num_key_value_heads: 1,
-            head_dim: 8,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            max_position_embeddings: 64,
-            tie_word_embeddings: false,
-            bos_token_id: None,
-            eos_token_ids: vec![],
-            rope_scaling: Default::default(),
-        };
-        let model = Llama::random(cfg, 1, &dev);
-        let hd = 8;
-        let (mc, ms) = model.key_shift(&[3], &[10]);
-        let theta = model.config.rope_theta;
+        // RoPE's shift from position 3 to 10 (what `Llama::key_shift` hands the tree): angle
+        // 7·inv_freq[i] per pair.
+        let (hd, theta) = (8, 10000.0f64);
+        let rope = homer_model::rope::Rope::new(hd, theta, &Default::default());
+        let (mc, ms) = rope.shift_tables(&[3], &[10], &dev);
         let angles: Vec<f32> = (0..hd / 2)
             .map(|i| (7.0 * theta.powf(-((2 * i) as f64) / hd as f64)) as f32)
             .collect();
