@@ -338,6 +338,85 @@ fn passkey_runs_every_baseline_method() {
     assert!(!ok && err.contains("bm25"), "{err}");
 }
 
+/// Where the prompt fits the window, YaRN's factor is 1 (the native RoPE), truncation cuts
+/// nothing and HOMER + YaRN is HOMER: those records take plain's and HOMER's run of the prompt,
+/// and say so; each is what the method computes when run alone. Past the window each runs.
+#[test]
+fn methods_that_compute_the_same_share_one_run() {
+    let model = fixtures().join("tiny-llama").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out_s = dir.path().display().to_string();
+    let methods = "plain,truncation,yarn,homer,homer+yarn";
+    // A 250-row chunk and no warm-up: a plan for both lengths on the 3-layer model.
+    let chunk = ["--chunk-len", "250", "--warmup-layers", "0"];
+    let args = [
+        &passkey_args(&model, &out_s, "200,600", methods)[..],
+        &chunk,
+    ]
+    .concat();
+    let (ok, stdout, err) = homer(&args);
+    assert!(ok, "{err}");
+    let rows = jsonl(&dir.path().join("passkey.jsonl"));
+    let same: Vec<(u64, &str, &serde_json::Value)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["length"].as_u64().unwrap(),
+                r["method"].as_str().unwrap(),
+                &r["same_run_as"],
+            )
+        })
+        .collect();
+    let null = serde_json::Value::Null;
+    let (plain, homer_) = (serde_json::json!("plain"), serde_json::json!("homer"));
+    assert_eq!(
+        same,
+        [
+            (200, "plain", &null),
+            (200, "truncation", &plain),
+            (200, "yarn", &plain),
+            (200, "homer", &null),
+            (200, "homer+yarn", &homer_),
+            (600, "plain", &null),
+            (600, "truncation", &null),
+            (600, "yarn", &null),
+            (600, "homer", &null),
+            (600, "homer+yarn", &null),
+        ]
+    );
+    assert!(
+        stdout.contains("3 records are another method's run"),
+        "{stdout}"
+    );
+    // Run alone, yarn and HOMER + YaRN at 200 tokens write what the shared records hold.
+    let alone = tempfile::tempdir().unwrap();
+    let alone_s = alone.path().display().to_string();
+    let args = [
+        &passkey_args(&model, &alone_s, "200", "yarn,homer+yarn")[..],
+        &chunk,
+    ]
+    .concat();
+    let (ok, _, err) = homer(&args);
+    assert!(ok, "{err}");
+    let own = jsonl(&alone.path().join("passkey.jsonl"));
+    for (o, m) in own.iter().zip(["yarn", "homer+yarn"]) {
+        let shared = rows
+            .iter()
+            .find(|r| r["method"] == m && r["length"] == 200)
+            .unwrap();
+        assert!(o["same_run_as"].is_null(), "{o}");
+        for f in [
+            "key",
+            "answer",
+            "needle_tokens_kept",
+            "cache_rows",
+            "read_tokens",
+        ] {
+            assert_eq!(o[f], shared[f], "{m} {f}");
+        }
+    }
+}
+
 /// `--skip METHOD@LENGTH`: the cell is recorded once as skipped with the reason, listed under
 /// the table, and measured by a later run without the skip (which then drops it from the list).
 #[test]

@@ -197,9 +197,47 @@ pub struct Run {
 }
 
 /// Whether a record's HOMER prefill took leaves another method computed for the same prompt
-/// ([`Settings::reuse_leaves`]): its prefill time is not its method's own.
+/// ([`Settings::reuse_leaves`]): its prefill time is not its method's own. (A record that took
+/// another method's whole run, [`same_run`], keeps that run's time: the same computation.)
 pub fn took_leaves(r: &serde_json::Value) -> bool {
     r["leaves_reused"].as_u64().unwrap_or(0) > 0
+}
+
+/// What `method` (with `v`) computes on a `total`-token prompt, as a key: two methods with the
+/// same key run the same prefill and decode on that prompt, so the second may take the first's
+/// run. Full attention under the native RoPE is one run whatever the method's name (PI, NTK and
+/// YaRN at factor 1 are the native RoPE, `RopeScaling::is_native`; truncation that cuts nothing
+/// is plain), and so is HOMER under the native RoPE with the same chunk, variant and selection
+/// (HOMER + YaRN at factor 1 is HOMER). Every other method is its own key.
+pub fn same_run(
+    method: &Method,
+    total: usize,
+    max_tokens: usize,
+    s: &Settings,
+    v: &HomerVariant,
+) -> Result<String> {
+    let scaling = method
+        .rope_scaling(total, s.window, s.rope_factor)
+        .map_err(EvalError::Setting)?;
+    let rope = if scaling.is_native() {
+        "native".to_string()
+    } else {
+        format!("{scaling:?}")
+    };
+    Ok(match method {
+        Method::Truncation if total > s.window.saturating_sub(max_tokens) => "truncation".into(),
+        Method::Plain | Method::Truncation | Method::Rope(_) => format!("full|{rope}"),
+        Method::Homer | Method::HomerWith { .. } | Method::HomerRope(_) => {
+            let (selection, budget) = match method {
+                Method::HomerWith { selection, budget } => (*selection, *budget),
+                _ => (homer::Selection::default(), None),
+            };
+            format!(
+                "homer|{rope}|c{}|{v:?}|{selection:?}|{budget:?}",
+                chunk_len_for(method, total, s, v)
+            )
+        }
+    })
 }
 
 /// The median of a table cell's own prefill times, "–" where every record shared leaves.
@@ -213,14 +251,28 @@ pub fn prefill_cell(secs: &mut [f64]) -> String {
 
 /// A line under a table whose records include shared leaves, saying their times are left out.
 pub fn shared_leaves_note(records: &[serde_json::Value]) -> String {
+    let mut out = String::new();
     let n = records.iter().filter(|r| took_leaves(r)).count();
-    if n == 0 {
-        return String::new();
+    if n > 0 {
+        out += &format!(
+            "\nPrefill times leave out the {n} records whose HOMER leaves came from another \
+             method's run on the same prompt (`--reuse-leaves`: the same result, not the \
+             method's own cost).\n"
+        );
     }
-    format!(
-        "\nPrefill times leave out the {n} records whose HOMER leaves came from another method's \
-         run on the same prompt (`--reuse-leaves`: the same result, not the method's own cost).\n"
-    )
+    let same = records
+        .iter()
+        .filter(|r| r["same_run_as"].is_string())
+        .count();
+    if same > 0 {
+        out += &format!(
+            "\n{same} records are another method's run of the same prompt, which computes the \
+             same (a RoPE scaling at factor 1 is the native RoPE; truncation that cuts nothing is \
+             the plain prompt; HOMER + a scaling at factor 1 is HOMER): its answer and time, run \
+             once (`same_run_as` in the records).\n"
+        );
+    }
+    out
 }
 
 /// Before the methods of a new prompt run, and after a task's last: leaves shared by a

@@ -46,6 +46,9 @@ pub fn run(
     for c in crate::cells(&spec.lengths, &spec.depths, spec.trials, s.seed) {
         let (len, depth, t, seed) = (c.length, c.depth, c.trial, c.seed);
         let mut sample = None;
+        // The runs of this prompt by what they computed (`crate::same_run`), with the label of
+        // the method that ran each: a method that computes the same takes that run.
+        let mut runs: BTreeMap<String, (String, crate::Run)> = BTreeMap::new();
         for method in &spec.methods {
             let variants: Vec<&(String, HomerVariant)> = if method.uses_homer() {
                 spec.variants.iter().collect()
@@ -97,14 +100,29 @@ pub fn run(
                     stop_at_newline: false,
                     share_leaves: crate::shares_leaves(s, &spec.methods, method),
                 };
-                let run =
-                    match run_method(engine, &sample.prompt, method, s, variant, answer, cancel) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            crate::refuse(store, s, e, cell)?;
-                            continue;
+                let label = if vname.is_empty() {
+                    method.to_string()
+                } else {
+                    format!("{method} [{vname}]")
+                };
+                let total = sample.prompt.total_len();
+                let identity = crate::same_run(method, total, answer.max_tokens, s, variant)?;
+                let (run, same_as) = match runs.get(&identity) {
+                    Some((by, run)) => (run.clone(), Some(by.clone())),
+                    None => {
+                        match run_method(engine, &sample.prompt, method, s, variant, answer, cancel)
+                        {
+                            Ok(r) => {
+                                runs.insert(identity, (label.clone(), r.clone()));
+                                (r, None)
+                            }
+                            Err(e) => {
+                                crate::refuse(store, s, e, cell)?;
+                                continue;
+                            }
                         }
-                    };
+                    }
+                };
                 let got = first_number(&run.text).unwrap_or("").to_string();
                 let ok = got == sample.passkey;
                 let needle_kept = run.kept.as_ref().map(|k| {
@@ -114,20 +132,16 @@ pub fn run(
                         })
                         .count()
                 });
-                let label = if vname.is_empty() {
-                    method.to_string()
-                } else {
-                    format!("{method} [{vname}]")
-                };
                 s.log(format!(
-                            "passkey {label:>14} len {len:>6} depth {depth:.2} trial {t}: key {} answer {:?} {} ({:.1}s{})",
+                            "passkey {label:>14} len {len:>6} depth {depth:.2} trial {t}: key {} answer {:?} {} ({:.1}s{}{})",
                             sample.passkey,
                             run.text,
                             if ok { "OK" } else { "wrong" },
                             run.prefill_secs,
                             needle_kept.map_or(String::new(), |k| format!(
                                 ", needle kept {k}/{NEEDLE_TOKENS}"
-                            ))
+                            )),
+                            same_as.as_ref().map_or(String::new(), |by| format!(", {by}'s run"))
                         ));
                 store.append(json!({
                             "key": key, "model": model, "method": method.to_string(), "variant": vname,
@@ -136,7 +150,7 @@ pub fn run(
                             "correct": ok, "prefill_secs": run.prefill_secs, "secs": run.secs,
                             "needle_tokens_kept": needle_kept, "chunks": run.chunks, "cache_rows": run.cache_len,
                             "window": s.window, "filler": spec.filler.name(), "sample_seed": seed,
-                            "leaves_reused": run.leaves_reused,
+                            "leaves_reused": run.leaves_reused, "same_run_as": same_as,
                         }))?;
             }
         }

@@ -65,6 +65,19 @@ impl RopeScaling {
         })
     }
 
+    /// Whether the scaling is the native RoPE itself: none, or PI, static NTK or YaRN at factor
+    /// 1 (positions, base, frequencies and attention factor all unchanged, spec §8). Dynamic NTK
+    /// is never native: past its original window it raises the base even at factor 1.
+    pub fn is_native(&self) -> bool {
+        match *self {
+            RopeScaling::None => true,
+            RopeScaling::Linear { factor }
+            | RopeScaling::Ntk { factor }
+            | RopeScaling::Yarn { factor, .. } => factor == 1.0,
+            RopeScaling::DynamicNtk { .. } => false,
+        }
+    }
+
     /// The factor (1 for none).
     pub fn factor(&self) -> f64 {
         match *self {

@@ -35,6 +35,13 @@ fn base_inv(base: f32, head_dim: usize) -> Vec<f32> {
 
 impl Rope {
     pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Self {
+        // A scaling at factor 1 is the native RoPE: its tables, bit for bit (YaRN's blend of
+        // equal frequencies would otherwise round them differently in the last place).
+        let scaling = if scaling.is_native() {
+            &RopeScaling::None
+        } else {
+            scaling
+        };
         let half = head_dim / 2;
         let plain = |inv_freq: Vec<f32>, mscale: f32, pos_scale: f32| Rope {
             inv_freq,
@@ -269,6 +276,27 @@ mod tests {
             kinds.insert(kind.to_string());
         }
         assert_eq!(kinds.len(), 4, "{kinds:?}");
+    }
+
+    /// PI, static NTK and YaRN at factor 1 are the native RoPE bit for bit (the evaluation lets
+    /// such a method take plain's run of the same prompt); dynamic NTK at factor 1 is not.
+    #[test]
+    fn scalings_at_factor_one_are_the_native_rope() {
+        let native = Rope::new(64, 1e5, &RopeScaling::None);
+        for kind in ["pi", "ntk", "yarn"] {
+            let s = RopeScaling::from_choice(kind, 1.0, 8192).unwrap();
+            assert!(s.is_native(), "{kind}");
+            let rope = Rope::new(64, 1e5, &s);
+            assert_eq!(rope.effective(20000), native.effective(20000), "{kind}");
+            assert_eq!(rope.pos_scale, 1.0, "{kind}");
+            let s2 = RopeScaling::from_choice(kind, 2.0, 8192).unwrap();
+            assert!(!s2.is_native() && Rope::new(64, 1e5, &s2).effective(0) != native.effective(0));
+        }
+        let dynamic = RopeScaling::from_choice("dynamic-ntk", 1.0, 8192).unwrap();
+        assert!(!dynamic.is_native() && RopeScaling::None.is_native());
+        let rope = Rope::new(64, 1e5, &dynamic);
+        rope.set_seq_len(20000);
+        assert_ne!(rope.effective(20000), native.effective(20000));
     }
 
     #[test]
