@@ -846,10 +846,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 println!("{}", serde_json::to_string_pretty(&out).unwrap());
                 return Ok(());
             }
-            // Decode: greedy tokens after a prompt of each context length, EOS ignored.
+            // Decode: greedy tokens after a prompt of each context length, EOS ignored, and no
+            // loop stop (the answers' default: a looping pseudo-prompt would end the measurement
+            // after a few tokens, and the cut tokens' time would still count).
             let params = GenerateParams {
                 max_tokens: decode + 1,
                 stop_at_eos: false,
+                loop_ngram: 0,
                 ..Default::default()
             };
             for &ctx in &decode_context {
@@ -859,6 +862,15 @@ fn run(cli: Cli) -> Result<(), String> {
                     let g = engine
                         .generate(&prompt, &params, &cancel, &mut |_| {}, &mut |_| {})
                         .map_err(|e| e.to_string())?;
+                    if g.ids.len() != decode + 1 {
+                        return Err(format!(
+                            "decode after a {ctx}-token context stopped after {} of {} tokens \
+                             ({:?}): no rate to report",
+                            g.ids.len(),
+                            decode + 1,
+                            g.stop
+                        ));
+                    }
                     if r >= warmup {
                         tps.push(g.decode_tokens_per_sec());
                     }

@@ -417,6 +417,56 @@ fn methods_that_compute_the_same_share_one_run() {
     }
 }
 
+/// `homer bench` decodes every token it is asked for (the answers' loop stop is off there: a
+/// looping continuation had ended the measurement after a few tokens and still reported a
+/// rate), and a decode that ends early — here at the tiny model's 256-position window — is an
+/// error naming why, not a rate.
+#[test]
+fn bench_decodes_the_tokens_asked_for() {
+    let model = fixtures().join("tiny-llama").display().to_string();
+    let args = [
+        "bench",
+        "--model",
+        &model,
+        "--backend",
+        "cpu",
+        "--lengths",
+        "16",
+        "--decode",
+        "40",
+        "--decode-context",
+        "16,64",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        "--quiet",
+    ];
+    let (ok, stdout, err) = homer(&args);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let decode: Vec<&serde_json::Value> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "decode")
+        .collect();
+    assert_eq!(decode.len(), 2, "{stdout}");
+    for r in decode {
+        assert_eq!(r["tokens"], 40, "{r}");
+        assert!(r["tokens_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let mut past = args.to_vec();
+    let at = past.iter().position(|a| *a == "--decode").unwrap() + 1;
+    past[at] = "300";
+    let (ok, _, err) = homer(&past);
+    assert!(
+        !ok && err.contains("stopped after") && err.contains("Window"),
+        "{err}"
+    );
+}
+
 /// `--skip METHOD@LENGTH`: the cell is recorded once as skipped with the reason, listed under
 /// the table, and measured by a later run without the skip (which then drops it from the list).
 #[test]
