@@ -203,6 +203,12 @@ pub fn took_leaves(r: &serde_json::Value) -> bool {
     r["leaves_reused"].as_u64().unwrap_or(0) > 0
 }
 
+/// The prompt tokens truncation keeps: the window less room for the answer (a prompt of at most
+/// this many tokens is not cut).
+fn truncation_budget(s: &Settings, max_tokens: usize) -> usize {
+    s.window.saturating_sub(max_tokens)
+}
+
 /// What `method` (with `v`) computes on a `total`-token prompt, as a key: two methods with the
 /// same key run the same prefill and decode on that prompt, so the second may take the first's
 /// run. Full attention under the native RoPE is one run whatever the method's name (PI, NTK and
@@ -225,7 +231,7 @@ pub fn same_run(
         format!("{scaling:?}")
     };
     Ok(match method {
-        Method::Truncation if total > s.window.saturating_sub(max_tokens) => "truncation".into(),
+        Method::Truncation if total > truncation_budget(s, max_tokens) => "truncation".into(),
         Method::Plain | Method::Truncation | Method::Rope(_) => format!("full|{rope}"),
         Method::Homer | Method::HomerWith { .. } | Method::HomerRope(_) => {
             let (selection, budget) = match method {
@@ -384,7 +390,7 @@ pub fn run_method(
     let total = prompt.total_len();
     set_rope(engine, method, total, s)?;
     let prompt = if *method == Method::Truncation {
-        prompt.truncated(s.window.saturating_sub(max_tokens))
+        prompt.truncated(truncation_budget(s, max_tokens))
     } else {
         prompt.clone()
     };
