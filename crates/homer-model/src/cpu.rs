@@ -109,7 +109,11 @@ pub fn exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n through the exponent field. n + 1.5·2^23 holds n (|n| < 2^22) in its low mantissa
+    // bits; reading them from the bits keeps the loop vectorised, where `n as i32` (a saturating
+    // cast) went lane by lane through scalar converts (most of the attention kernel's time).
+    let biased = (n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000 - 127);
+    p * f32::from_bits(biased << 23)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -337,11 +341,29 @@ fn max_lanes(x: &[f32], init: f32) -> f32 {
             acc[i] = acc[i].max(ch[i]);
         }
     }
-    let mut m = init;
-    for &a in acc.iter().chain(t) {
-        m = m.max(a);
+    // The 16 lanes folded in halves (4 dependent steps, not 16: this ran once per query vector
+    // and key tile, and the serial chain cost as much as a quarter of the tile's products).
+    let mut w = 8;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] = acc[i].max(acc[i + w]);
+        }
+        w /= 2;
     }
-    m
+    t.iter().fold(acc[0], |m, &a| m.max(a))
+}
+
+/// Σ of 16 lanes folded in halves (4 dependent steps).
+#[inline(always)]
+fn sum_lanes(mut acc: [f32; 16]) -> f32 {
+    let mut w = 8;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0]
 }
 
 /// x ← e^(x − m) in place; returns the sum (16 partial sums, vectorised).
@@ -357,7 +379,7 @@ fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
             acc[i] += ch[i];
         }
     }
-    acc.iter().sum::<f32>() + t.iter().sum::<f32>()
+    sum_lanes(acc) + t.iter().sum::<f32>()
 }
 
 /// Every query vector of KV head `c` against keys ka..kb (each vector only up to its causal
@@ -1184,6 +1206,32 @@ mod tests {
         assert!(worst < 4e-7, "worst relative error {worst}");
         assert_eq!(exp(f32::NEG_INFINITY) < 1e-37, true);
         assert_eq!(exp(0.0), 1.0);
+        // Clamped ends: 2^n stays a normal number; no overflow to inf, no wrap to garbage.
+        assert!((exp(-1e6) / (-87f32).exp() - 1.0).abs() < 4e-7);
+        assert!((exp(1e6) / 88f32.exp() - 1.0).abs() < 4e-7);
+    }
+
+    #[test]
+    fn lane_reductions_match_sequential() {
+        let mut rng = Rng(0x5eed_1234);
+        for n in [0, 1, 7, 15, 16, 17, 31, 33, 64, 70, 129] {
+            let x = rng.vec(n, 30.0);
+            for init in [f32::NEG_INFINITY, 0.5, 100.0] {
+                let want = x.iter().copied().fold(init, f32::max);
+                assert_eq!(max_lanes(&x, init), want, "max of {n} from {init}");
+            }
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max).max(0.0);
+            let mut y = x.clone();
+            let got = exp_sub_sum(&mut y, m);
+            let want: f64 = x.iter().map(|&v| ((v - m) as f64).exp()).sum();
+            assert!(
+                (got as f64 - want).abs() <= 1e-6 * want.max(1e-30),
+                "sum of {n}: {got} vs {want}"
+            );
+            for (a, b) in x.iter().zip(&y) {
+                assert!((b - (a - m).exp()).abs() <= 4e-7 * (a - m).exp(), "e^({a} - {m})");
+            }
+        }
     }
 
     /// Straightforward attention with RoPE on the host (the same math as `layer.rs`).
