@@ -252,14 +252,38 @@ pub fn attention<T: KvElem>(
     let tiles = n.div_ceil(QUERY_TILE);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let (k_buf, v_buf, q) = (&*k_buf, &*v_buf, &q[..]);
+    // Every query tile of a KV head reads the same key tiles: transpose them once here
+    // ([KV][key tile][hd][KEY_TILE], f32) instead of once per query tile (a prefill of n rows
+    // transposed each key tile about n / 128 times, through scatters).
+    let ktiles = t.div_ceil(KEY_TILE);
+    let kt_all = if tiles > 1 {
+        let mut kt = vec![0f32; kvh * ktiles * hd * KEY_TILE];
+        kt.par_chunks_mut(hd * KEY_TILE)
+            .enumerate()
+            .for_each(|(item, dst)| {
+                let (c, j0) = (item / ktiles, item % ktiles * KEY_TILE);
+                let tk = KEY_TILE.min(t - j0);
+                let at = (c * s.cap + j0) * hd;
+                let mut scratch = vec![0f32; if T::IS_F16 { tk * hd } else { 0 }];
+                dispatch!(transpose_tile(&k_buf[at..at + tk * hd], hd, &mut scratch, dst));
+            });
+        kt
+    } else {
+        vec![]
+    };
+    let kt_all = &kt_all[..];
     let work = |item: usize| {
         let (c, t) = (item / tiles, item % tiles);
         let r0 = t * QUERY_TILE;
         let r1 = (r0 + QUERY_TILE).min(n);
         let kk = &k_buf[c * s.cap * hd..(c + 1) * s.cap * hd];
         let vv = &v_buf[c * s.cap * hd..(c + 1) * s.cap * hd];
+        let kt = match kt_all.is_empty() {
+            true => None,
+            false => Some(&kt_all[c * ktiles * hd * KEY_TILE..(c + 1) * ktiles * hd * KEY_TILE]),
+        };
         let ptr = out_ptr;
-        dispatch!(attend_tile(s, g, c, r0, r1, q, kk, vv, ptr));
+        dispatch!(attend_tile(s, g, c, r0, r1, q, kk, vv, kt, ptr));
     };
     let items = kvh * tiles;
     // Decode-sized work (a few query vectors against a short cache) is not worth a handoff.
@@ -336,9 +360,11 @@ fn split_keys<T: KvElem>(
 fn max_lanes(x: &[f32], init: f32) -> f32 {
     let mut acc = [init; 16];
     let (c, t) = x.as_chunks::<16>();
+    // A plain compare-and-select (one vmaxps; `f32::max`'s NaN rule took three instructions):
+    // a NaN score is not picked as the maximum, and its e^(x − m) is NaN all the same.
     for ch in c {
         for i in 0..16 {
-            acc[i] = acc[i].max(ch[i]);
+            acc[i] = if ch[i] > acc[i] { ch[i] } else { acc[i] };
         }
     }
     // The 16 lanes folded in halves (4 dependent steps, not 16: this ran once per query vector
@@ -346,11 +372,34 @@ fn max_lanes(x: &[f32], init: f32) -> f32 {
     let mut w = 8;
     while w > 0 {
         for i in 0..w {
-            acc[i] = acc[i].max(acc[i + w]);
+            acc[i] = if acc[i + w] > acc[i] { acc[i + w] } else { acc[i] };
         }
         w /= 2;
     }
     t.iter().fold(acc[0], |m, &a| m.max(a))
+}
+
+/// Key rows `k` [tk][hd] (tk ≤ KEY_TILE) as f32 into `dst` [hd][KEY_TILE], keys past tk zero
+/// (`scratch`: room for the rows as f32 when they are f16.)
+#[inline(always)]
+fn transpose_tile<T: KvElem>(k: &[T], hd: usize, scratch: &mut [f32], dst: &mut [f32]) {
+    let tk = k.len() / hd;
+    let rows = T::as_f32(k, scratch);
+    // Eight keys at a time: each dim's eight values land in one contiguous run of dst.
+    let mut j0 = 0;
+    while j0 < tk {
+        let w = 8.min(tk - j0);
+        for d in 0..hd {
+            let run = &mut dst[d * KEY_TILE + j0..d * KEY_TILE + j0 + w];
+            for (j, x) in run.iter_mut().enumerate() {
+                *x = rows[(j0 + j) * hd + d];
+            }
+        }
+        j0 += w;
+    }
+    for d in 0..hd {
+        dst[d * KEY_TILE + tk..(d + 1) * KEY_TILE].fill(0.0);
+    }
 }
 
 /// Σ of 16 lanes folded in halves (4 dependent steps).
@@ -401,7 +450,7 @@ fn attend_range<T: KvElem>(
     let nv = s.n * g;
     let (o, rest) = buf.split_at_mut(nv * s.head_dim);
     let (m, l) = rest.split_at_mut(nv);
-    attend_keys(s, g, c, 0, s.n, q, k, v, ka, kb, o, m, l);
+    attend_keys(s, g, c, 0, s.n, q, k, v, None, ka, kb, o, m, l);
 }
 
 fn rope_row_all(s: AttnShape, qrow: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
@@ -471,6 +520,7 @@ fn attend_tile<T: KvElem>(
     q: &[f32],
     k: &[T],
     v: &[T],
+    kt: Option<&[f32]>,
     out: SendPtr,
 ) {
     let (h, hd) = (s.heads, s.head_dim);
@@ -487,6 +537,7 @@ fn attend_tile<T: KvElem>(
         q,
         k,
         v,
+        kt,
         0,
         usize::MAX,
         &mut o,
@@ -507,7 +558,9 @@ fn attend_tile<T: KvElem>(
 /// The online softmax of query rows r0..r1 (the g heads of KV head `c`) over keys ka..kb, each
 /// row only up to its causal limit, in key tiles: the tile's keys (converted to f32 once when
 /// f16) transposed to [hd][KEY_TILE] so the scores vectorise over keys, four query vectors at a
-/// time. Leaves the unnormalised output `o` [nv][hd], the running max `m` and sum `l` [nv].
+/// time (`kt_pre`: every tile of the head already transposed, [tile][hd][KEY_TILE] from key 0;
+/// needs `ka` = 0). Leaves the unnormalised output `o` [nv][hd], the running max `m` and sum
+/// `l` [nv].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend_keys<T: KvElem>(
@@ -519,6 +572,7 @@ fn attend_keys<T: KvElem>(
     q: &[f32],
     k: &[T],
     v: &[T],
+    kt_pre: Option<&[f32]>,
     ka: usize,
     kb: usize,
     o: &mut [f32],
@@ -554,29 +608,25 @@ fn attend_keys<T: KvElem>(
         let tk = KEY_TILE.min(kmax - j0);
         let (krows, vrows) = (&k[j0 * hd..(j0 + tk) * hd], &v[j0 * hd..(j0 + tk) * hd]);
         // The tile as f32 (in place for f32 buffers; decode's row kernels read f16 directly).
-        let (ktile, vtile): (&[f32], &[f32]) = if by_rows && T::IS_F16 {
-            (&[], &[])
+        let vtile: &[f32] = if by_rows && T::IS_F16 {
+            &[]
         } else {
-            (
-                T::as_f32(krows, &mut kscratch),
-                T::as_f32(vrows, &mut vscratch),
-            )
+            T::as_f32(vrows, &mut vscratch)
         };
-        // Transpose the key tile to [hd][KEY_TILE] so scores vectorise over keys (worth it
-        // for many query vectors; decode's few take the key rows as they are).
-        if !by_rows {
-            for j in 0..tk {
-                let row = &ktile[j * hd..(j + 1) * hd];
-                for d in 0..hd {
-                    kt[d * KEY_TILE + j] = row[d];
-                }
+        // The key tile as [hd][KEY_TILE] so scores vectorise over keys (worth it for many
+        // query vectors; decode's few take the key rows as they are).
+        let ktt: &[f32] = match kt_pre {
+            _ if by_rows => &[],
+            Some(pre) => {
+                debug_assert_eq!(ka, 0);
+                let at = j0 / KEY_TILE * hd * KEY_TILE;
+                &pre[at..at + hd * KEY_TILE]
             }
-            for j in tk..KEY_TILE {
-                for d in 0..hd {
-                    kt[d * KEY_TILE + j] = 0.0;
-                }
+            None => {
+                transpose_tile(krows, hd, &mut kscratch, &mut kt);
+                &kt
             }
-        }
+        };
         let mut i0 = 0;
         while i0 < nv {
             let qn = QV.min(nv - i0);
@@ -592,7 +642,7 @@ fn attend_keys<T: KvElem>(
                     } else {
                         // SAFETY: AVX-512 was detected; kt is [hd][KEY_TILE], each q has hd
                         // values.
-                        unsafe { x86::scores4(qs, &kt, hd, &mut sc) };
+                        unsafe { x86::scores4(qs, ktt, hd, &mut sc) };
                     }
                 }
             } else {
@@ -601,7 +651,7 @@ fn attend_keys<T: KvElem>(
                 }
                 for d in 0..hd {
                     let kd: &[f32; KEY_TILE] =
-                        kt[d * KEY_TILE..(d + 1) * KEY_TILE].try_into().unwrap();
+                        ktt[d * KEY_TILE..(d + 1) * KEY_TILE].try_into().unwrap();
                     for (a, row) in sc.iter_mut().enumerate().take(qn) {
                         let qd = qvec(i0 + a)[d];
                         for j in 0..KEY_TILE {
@@ -1339,10 +1389,16 @@ mod tests {
             let mut kb = rng.vec(kvh * s.cap * hd, 1.0);
             let mut vb = rng.vec(kvh * s.cap * hd, 1.0);
             let (want, wk, wv) = reference(s, &qkv, &cos, &sin, &kb, &vb);
+            // The same with an f16 cache (its own conversions and key-tile paths): within f16's
+            // rounding of the keys and values.
+            let mut kh: Vec<f16> = kb.iter().map(|&x| f16::from_f32(x)).collect();
+            let mut vh: Vec<f16> = vb.iter().map(|&x| f16::from_f32(x)).collect();
             let mut out = vec![f32::NAN; n * h * hd];
             let mut ql = vec![f32::NAN; h * hd];
-            attention(s, &qkv, &cos, &sin, &mut kb, &mut vb, &mut out, &mut ql);
+            attention(s, &qkv, &cos, &sin, &mut kh, &mut vh, &mut out, &mut ql);
             let what = format!("n {n} h {h} kv {kvh} hd {hd} past {past}");
+            close(&out, &want, 2e-2, &format!("f16 cache out ({what})"));
+            attention(s, &qkv, &cos, &sin, &mut kb, &mut vb, &mut out, &mut ql);
             close(&out, &want, 2e-5, &format!("out ({what})"));
             close(&kb, &wk, 1e-6, &format!("k ({what})"));
             close(&vb, &wv, 0.0, &format!("v ({what})"));
