@@ -265,7 +265,12 @@ pub fn attention<T: KvElem>(
                 let tk = KEY_TILE.min(t - j0);
                 let at = (c * s.cap + j0) * hd;
                 let mut scratch = vec![0f32; if T::IS_F16 { tk * hd } else { 0 }];
-                dispatch!(transpose_tile(&k_buf[at..at + tk * hd], hd, &mut scratch, dst));
+                dispatch!(transpose_tile(
+                    &k_buf[at..at + tk * hd],
+                    hd,
+                    &mut scratch,
+                    dst
+                ));
             });
         kt
     } else {
@@ -372,7 +377,11 @@ fn max_lanes(x: &[f32], init: f32) -> f32 {
     let mut w = 8;
     while w > 0 {
         for i in 0..w {
-            acc[i] = if acc[i + w] > acc[i] { acc[i + w] } else { acc[i] };
+            acc[i] = if acc[i + w] > acc[i] {
+                acc[i + w]
+            } else {
+                acc[i]
+            };
         }
         w /= 2;
     }
@@ -1279,7 +1288,10 @@ mod tests {
                 "sum of {n}: {got} vs {want}"
             );
             for (a, b) in x.iter().zip(&y) {
-                assert!((b - (a - m).exp()).abs() <= 4e-7 * (a - m).exp(), "e^({a} - {m})");
+                assert!(
+                    (b - (a - m).exp()).abs() <= 4e-7 * (a - m).exp(),
+                    "e^({a} - {m})"
+                );
             }
         }
     }
