@@ -590,6 +590,12 @@ fn attend_keys<T: KvElem>(
 ) {
     let (h, hd) = (s.heads, s.head_dim);
     let nv = (r1 - r0) * g;
+    // Pre-transposed tiles are indexed from key 0 (a debug_assert would be compiled out: this
+    // crate builds without debug assertions in every profile).
+    assert!(
+        kt_pre.is_none() || ka == 0,
+        "pre-transposed key tiles start at key 0"
+    );
     o.fill(0.0);
     m.fill(f32::NEG_INFINITY);
     l.fill(0.0);
@@ -627,7 +633,6 @@ fn attend_keys<T: KvElem>(
         let ktt: &[f32] = match kt_pre {
             _ if by_rows => &[],
             Some(pre) => {
-                debug_assert_eq!(ka, 0);
                 let at = j0 / KEY_TILE * hd * KEY_TILE;
                 &pre[at..at + hd * KEY_TILE]
             }
