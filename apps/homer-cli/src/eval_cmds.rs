@@ -279,6 +279,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
         } => {
             let mut engine = engine_for(&args)?;
             let s = settings(&engine, &args)?;
+            homer_eval::report::write_meta(&engine, &s, &command_line()).map_err(e)?;
             let spec = PasskeySpec {
                 lengths,
                 depths,
@@ -302,6 +303,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
         } => {
             let mut engine = engine_for(&args)?;
             let s = settings(&engine, &args)?;
+            homer_eval::report::write_meta(&engine, &s, &command_line()).map_err(e)?;
             let verses = homer_eval::text::read_verses(&text).map_err(e)?;
             let tokens = homer_eval::report::text_tokens(&engine, &verses, length).map_err(e)?;
             let mut st = Store::open(&s.out_dir, "perplexity").map_err(e)?;
@@ -338,6 +340,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
         } => {
             let mut engine = engine_for(&args)?;
             let s = settings(&engine, &args)?;
+            homer_eval::report::write_meta(&engine, &s, &command_line()).map_err(e)?;
             let verses = homer_eval::text::read_verses(&text).map_err(e)?;
             let spec = QaSpec {
                 lengths,
@@ -368,6 +371,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
         } => {
             let mut engine = engine_for(&args)?;
             let s = settings(&engine, &args)?;
+            homer_eval::report::write_meta(&engine, &s, &command_line()).map_err(e)?;
             let verses = homer_eval::text::read_verses(&text).map_err(e)?;
             let max = lengths.iter().copied().max().unwrap_or(0);
             let tokens = homer_eval::report::text_tokens(&engine, &verses, max).map_err(e)?;
@@ -477,6 +481,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
             }
             let mut engine = engine_for(&args)?;
             let s = settings(&engine, &args)?;
+            homer_eval::report::write_meta(&engine, &s, &command_line()).map_err(e)?;
             if let Some(b) = budgets.iter().find(|&&b| !(b > 0.0 && b <= 1.0)) {
                 return Err(format!("--budgets {b}: each must lie in (0, 1]"));
             }

@@ -330,10 +330,26 @@ fn passkey_runs_every_baseline_method() {
         assert!(stdout.contains(&format!("| {m} | 600 |")), "{stdout}");
     }
     assert!(dir.path().join("results.md").exists() && dir.path().join("passkey.png").exists());
-    // A rerun finds every cell done and adds nothing.
+    assert!(dir.path().join("headline.png").exists());
+    // The page counts the runs' time (a record that took another's run counts once) and names
+    // the command and the machine.
+    let md = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
+    let own = rows.iter().filter(|r| r["same_run_as"].is_null()).count();
+    assert!(md.contains(&format!("| passkey | {own} | ")), "{md}");
+    assert!(md.contains("- backend: cpu ("), "{md}");
+    let meta = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("meta.json")).unwrap())
+            .unwrap()
+    };
+    let commands = meta()["commands"].as_array().unwrap().clone();
+    assert_eq!(commands.len(), 1);
+    assert!(commands[0].as_str().unwrap().contains("eval passkey"));
+    // A rerun finds every cell done and adds nothing, nor a second copy of its command.
     let (ok, _, err) = homer(&args);
     assert!(ok, "{err}");
     assert_eq!(jsonl(&dir.path().join("passkey.jsonl")).len(), 4);
+    assert_eq!(meta()["commands"].as_array().unwrap().len(), 1);
+    assert_eq!(meta()["machines"].as_array().unwrap().len(), 1);
     let (ok, _, err) = homer(&[&args[..12], &["--method", "bm25"]].concat());
     assert!(!ok && err.contains("bm25"), "{err}");
 }
@@ -635,10 +651,17 @@ fn eval_all_quick_writes_every_table_and_plot() {
         "## Document QA",
         "## Cost",
         "## Ablations",
+        "## Compute time",
     ] {
         assert!(md.contains(h), "{h} missing:\n{md}");
     }
-    for png in ["passkey.png", "perplexity.png", "qa.png", "cost.png"] {
+    for png in [
+        "passkey.png",
+        "perplexity.png",
+        "qa.png",
+        "cost.png",
+        "headline.png",
+    ] {
         let b = std::fs::read(out.join(png)).unwrap();
         assert_eq!(&b[..4], b"\x89PNG", "{png}");
     }

@@ -246,6 +246,13 @@ pub fn lines(path: &Path, title: &str, panels: &[Lines]) -> Result<()> {
         } else {
             (x0, x1)
         };
+        // A log x axis gets a label at each power of two only (lengths): asking for as many
+        // labels as it has powers keeps plotters from adding unround ones in between.
+        let x_labels = if p.log_x {
+            ((xhi / xlo).log2().floor() as usize).max(1)
+        } else {
+            10
+        };
         let mut builder = ChartBuilder::on(area);
         builder
             .caption(&p.title, (FONT, 18))
@@ -257,6 +264,7 @@ pub fn lines(path: &Path, title: &str, panels: &[Lines]) -> Result<()> {
                 let mut chart = $chart;
                 chart
                     .configure_mesh()
+                    .x_labels(x_labels)
                     .x_desc(p.x_desc.as_str())
                     .y_desc(p.y_desc.as_str())
                     .label_style((FONT, 14))
@@ -299,12 +307,12 @@ pub fn lines(path: &Path, title: &str, panels: &[Lines]) -> Result<()> {
         match (p.log_x, p.log_y) {
             (true, true) => draw!(
                 builder
-                    .build_cartesian_2d((xlo..xhi).log_scale(), (ylo..yhi).log_scale())
+                    .build_cartesian_2d((xlo..xhi).log_scale().base(2.0), (ylo..yhi).log_scale())
                     .map_err(|e| err(path, e))?
             ),
             (true, false) => draw!(
                 builder
-                    .build_cartesian_2d((xlo..xhi).log_scale(), ylo..yhi)
+                    .build_cartesian_2d((xlo..xhi).log_scale().base(2.0), ylo..yhi)
                     .map_err(|e| err(path, e))?
             ),
             (false, true) => draw!(

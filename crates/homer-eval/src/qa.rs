@@ -336,7 +336,7 @@ pub fn run(
                         "key": key, "model": model, "method": method.to_string(), "length": len,
                         "depth": depth, "trial": t, "label": q.label, "reference": q.reference,
                         "answer": answer, "f1": score, "exact": ex, "prompt_tokens": q.prompt.total_len(),
-                        "read_tokens": run.prompt_tokens, "prefill_secs": run.prefill_secs,
+                        "read_tokens": run.prompt_tokens, "prefill_secs": run.prefill_secs, "secs": run.secs,
                         "target_kept_share": kept_share, "retrieved": retrieved, "cache_rows": run.cache_len,
                         "window": s.window, "sample_seed": seed,
                         "leaves_reused": run.leaves_reused,

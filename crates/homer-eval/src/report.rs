@@ -276,16 +276,43 @@ pub fn text_tokens(
     Ok(ids)
 }
 
-fn write_meta(engine: &Engine, s: &Settings, command: &str) -> Result<()> {
+/// The processor's name (Linux: /proc/cpuinfo), or "CPU".
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "CPU".into())
+}
+
+/// Record the run's settings and machine in `OUT/meta.json`, with `command` added to the
+/// commands that made the records (every `homer eval` task calls it before it runs).
+pub fn write_meta(engine: &Engine, s: &Settings, command: &str) -> Result<()> {
     let p = s.out_dir.join("meta.json");
-    // Every command that added records, oldest first.
-    let mut commands: Vec<Value> = std::fs::read_to_string(&p)
+    let old: Value = std::fs::read_to_string(&p)
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| v["commands"].as_array().cloned())
-        .unwrap_or_default();
-    if commands.last().and_then(|c| c.as_str()) != Some(command) {
+        .unwrap_or(Value::Null);
+    // Every command that added records, oldest first, once each (a rerun resumes).
+    let mut commands = old["commands"].as_array().cloned().unwrap_or_default();
+    if !commands.contains(&json!(command)) {
         commands.push(json!(command));
+    }
+    // Every backend and machine the commands ran on (a store may gather several).
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let here = json!(format!(
+        "{} ({}) on {cpus} × {}",
+        engine.device.backend,
+        engine.device.adapter,
+        cpu_model()
+    ));
+    let mut machines = old["machines"].as_array().cloned().unwrap_or_default();
+    if !machines.contains(&here) {
+        machines.push(here);
     }
     let v = json!({
         "model": crate::model_id(engine), "model_path": engine.model_path,
@@ -293,8 +320,8 @@ fn write_meta(engine: &Engine, s: &Settings, command: &str) -> Result<()> {
         "window": s.window, "native_window": engine.model.native_window(),
         "chunk_len": s.chunk_len, "warmup_layers": s.warmup_layers,
         "bias": crate::passkey::bias_name(&s.bias), "rope_factor": s.rope_factor,
-        "seed": s.seed, "commands": commands,
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "seed": s.seed, "commands": commands, "machines": machines,
+        "cpus": cpus,
         "counting_allocator": crate::alloc::installed(),
     });
     std::fs::create_dir_all(&s.out_dir)
@@ -348,13 +375,23 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
            `homer eval report --out DIR` to rebuild this page and the plots from them.\n\n";
     if !meta.is_null() {
         md += &format!(
-            "- model: `{}`; window held to {} tokens (native {})\n- backend: {} on {} ({} CPU threads)\n- HOMER: C = {}, W = {}, bias {}; RoPE factor {}\n- commands that made the records:\n{}\n",
+            "- model: `{}`; window held to {} tokens (native {})\n- backend: {}\n- HOMER: C = {}, W = {}, bias {}; RoPE factor {}\n- commands that made the records:\n{}\n",
             meta["model"].as_str().unwrap_or("?"),
             meta["window"],
             meta["native_window"],
-            meta["backend"].as_str().unwrap_or("?"),
-            meta["adapter"].as_str().unwrap_or("?"),
-            meta["cpus"],
+            match meta["machines"].as_array() {
+                Some(m) => m
+                    .iter()
+                    .filter_map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                None => format!(
+                    "{} on {} ({} CPU threads)",
+                    meta["backend"].as_str().unwrap_or("?"),
+                    meta["adapter"].as_str().unwrap_or("?"),
+                    meta["cpus"]
+                ),
+            },
             meta["chunk_len"]
                 .as_u64()
                 .map_or("half the window".into(), |c| c.to_string()),
@@ -382,6 +419,11 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
         }
     };
     let pk = load("passkey")?;
+    let qa = load("qa")?;
+    if headline(&dir.join("headline.png"), &pk, &qa, &order)? {
+        md +=
+            "![headline: passkey accuracy and QA F1 against the document length](headline.png)\n\n";
+    }
     if !pk.is_empty() {
         heatmaps(
             &dir.join("passkey.png"),
@@ -484,7 +526,6 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
         md += &crate::perplexity::table(&ppl_all, &checkpoints, &order);
         md += "\n![perplexity](perplexity.png)\n\n";
     }
-    let qa = load("qa")?;
     if !qa.is_empty() {
         let m = crate::qa::summary(&qa);
         let series: Vec<(String, Vec<(f64, f64)>)> = ordered(m.keys(), &order)
@@ -591,8 +632,187 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
         md += &crate::passkey::table(&abl, &[]);
         md += "\n";
     }
+    let mut timed = vec![
+        ("passkey", pk),
+        ("perplexity", ppl_all),
+        ("qa", qa),
+        ("cost", cost_all),
+    ];
+    timed.extend([("replay", rep), ("ablation", abl)]);
+    md += &compute_time(&timed);
     let p = dir.join("results.md");
     std::fs::write(&p, md)
         .map_err(|e| EvalError::Io(format!("{}: cannot write: {e}", p.display())))?;
     Ok(p)
+}
+
+/// The seconds a record's own computation took: `secs` (its prompt's prefill and answer), or,
+/// for QA records written before they carried it, the prefill alone. None for records that
+/// did not run or that took another method's whole run of the same prompt (`same_run_as`).
+fn record_secs(r: &Value) -> Option<(f64, bool)> {
+    if r["same_run_as"].is_string() {
+        return None;
+    }
+    match r["secs"].as_f64() {
+        Some(t) => Some((t, false)),
+        None => r["prefill_secs"].as_f64().map(|t| (t, true)),
+    }
+}
+
+/// How long the records took on the machine, per task and in all: each record's own time, summed.
+pub fn compute_time(tasks: &[(&str, Vec<Value>)]) -> String {
+    let mut rows = String::new();
+    let (mut total, mut total_n, mut prefill_only) = (0.0, 0usize, 0usize);
+    for (task, records) in tasks {
+        let times: Vec<(f64, bool)> = crate::ran(records).iter().filter_map(record_secs).collect();
+        if times.is_empty() {
+            continue;
+        }
+        let secs: f64 = times.iter().map(|t| t.0).sum();
+        prefill_only += times.iter().filter(|t| t.1).count();
+        rows += &format!("| {task} | {} | {:.1} |\n", times.len(), secs / 3600.0);
+        total += secs;
+        total_n += times.len();
+    }
+    if rows.is_empty() {
+        return rows;
+    }
+    let mut out = format!(
+        "## Compute time\n\nThe time the records took, each its own prompt's (prefill and \
+         answer) on the machine named above, summed; a record that took another method's run \
+         of the same prompt counts once. Waits between runs are not in it.\n\n| task | runs \
+         | hours |\n|---|---|---|\n{rows}| all | {total_n} | {:.1} |\n",
+        total / 3600.0
+    );
+    if prefill_only > 0 {
+        out += &format!(
+            "\n{prefill_only} QA records written before QA records carried their whole time \
+             count their prefill only (the answer's decoding, a few seconds, is left out).\n"
+        );
+    }
+    out + "\n"
+}
+
+/// The method's name in a legend: the engine's default selection as `homer:default`.
+fn short_name(name: &str) -> String {
+    match "homer:default".parse::<Method>() {
+        Ok(d) if name.starts_with(&d.to_string()) => {
+            format!("homer:default{}", &name[d.to_string().len()..])
+        }
+        _ => name.to_string(),
+    }
+}
+
+/// The page's headline plot: passkey accuracy against the length, one panel per filler, and
+/// QA's mean F1 against the length. False (nothing drawn) when there are neither.
+fn headline(path: &Path, pk: &[Value], qa: &[Value], order: &[String]) -> Result<bool> {
+    let mut panels = vec![];
+    // accuracy[filler][method][length] = (found, prompts)
+    let mut acc: BTreeMap<String, BTreeMap<String, BTreeMap<u64, (usize, usize)>>> =
+        BTreeMap::new();
+    for r in &crate::ran(pk) {
+        let filler = r["filler"].as_str().unwrap_or("classic").to_string();
+        let c = acc
+            .entry(filler)
+            .or_default()
+            .entry(r["method"].as_str().unwrap_or("?").to_string())
+            .or_default()
+            .entry(r["length"].as_u64().unwrap_or(0))
+            .or_default();
+        c.0 += r["correct"].as_bool().unwrap_or(false) as usize;
+        c.1 += 1;
+    }
+    for (filler, methods) in &acc {
+        let series = ordered(methods.keys(), order)
+            .into_iter()
+            .map(|m| {
+                let pts = methods[&m]
+                    .iter()
+                    .map(|(&l, &(ok, n))| (l as f64, ok as f64 / n.max(1) as f64))
+                    .collect();
+                (short_name(&m), pts)
+            })
+            .collect();
+        panels.push(Lines {
+            title: format!("passkey, {filler} filler: share of keys found"),
+            x_desc: "prompt length (tokens)".into(),
+            y_desc: "accuracy".into(),
+            log_x: true,
+            log_y: false,
+            series,
+            y_range: Some((0.0, 1.0)),
+        });
+    }
+    if !crate::ran(qa).is_empty() {
+        let m = crate::qa::summary(qa);
+        let series: Vec<(String, Vec<(f64, f64)>)> = ordered(m.keys(), order)
+            .into_iter()
+            .map(|n| {
+                let pts = m[&n].iter().map(|(&l, e)| (l as f64, e.0)).collect();
+                (short_name(&n), pts)
+            })
+            .collect();
+        let top = series
+            .iter()
+            .flat_map(|s| s.1.iter().map(|p| p.1))
+            .fold(0.5, f64::max);
+        panels.push(Lines {
+            title: "KJV verse QA: mean token F1".into(),
+            x_desc: "document length (tokens)".into(),
+            y_desc: "F1".into(),
+            log_x: true,
+            log_y: false,
+            series,
+            y_range: Some((0.0, top)),
+        });
+    }
+    if panels.is_empty() {
+        return Ok(false);
+    }
+    lines(
+        path,
+        "homer on the default model: what it reads past the window",
+        &panels,
+    )?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compute_time_sums_each_run_once() {
+        let rs = vec![
+            json!({"method": "plain", "secs": 1800.0}),
+            // another method's run of the same prompt: not counted again
+            json!({"method": "yarn", "secs": 1800.0, "same_run_as": "plain"}),
+            json!({"method": "homer", "secs": 1080.0, "leaves_reused": 3}),
+            json!({"method": "ntk", "skipped": "too long"}),
+        ];
+        let qa = vec![
+            json!({"method": "bm25", "secs": 360.0, "prefill_secs": 300.0}),
+            json!({"method": "truncation", "prefill_secs": 360.0}),
+        ];
+        let t = compute_time(&[("passkey", rs), ("qa", qa), ("cost", vec![])]);
+        assert!(t.contains("| passkey | 2 | 0.8 |"), "{t}");
+        assert!(t.contains("| qa | 2 | 0.2 |"), "{t}");
+        assert!(t.contains("| all | 4 | 1.0 |"), "{t}");
+        assert!(!t.contains("| cost |"), "{t}");
+        assert!(t.contains("1 QA records written before"), "{t}");
+        assert!(compute_time(&[("qa", vec![])]).is_empty());
+    }
+
+    #[test]
+    fn the_default_selection_is_named_short_in_legends() {
+        let long = "homer:default".parse::<Method>().unwrap().to_string();
+        assert_ne!(long, "homer:default");
+        assert_eq!(short_name(&long), "homer:default");
+        assert_eq!(
+            short_name(&format!("{long} (lines filler)")),
+            "homer:default (lines filler)"
+        );
+        assert_eq!(short_name("homer"), "homer");
+        assert_eq!(short_name("truncation"), "truncation");
+    }
 }
