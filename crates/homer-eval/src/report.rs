@@ -354,7 +354,7 @@ fn heatmap_panels(records: &[Value], order: &[String]) -> Vec<Heatmap> {
                 })
                 .collect();
             Heatmap {
-                title: name,
+                title: short_name(&name),
                 lengths: lengths.clone(),
                 depths: depths.clone(),
                 cells,
@@ -423,6 +423,12 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
     if headline(&dir.join("headline.png"), &pk, &qa, &order)? {
         md +=
             "![headline: passkey accuracy and QA F1 against the document length](headline.png)\n\n";
+        if let Ok(d) = "homer:default".parse::<Method>() {
+            md += &format!(
+                "In the plots `homer:default` is `{d}`, the engine's default selection (what \
+                 `homer ask` runs); `homer` is the paper's algorithm.\n\n"
+            );
+        }
     }
     if !pk.is_empty() {
         heatmaps(
@@ -469,14 +475,14 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
                 let xs: Vec<usize> = (step..=nll.len()).step_by(step).collect();
                 let ys = crate::perplexity::cumulative(&nll, &xs);
                 cum.push((
-                    name.clone(),
+                    short_name(&name),
                     xs.iter()
                         .zip(ys)
                         .filter_map(|(&x, y)| y.map(|y| (x as f64, y)))
                         .collect(),
                 ));
                 spans.push((
-                    name,
+                    short_name(&name),
                     (0..nll.len())
                         .step_by(span)
                         .filter_map(|a| {
@@ -532,7 +538,7 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
             .into_iter()
             .map(|n| {
                 let pts = m[&n].iter().map(|(&l, e)| (l as f64, e.0)).collect();
-                (n, pts)
+                (short_name(&n), pts)
             })
             .collect();
         lines(
@@ -573,7 +579,7 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
                 .map(|n| {
                     let mut v: Vec<(f64, f64)> = by[&n].iter().map(|p| (p.0, f(p))).collect();
                     v.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    (n, v)
+                    (short_name(&n), v)
                 })
                 .collect()
         };
