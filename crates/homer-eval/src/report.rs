@@ -699,12 +699,14 @@ pub fn compute_time(tasks: &[(&str, Vec<Value>)]) -> String {
     out + "\n"
 }
 
-/// The method's name in a legend: the engine's default selection as `homer:default`.
+/// The method's name in a legend: the engine's default selection as `homer:default` (alone,
+/// or before a filler or variant note).
 fn short_name(name: &str) -> String {
-    match "homer:default".parse::<Method>() {
-        Ok(d) if name.starts_with(&d.to_string()) => {
-            format!("homer:default{}", &name[d.to_string().len()..])
-        }
+    let Ok(d) = "homer:default".parse::<Method>().map(|d| d.to_string()) else {
+        return name.to_string();
+    };
+    match name.strip_prefix(&d) {
+        Some(rest) if rest.is_empty() || rest.starts_with(' ') => format!("homer:default{rest}"),
         _ => name.to_string(),
     }
 }
@@ -818,6 +820,7 @@ mod tests {
             short_name(&format!("{long} (lines filler)")),
             "homer:default (lines filler)"
         );
+        assert_eq!(short_name(&format!("{long}0")), format!("{long}0"));
         assert_eq!(short_name("homer"), "homer");
         assert_eq!(short_name("truncation"), "truncation");
     }
