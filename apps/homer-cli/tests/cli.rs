@@ -593,6 +593,25 @@ fn reused_leaves_give_the_same_records() {
     assert!(row.ends_with("| – |"), "{row}");
 }
 
+/// A copy of the tiny model in `dir` whose window is `window` tokens (its 256 hold no two KJV
+/// verses in its byte-level tokens).
+fn tiny_with_window(dir: &Path, window: usize) -> PathBuf {
+    let model = dir.join(format!("tiny{window}"));
+    std::fs::create_dir(&model).unwrap();
+    for f in std::fs::read_dir(fixtures().join("tiny-llama")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg = std::fs::read_to_string(model.join("config.json")).unwrap();
+    let wide = cfg.replace(
+        "\"max_position_embeddings\": 256",
+        &format!("\"max_position_embeddings\": {window}"),
+    );
+    assert_ne!(cfg, wide);
+    std::fs::write(model.join("config.json"), wide).unwrap();
+    model
+}
+
 fn jsonl(p: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(p)
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -607,21 +626,7 @@ fn jsonl(p: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn eval_all_quick_writes_every_table_and_plot() {
     let home = tempfile::tempdir().unwrap();
-    let model = home.path().join("tiny2k");
-    std::fs::create_dir(&model).unwrap();
-    for f in std::fs::read_dir(fixtures().join("tiny-llama")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
-    }
-    let cfg = std::fs::read_to_string(model.join("config.json")).unwrap();
-    std::fs::write(
-        model.join("config.json"),
-        cfg.replace(
-            "\"max_position_embeddings\": 256",
-            "\"max_position_embeddings\": 2048",
-        ),
-    )
-    .unwrap();
+    let model = tiny_with_window(home.path(), 2048);
     let out = home.path().join("results");
     let kjv = fixtures().join("../../assets/kjv-john.txt");
     let args = [
@@ -921,4 +926,62 @@ fn chat_about_a_document_reads_it_once() {
         lines[1].contains(" 2 of 2 leaves reused, 0 computed"),
         "{stderr}"
     );
+}
+
+#[test]
+fn qa_methods_that_read_the_same_prompt_share_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_with_window(dir.path(), 2048).display().to_string();
+    let kjv = fixtures().join("../../assets/kjv-john.txt");
+    let out = dir.path().join("out").display().to_string();
+    let args = [
+        "eval",
+        "qa",
+        "--model",
+        &model,
+        "--backend",
+        "cpu",
+        "--text",
+        kjv.to_str().unwrap(),
+        "--lengths",
+        "1200,4000",
+        "--depths",
+        "0.5",
+        "--trials",
+        "1",
+        "--method",
+        "plain,truncation,bm25",
+        "--out",
+        &out,
+    ];
+    let (ok, _, err) = homer(&args);
+    assert!(ok, "{err}");
+    let rows = jsonl(&dir.path().join("out/qa.jsonl"));
+    let at = |len: u64, m: &str| {
+        rows.iter()
+            .find(|r| r["length"] == len && r["method"] == m)
+            .unwrap_or_else(|| panic!("{m} at {len}: {rows:?}"))
+            .clone()
+    };
+    // The 1,200-token document fits the 2,048-token window with its answer: truncation
+    // cuts nothing and BM25 packs every passage, so both take plain's run.
+    let plain = at(1200, "plain");
+    assert!(plain["same_run_as"].is_null());
+    for m in ["truncation", "bm25"] {
+        let r = at(1200, m);
+        assert_eq!(r["same_run_as"], "plain", "{r}");
+        assert_eq!(r["answer"], plain["answer"]);
+        assert_eq!(r["read_tokens"], plain["read_tokens"]);
+    }
+    // At 4,000 tokens each reads its own prompt and runs it.
+    for m in ["truncation", "bm25"] {
+        let r = at(4000, m);
+        assert!(r["same_run_as"].is_null(), "{r}");
+        assert!(
+            r["read_tokens"].as_u64().unwrap() < at(4000, "plain")["read_tokens"].as_u64().unwrap()
+        );
+    }
+    // The page counts the shared runs once.
+    let md = std::fs::read_to_string(dir.path().join("out/results.md")).unwrap();
+    assert!(md.contains("| qa | 4 | "), "{md}");
 }

@@ -250,6 +250,10 @@ pub fn run(
     for c in crate::cells(&spec.lengths, &spec.depths, spec.trials, s.seed ^ 0x9a) {
         let (len, depth, t, seed) = (c.length, c.depth, c.trial, c.seed);
         let mut smp = None;
+        // The runs of this question by what they computed (`crate::same_run`), with the method
+        // that ran each: where the document fits the window, truncation cuts nothing and BM25
+        // packs every passage, so both read the plain prompt; the second takes the first's run.
+        let mut runs: BTreeMap<String, (String, crate::Run)> = BTreeMap::new();
         for method in &spec.methods {
             let key = format!(
                 "{FORM}|{model}|{method}|{len}|{depth}|{t}|{}|{source}|{}",
@@ -277,6 +281,8 @@ pub fn run(
                 stop_at_newline: true,
                 share_leaves,
             };
+            let total = q.prompt.total_len();
+            let default = HomerVariant::default();
             let result = match method {
                 QaMethod::Model(m) => {
                     let models = spec.methods.iter().filter_map(|q| match q {
@@ -284,35 +290,44 @@ pub fn run(
                         QaMethod::Bm25 => None,
                     });
                     let share = crate::shares_leaves(s, models, m);
-                    run_method(
-                        engine,
-                        &q.prompt,
-                        m,
-                        s,
-                        &HomerVariant::default(),
-                        answer(share),
-                        cancel,
-                    )
-                    .map(|r| (r, None))
+                    let identity = match crate::same_run(m, total, max_tokens, s, &default) {
+                        Ok(i) => i,
+                        Err(e) => {
+                            crate::refuse(store, s, e, cell)?;
+                            continue;
+                        }
+                    };
+                    once(&mut runs, identity, method, || {
+                        run_method(engine, &q.prompt, m, s, &default, answer(share), cancel)
+                    })
+                    .map(|(r, by)| (r, None, by))
                 }
                 QaMethod::Bm25 => {
                     let budget = s
                         .window
                         .saturating_sub(q.prompt.prefix.len() + q.prompt.suffix.len() + max_tokens);
                     let (p, hit) = retrieve(q, verses, budget);
-                    run_method(
-                        engine,
-                        &p,
-                        &Method::Plain,
-                        s,
-                        &HomerVariant::default(),
-                        answer(false),
-                        cancel,
-                    )
-                    .map(|r| (r, Some(hit)))
+                    // Every passage packed, in document order: the plain prompt itself.
+                    let identity = if p.concatenated() == q.prompt.concatenated() {
+                        crate::same_run(&Method::Plain, total, max_tokens, s, &default)?
+                    } else {
+                        "bm25".into()
+                    };
+                    once(&mut runs, identity, method, || {
+                        run_method(
+                            engine,
+                            &p,
+                            &Method::Plain,
+                            s,
+                            &default,
+                            answer(false),
+                            cancel,
+                        )
+                    })
+                    .map(|(r, by)| (r, Some(hit), by))
                 }
             };
-            let (run, retrieved) = match result {
+            let (run, retrieved, same_as) = match result {
                 Ok(r) => r,
                 Err(e) => {
                     crate::refuse(store, s, e, cell)?;
@@ -327,10 +342,11 @@ pub fn run(
                 k.iter().filter(|&&i| target.contains(&i)).count() as f64 / target.len() as f64
             });
             s.log(format!(
-                        "qa {method:>12} len {len:>6} depth {depth:.2} trial {t}: {} -> {answer:?} F1 {score:.2}{} ({:.1}s)",
+                        "qa {method:>12} len {len:>6} depth {depth:.2} trial {t}: {} -> {answer:?} F1 {score:.2}{} ({:.1}s{})",
                         q.label,
                         if ex { " exact" } else { "" },
-                        run.prefill_secs
+                        run.prefill_secs,
+                        same_as.as_ref().map_or(String::new(), |by| format!(", {by}'s run"))
                     ));
             store.append(json!({
                         "key": key, "model": model, "method": method.to_string(), "length": len,
@@ -339,12 +355,28 @@ pub fn run(
                         "read_tokens": run.prompt_tokens, "prefill_secs": run.prefill_secs, "secs": run.secs,
                         "target_kept_share": kept_share, "retrieved": retrieved, "cache_rows": run.cache_len,
                         "window": s.window, "sample_seed": seed,
-                        "leaves_reused": run.leaves_reused,
+                        "leaves_reused": run.leaves_reused, "same_run_as": same_as,
                     }))?;
         }
     }
     crate::forget_leaves(engine, s);
     Ok(())
+}
+
+/// The run of `identity` if a method of this question already computed it (with that
+/// method's name), else `run`'s, kept for the methods after it.
+fn once(
+    runs: &mut BTreeMap<String, (String, crate::Run)>,
+    identity: String,
+    method: &QaMethod,
+    run: impl FnOnce() -> Result<crate::Run>,
+) -> Result<(crate::Run, Option<String>)> {
+    if let Some((by, r)) = runs.get(&identity) {
+        return Ok((r.clone(), Some(by.clone())));
+    }
+    let r = run()?;
+    runs.insert(identity, (method.to_string(), r.clone()));
+    Ok((r, None))
 }
 
 /// Mean F1 and exact-match rate per (method, length).
