@@ -985,3 +985,57 @@ fn qa_methods_that_read_the_same_prompt_share_one_run() {
     let md = std::fs::read_to_string(dir.path().join("out/results.md")).unwrap();
     assert!(md.contains("| qa | 4 | "), "{md}");
 }
+
+/// `homer eval cost` on wgpu runs an untimed prefill of each prompt first (burn's autotune and
+/// shader compilation stay out of the measured time and device memory) and records the device
+/// pools' growth; on the CPU there is nothing to warm up and no device column.
+#[test]
+fn cost_on_wgpu_warms_up_and_records_device_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_with_window(dir.path(), 2048);
+    let out = dir.path().join("out");
+    let kjv = fixtures().join("../../assets/kjv-john.txt");
+    for backend in ["wgpu", "cpu"] {
+        let (ok, _, err) = homer(&[
+            "eval",
+            "cost",
+            "--model",
+            model.to_str().unwrap(),
+            "--backend",
+            backend,
+            "--chunk-len",
+            "512",
+            "--warmup-layers",
+            "0",
+            "--text",
+            kjv.to_str().unwrap(),
+            "--lengths",
+            "700,1500",
+            "--method",
+            "plain,homer",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{backend}: {err}");
+    }
+    let rows = jsonl(&out.join("cost.jsonl"));
+    assert_eq!(rows.len(), 8, "{rows:?}");
+    for r in &rows {
+        assert!(r["skipped"].is_null() && r["refused"].is_null(), "{r}");
+        assert!(r["secs"].as_f64().unwrap() > 0.0, "{r}");
+        match r["backend"].as_str().unwrap() {
+            "wgpu" => {
+                assert!(r["warmup_secs"].as_f64().unwrap() > 0.0, "{r}");
+                let before = r["device_reserved_before"].as_u64().unwrap();
+                let after = r["device_reserved_after"].as_u64().unwrap();
+                assert!(after >= before, "{r}");
+            }
+            "cpu" => {
+                assert!(r["warmup_secs"].is_null(), "{r}");
+                assert!(r["device_reserved_after"].is_null(), "{r}");
+                assert!(r["peak_bytes"].as_u64().unwrap() > 0, "{r}");
+            }
+            b => panic!("backend {b}"),
+        }
+    }
+}

@@ -104,6 +104,7 @@ pub fn run(
 ) -> Result<()> {
     let model = model_id(engine);
     let backend = engine.device.backend.to_string();
+    let gpu = homer_model::backend::device_memory(&engine.model.device).is_some();
     for &len in lengths {
         if len > tokens.len() {
             return Err(crate::EvalError::Setting(format!(
@@ -123,6 +124,21 @@ pub fn run(
                 continue;
             }
             let prompt = prompt_of(tokens, len);
+            // On a GPU the first prefill of a shape tunes and compiles its kernels (burn's
+            // autotune times every variant, on buffers of its own); an untimed run first keeps
+            // that out of both the time and the device memory. The CPU backend has no tuning.
+            let warmup = if gpu {
+                let t0 = Instant::now();
+                if let Err(e) = measure(engine, &prompt, method, s, cancel) {
+                    crate::refuse(store, s, e, cell)?;
+                    continue;
+                }
+                let w = t0.elapsed().as_secs_f64();
+                s.log(format!("cost {method:>8} {len:>6} tokens: warm-up {w:.1}s"));
+                Some(w)
+            } else {
+                None
+            };
             let m = match measure(engine, &prompt, method, s, cancel) {
                 Ok(m) => m,
                 Err(e) => {
@@ -152,6 +168,7 @@ pub fn run(
                 "window": s.window,
                 "device_reserved_before": device.map(|d| d.0),
                 "device_reserved_after": device.map(|d| d.1),
+                "warmup_secs": warmup,
             }))?;
         }
     }

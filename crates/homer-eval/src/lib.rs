@@ -19,6 +19,7 @@ pub mod stats;
 pub mod store;
 pub mod text;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -244,6 +245,26 @@ pub fn same_run(
             )
         }
     })
+}
+
+/// The runs of one prompt by what they computed (`same_run`), with the label of the method that
+/// ran each.
+pub type Runs = BTreeMap<String, (String, Run)>;
+
+/// The run of `identity` if a method of this prompt already computed it (with that method's
+/// label), else `run`'s, kept under `label` for the methods after it.
+pub fn once(
+    runs: &mut Runs,
+    identity: String,
+    label: &str,
+    run: impl FnOnce() -> Result<Run>,
+) -> Result<(Run, Option<String>)> {
+    if let Some((by, r)) = runs.get(&identity) {
+        return Ok((r.clone(), Some(by.clone())));
+    }
+    let r = run()?;
+    runs.insert(identity, (label.to_string(), r.clone()));
+    Ok((r, None))
 }
 
 /// The median of a table cell's own prefill times, "–" where every record shared leaves.
@@ -484,7 +505,7 @@ pub fn refused_note(records: &[serde_json::Value]) -> String {
         .iter()
         .filter_map(|r| r["key"].as_str().map(str::to_string))
         .collect();
-    let mut skipped: std::collections::BTreeMap<(String, u64, String), usize> = Default::default();
+    let mut skipped: BTreeMap<(String, u64, String), usize> = Default::default();
     for r in records {
         if let Some(msg) = r["skipped"].as_str()
             && !r["key"].as_str().is_some_and(|k| done.contains(k))

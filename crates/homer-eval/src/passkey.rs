@@ -48,7 +48,7 @@ pub fn run(
         let mut sample = None;
         // The runs of this prompt by what they computed (`crate::same_run`), with the label of
         // the method that ran each: a method that computes the same takes that run.
-        let mut runs: BTreeMap<String, (String, crate::Run)> = BTreeMap::new();
+        let mut runs = crate::Runs::new();
         for method in &spec.methods {
             let variants: Vec<&(String, HomerVariant)> = if method.uses_homer() {
                 spec.variants.iter().collect()
@@ -107,20 +107,13 @@ pub fn run(
                 };
                 let total = sample.prompt.total_len();
                 let identity = crate::same_run(method, total, answer.max_tokens, s, variant)?;
-                let (run, same_as) = match runs.get(&identity) {
-                    Some((by, run)) => (run.clone(), Some(by.clone())),
-                    None => {
-                        match run_method(engine, &sample.prompt, method, s, variant, answer, cancel)
-                        {
-                            Ok(r) => {
-                                runs.insert(identity, (label.clone(), r.clone()));
-                                (r, None)
-                            }
-                            Err(e) => {
-                                crate::refuse(store, s, e, cell)?;
-                                continue;
-                            }
-                        }
+                let (run, same_as) = match crate::once(&mut runs, identity, &label, || {
+                    run_method(engine, &sample.prompt, method, s, variant, answer, cancel)
+                }) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        crate::refuse(store, s, e, cell)?;
+                        continue;
                     }
                 };
                 let got = first_number(&run.text).unwrap_or("").to_string();

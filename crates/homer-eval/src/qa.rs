@@ -253,7 +253,7 @@ pub fn run(
         // The runs of this question by what they computed (`crate::same_run`), with the method
         // that ran each: where the document fits the window, truncation cuts nothing and BM25
         // packs every passage, so both read the plain prompt; the second takes the first's run.
-        let mut runs: BTreeMap<String, (String, crate::Run)> = BTreeMap::new();
+        let mut runs = crate::Runs::new();
         for method in &spec.methods {
             let key = format!(
                 "{FORM}|{model}|{method}|{len}|{depth}|{t}|{}|{source}|{}",
@@ -297,7 +297,7 @@ pub fn run(
                             continue;
                         }
                     };
-                    once(&mut runs, identity, method, || {
+                    crate::once(&mut runs, identity, &method.to_string(), || {
                         run_method(engine, &q.prompt, m, s, &default, answer(share), cancel)
                     })
                     .map(|(r, by)| (r, None, by))
@@ -313,7 +313,7 @@ pub fn run(
                     } else {
                         "bm25".into()
                     };
-                    once(&mut runs, identity, method, || {
+                    crate::once(&mut runs, identity, &method.to_string(), || {
                         run_method(
                             engine,
                             &p,
@@ -361,22 +361,6 @@ pub fn run(
     }
     crate::forget_leaves(engine, s);
     Ok(())
-}
-
-/// The run of `identity` if a method of this question already computed it (with that
-/// method's name), else `run`'s, kept for the methods after it.
-fn once(
-    runs: &mut BTreeMap<String, (String, crate::Run)>,
-    identity: String,
-    method: &QaMethod,
-    run: impl FnOnce() -> Result<crate::Run>,
-) -> Result<(crate::Run, Option<String>)> {
-    if let Some((by, r)) = runs.get(&identity) {
-        return Ok((r.clone(), Some(by.clone())));
-    }
-    let r = run()?;
-    runs.insert(identity, (method.to_string(), r.clone()));
-    Ok((r, None))
 }
 
 /// Mean F1 and exact-match rate per (method, length).

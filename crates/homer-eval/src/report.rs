@@ -533,14 +533,7 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
         md += "\n![perplexity](perplexity.png)\n\n";
     }
     if !qa.is_empty() {
-        let m = crate::qa::summary(&qa);
-        let series: Vec<(String, Vec<(f64, f64)>)> = ordered(m.keys(), &order)
-            .into_iter()
-            .map(|n| {
-                let pts = m[&n].iter().map(|(&l, e)| (l as f64, e.0)).collect();
-                (short_name(&n), pts)
-            })
-            .collect();
+        let series = qa_series(&qa, &order);
         lines(
             &dir.join("qa.png"),
             "Document QA: quote a KJV verse",
@@ -613,7 +606,9 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
                CPU backend every tensor lives there. On a GPU backend the device column is what \
                burn's memory pools reserved right after the prefill minus what they held before \
                it (after a cleanup): the pools keep the pages a prefill grew them by, so that is \
-               its device high-water mark above the model.\n\n";
+               its device high-water mark above the model. On a GPU an untimed prefill of the same \
+               prompt runs first, so that neither column counts burn's autotune or shader \
+               compilation.\n\n";
         md += &crate::cost::table(&cost_all, &order);
         md += "\n![cost](cost.png)\n\n";
     }
@@ -711,6 +706,18 @@ fn short_name(name: &str) -> String {
     }
 }
 
+/// QA's mean F1 against the document length, one series a method, in the page's order.
+fn qa_series(qa: &[Value], order: &[String]) -> Vec<(String, Vec<(f64, f64)>)> {
+    let m = crate::qa::summary(qa);
+    ordered(m.keys(), order)
+        .into_iter()
+        .map(|n| {
+            let pts = m[&n].iter().map(|(&l, e)| (l as f64, e.0)).collect();
+            (short_name(&n), pts)
+        })
+        .collect()
+}
+
 /// The page's headline plot: passkey accuracy against the length, one panel per filler, and
 /// QA's mean F1 against the length. False (nothing drawn) when there are neither.
 fn headline(path: &Path, pk: &[Value], qa: &[Value], order: &[String]) -> Result<bool> {
@@ -752,14 +759,7 @@ fn headline(path: &Path, pk: &[Value], qa: &[Value], order: &[String]) -> Result
         });
     }
     if !crate::ran(qa).is_empty() {
-        let m = crate::qa::summary(qa);
-        let series: Vec<(String, Vec<(f64, f64)>)> = ordered(m.keys(), order)
-            .into_iter()
-            .map(|n| {
-                let pts = m[&n].iter().map(|(&l, e)| (l as f64, e.0)).collect();
-                (short_name(&n), pts)
-            })
-            .collect();
+        let series = qa_series(qa, order);
         let top = series
             .iter()
             .flat_map(|s| s.1.iter().map(|p| p.1))
