@@ -655,7 +655,8 @@ fn record_secs(r: &Value) -> Option<(f64, bool)> {
         return None;
     }
     match r["secs"].as_f64() {
-        Some(t) => Some((t, false)),
+        // A cost record on a GPU also ran an untimed warm-up prefill first.
+        Some(t) => Some((t + r["warmup_secs"].as_f64().unwrap_or(0.0), false)),
         None => r["prefill_secs"].as_f64().map(|t| (t, true)),
     }
 }
@@ -802,11 +803,19 @@ mod tests {
             json!({"method": "bm25", "secs": 360.0, "prefill_secs": 300.0}),
             json!({"method": "truncation", "prefill_secs": 360.0}),
         ];
-        let t = compute_time(&[("passkey", rs), ("qa", qa), ("cost", vec![])]);
+        // a GPU cost record: its untimed warm-up prefill counts too
+        let cost = vec![json!({"method": "plain", "secs": 1080.0, "warmup_secs": 720.0})];
+        let t = compute_time(&[
+            ("passkey", rs),
+            ("qa", qa),
+            ("cost", cost),
+            ("ablation", vec![]),
+        ]);
         assert!(t.contains("| passkey | 2 | 0.8 |"), "{t}");
         assert!(t.contains("| qa | 2 | 0.2 |"), "{t}");
-        assert!(t.contains("| all | 4 | 1.0 |"), "{t}");
-        assert!(!t.contains("| cost |"), "{t}");
+        assert!(t.contains("| cost | 1 | 0.5 |"), "{t}");
+        assert!(t.contains("| all | 5 | 1.5 |"), "{t}");
+        assert!(!t.contains("| ablation |"), "{t}");
         assert!(t.contains("1 QA records written before"), "{t}");
         assert!(compute_time(&[("qa", vec![])]).is_empty());
     }
