@@ -5,8 +5,9 @@ use std::sync::atomic::AtomicBool;
 
 use clap::{Args, Subcommand};
 use homer_engine::passkey::{Method, PasskeyFormat};
+use homer_eval::EvalMethod;
 use homer_eval::passkey::PasskeySpec;
-use homer_eval::qa::{QaMethod, QaSpec};
+use homer_eval::qa::QaSpec;
 use homer_eval::report::AllSpec;
 use homer_eval::store::Store;
 use homer_eval::{HomerVariant, Settings};
@@ -66,9 +67,11 @@ pub enum EvalCmd {
         /// Methods: plain (one prefill, even past the window), truncation (the tail that fits),
         /// pi, ntk, dynamic-ntk, yarn (RoPE scaling, factor = --rope-factor or the smallest that
         /// holds the prompt), homer, homer+<scaling> (e.g. homer+yarn), homer:<selection knobs
-        /// joined by +> (homer:sentence, homer:pool7+query=suffix, homer:span16+budget=2048)
+        /// joined by +> (homer:sentence, homer:pool7+query=suffix, homer:span16+budget=2048),
+        /// bm25 (passages of 4 sentences ranked by BM25 against the question, the best packed
+        /// into the window)
         #[arg(long, value_delimiter = ',', default_value = "plain,homer")]
-        method: Vec<Method>,
+        method: Vec<EvalMethod>,
         /// raw: plain text ending "The pass key is" (default); chat: one turn of the chat template
         #[arg(long, default_value = "raw")]
         format: PasskeyFormat,
@@ -107,7 +110,7 @@ pub enum EvalCmd {
         trials: usize,
         /// The model's methods (as for passkey) and bm25 (BM25 passages packed into the window)
         #[arg(long, value_delimiter = ',', default_value = "truncation,bm25,homer")]
-        method: Vec<QaMethod>,
+        method: Vec<EvalMethod>,
     },
     /// Wall time and peak memory (allocator-counted) of plain vs HOMER prefill
     Cost {
@@ -157,13 +160,13 @@ pub enum EvalCmd {
         depths: Option<Vec<f64>>,
         /// Passkey methods instead of the plan's (all eight)
         #[arg(long, value_delimiter = ',')]
-        passkey_methods: Option<Vec<Method>>,
+        passkey_methods: Option<Vec<EvalMethod>>,
         /// Perplexity methods instead of the plan's
         #[arg(long, value_delimiter = ',')]
         perplexity_methods: Option<Vec<Method>>,
         /// QA methods instead of the plan's
         #[arg(long, value_delimiter = ',')]
-        qa_methods: Option<Vec<QaMethod>>,
+        qa_methods: Option<Vec<EvalMethod>>,
         /// QA depths instead of the plan's
         #[arg(long, value_delimiter = ',')]
         qa_depths: Option<Vec<f64>>,

@@ -350,8 +350,37 @@ fn passkey_runs_every_baseline_method() {
     assert_eq!(jsonl(&dir.path().join("passkey.jsonl")).len(), 4);
     assert_eq!(meta()["commands"].as_array().unwrap().len(), 1);
     assert_eq!(meta()["machines"].as_array().unwrap().len(), 1);
-    let (ok, _, err) = homer(&[&args[..12], &["--method", "bm25"]].concat());
-    assert!(!ok && err.contains("bm25"), "{err}");
+}
+
+/// The retrieval baseline on passkey prompts: past the window BM25 packs the passages that
+/// match the question (the needle's) into the window and the plain model reads them; where the
+/// prompt fits, it packs every passage, reads the plain prompt and takes plain's run.
+#[test]
+fn passkey_bm25_retrieves_the_needle_into_the_window() {
+    let model = fixtures().join("tiny-llama").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out_s = dir.path().display().to_string();
+    let args = passkey_args(&model, &out_s, "200,900", "plain,bm25");
+    let (ok, stdout, err) = homer(&args);
+    assert!(ok, "{err}");
+    let rows = jsonl(&dir.path().join("passkey.jsonl"));
+    let row = |len: u64, m: &str| {
+        rows.iter()
+            .find(|r| r["length"] == len && r["method"] == m)
+            .unwrap_or_else(|| panic!("no {m} record at {len}: {rows:?}"))
+    };
+    let (short, long) = (row(200, "bm25"), row(900, "bm25"));
+    assert_eq!(short["same_run_as"], "plain", "{short}");
+    assert_eq!(short["read_tokens"], row(200, "plain")["read_tokens"]);
+    assert_eq!(short["answer"], row(200, "plain")["answer"]);
+    // 900 tokens past the 256-token window: at most the window less the 16 answer tokens read,
+    // every needle token among them, its own run.
+    assert!(long["same_run_as"].is_null(), "{long}");
+    let read = long["read_tokens"].as_u64().unwrap();
+    assert!(read <= 240 && read > 100, "{long}");
+    assert_eq!(long["needle_tokens_kept"], 12, "{long}");
+    assert!(row(900, "plain")["needle_tokens_kept"].is_null());
+    assert!(stdout.contains("| bm25 | 900 |"), "{stdout}");
 }
 
 /// Where the prompt fits the window, YaRN's factor is 1 (the native RoPE), truncation cuts

@@ -73,12 +73,95 @@ pub struct Settings {
     pub reuse_leaves: bool,
 }
 
+/// A method of a task: one of the model's (plain, truncation, RoPE scalings, HOMER, HOMER +
+/// scaling) or `bm25`: BM25 retrieval of passages, the best packed into the window in document
+/// order and read by the plain model (the retrieval baseline reviewers asked the paper for).
+#[derive(Debug, Clone, PartialEq)]
+pub enum EvalMethod {
+    Model(Method),
+    Bm25,
+}
+
+impl EvalMethod {
+    pub fn uses_homer(&self) -> bool {
+        matches!(self, EvalMethod::Model(m) if m.uses_homer())
+    }
+
+    /// The model's methods of a list (BM25 left out).
+    pub fn models<'a>(list: &'a [EvalMethod]) -> impl Iterator<Item = &'a Method> + 'a {
+        list.iter().filter_map(|m| match m {
+            EvalMethod::Model(m) => Some(m),
+            EvalMethod::Bm25 => None,
+        })
+    }
+}
+
+impl std::str::FromStr for EvalMethod {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "bm25" {
+            Ok(EvalMethod::Bm25)
+        } else {
+            s.parse::<Method>()
+                .map(EvalMethod::Model)
+                .map_err(|e| format!("{e}, or bm25"))
+        }
+    }
+}
+
+impl std::fmt::Display for EvalMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EvalMethod::Model(m) => m.fmt(f),
+            EvalMethod::Bm25 => f.write_str("bm25"),
+        }
+    }
+}
+
+impl From<Method> for EvalMethod {
+    fn from(m: Method) -> Self {
+        EvalMethod::Model(m)
+    }
+}
+
+/// The retrieval baseline's choice: the passages (`texts`, each the context tokens `spans`)
+/// ranked by BM25 (the `bm25` crate, English stemming and stop words) against `query`, the best
+/// packed into `budget` tokens; passages that share no word with the query (BM25 returns only
+/// matches) fill what room is left from the end of the document backwards. The chosen indices,
+/// in document order.
+pub fn bm25_pack(
+    spans: &[std::ops::Range<usize>],
+    texts: Vec<String>,
+    query: &str,
+    budget: usize,
+) -> Vec<usize> {
+    let engine =
+        bm25::SearchEngineBuilder::<u32>::with_corpus(bm25::Language::English, texts).build();
+    let mut order: Vec<usize> = engine
+        .search(query, spans.len())
+        .into_iter()
+        .map(|r| r.document.id as usize)
+        .collect();
+    let ranked: std::collections::HashSet<usize> = order.iter().copied().collect();
+    order.extend((0..spans.len()).rev().filter(|k| !ranked.contains(k)));
+    let mut chosen = vec![];
+    let mut used = 0;
+    for k in order {
+        if used + spans[k].len() <= budget {
+            used += spans[k].len();
+            chosen.push(k);
+        }
+    }
+    chosen.sort();
+    chosen
+}
+
 /// A method at a length that a run leaves out (`--skip METHOD@LENGTH`), e.g. full attention over
 /// 32K tokens on a 2-core CPU. A skipped cell is recorded once with the reason; a later run
 /// without the skip measures it (the skip record does not count as done).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Skip {
-    /// The method as records spell it (`QaMethod`'s / `Method`'s display).
+    /// The method as records spell it ([`EvalMethod`]'s display).
     pub method: String,
     pub length: usize,
 }
@@ -90,7 +173,7 @@ impl std::str::FromStr for Skip {
             .rsplit_once('@')
             .ok_or_else(|| format!("--skip `{s}`: write METHOD@LENGTH, e.g. plain@32768"))?;
         let method = m
-            .parse::<qa::QaMethod>()
+            .parse::<EvalMethod>()
             .map_err(|e| format!("--skip `{s}`: {e}"))?
             .to_string();
         let length = l
@@ -206,7 +289,7 @@ pub fn took_leaves(r: &serde_json::Value) -> bool {
 
 /// The prompt tokens truncation keeps: the window less room for the answer (a prompt of at most
 /// this many tokens is not cut).
-fn truncation_budget(s: &Settings, max_tokens: usize) -> usize {
+pub fn truncation_budget(s: &Settings, max_tokens: usize) -> usize {
     s.window.saturating_sub(max_tokens)
 }
 
@@ -574,4 +657,41 @@ pub fn parse_methods(list: &[String]) -> Result<Vec<Method>> {
     list.iter()
         .map(|m| m.parse::<Method>().map_err(EvalError::Setting))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Matches first (best first), then the unmatched from the end backwards, while they fit;
+    /// the choice comes back in document order.
+    #[test]
+    fn bm25_pack_ranks_matches_then_fills_from_the_end() {
+        let texts = [
+            "the grass is green",
+            "the pass key is 123",
+            "the sky is blue",
+            "a key to the door",
+            "here we go",
+            "there and back",
+        ];
+        // Token spans of uneven lengths, in document order.
+        let lens = [5, 7, 4, 6, 3, 9];
+        let mut spans = vec![];
+        let mut at = 0;
+        for l in lens {
+            spans.push(at..at + l);
+            at += l;
+        }
+        let texts: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
+        let q = "What is the pass key?";
+        // Room for everything: all of it, in order.
+        assert_eq!(bm25_pack(&spans, texts.clone(), q, 100), [0, 1, 2, 3, 4, 5]);
+        // 7 + 6 for the two matches (the needle's first), then 3 of the tail (9 does not fit).
+        assert_eq!(bm25_pack(&spans, texts.clone(), q, 16), [1, 3, 4]);
+        // Room for the best match only.
+        assert_eq!(bm25_pack(&spans, texts.clone(), q, 8), [1]);
+        // Nothing fits.
+        assert!(bm25_pack(&spans, texts, q, 2).is_empty());
+    }
 }

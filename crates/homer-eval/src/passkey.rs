@@ -1,25 +1,83 @@
 //! Passkey retrieval (spec §9.3) over lengths × depths × trials for every method, and HOMER's
-//! ablations (spec §10) as variants of the same task.
+//! ablations (spec §10) as variants of the same task. `bm25` retrieves passages of whole
+//! sentences (the default selection's units, at most [`PASSAGE_TOKENS`] tokens a passage) by
+//! their BM25 match to the question and packs the best into the window, as the QA task's
+//! retrieval baseline does.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 
-use homer_engine::Engine;
-use homer_engine::passkey::{Method, PasskeyFormat, first_number};
+use homer_engine::passkey::{Method, PasskeyFormat, PasskeySample, QUESTION, first_number};
+use homer_engine::{DocPrompt, Engine};
 use serde_json::{Value, json};
 
 use crate::store::Store;
-use crate::{HomerVariant, Result, Settings, model_id, run_method};
+use crate::{EvalMethod, HomerVariant, Result, Settings, model_id, run_method};
 
 /// Tokens of the needle line counted as "the needle" when checking what HOMER kept.
 pub const NEEDLE_TOKENS: usize = 12;
+/// The most tokens of a retrieval passage: whole sentences (the tokenizer's sentence units, at
+/// most [`homer_engine::tokenizer::MAX_SENTENCE_TOKENS`] tokens each) while they fit.
+pub const PASSAGE_TOKENS: usize = 64;
+
+/// The retrieval baseline's prompt: the context cut into passages of whole sentences of at most
+/// [`PASSAGE_TOKENS`] tokens, ranked by BM25 against the question ("What is the pass key?"), the best packed
+/// into `budget` context tokens in document order ([`crate::bm25_pack`]). Also how many of the
+/// needle's first [`NEEDLE_TOKENS`] tokens the chosen passages hold.
+pub fn retrieve(
+    engine: &Engine,
+    sample: &PasskeySample,
+    budget: usize,
+) -> Result<(DocPrompt, usize)> {
+    let context = &sample.prompt.context;
+    let units = engine.tokenizer.sentence_units(context)?;
+    // Unit ids ascend along the context: each unit is one run of tokens, joined to the passage
+    // before it while the two fit in PASSAGE_TOKENS.
+    let mut sentences: Vec<std::ops::Range<usize>> = vec![];
+    for i in 0..context.len() {
+        match sentences.last_mut() {
+            Some(r) if units[r.start] == units[i] => r.end = i + 1,
+            _ => sentences.push(i..i + 1),
+        }
+    }
+    let mut spans: Vec<std::ops::Range<usize>> = vec![];
+    for r in sentences {
+        match spans.last_mut() {
+            Some(p) if r.end - p.start <= PASSAGE_TOKENS => p.end = r.end,
+            _ => spans.push(r),
+        }
+    }
+    let texts = spans
+        .iter()
+        .map(|r| engine.tokenizer.decode(&context[r.clone()], true))
+        .collect::<homer_engine::Result<Vec<String>>>()?;
+    let chosen = crate::bm25_pack(&spans, texts, QUESTION, budget);
+    let needle = sample.needle_token..sample.needle_token + NEEDLE_TOKENS;
+    let kept = chosen
+        .iter()
+        .map(|&k| needle.clone().filter(|i| spans[k].contains(i)).count())
+        .sum();
+    Ok((
+        DocPrompt {
+            prefix: sample.prompt.prefix.clone(),
+            context: chosen
+                .iter()
+                .flat_map(|&k| context[spans[k].clone()].to_vec())
+                .collect(),
+            suffix: sample.prompt.suffix.clone(),
+            question: sample.prompt.question.clone(),
+            docs: vec![],
+        },
+        kept,
+    ))
+}
 
 #[derive(Debug, Clone)]
 pub struct PasskeySpec {
     pub lengths: Vec<usize>,
     pub depths: Vec<f64>,
     pub trials: usize,
-    pub methods: Vec<Method>,
+    pub methods: Vec<EvalMethod>,
     pub format: PasskeyFormat,
     /// The text the needle hides in (classic: "The grass is green. …").
     pub filler: homer_engine::passkey::Filler,
@@ -98,7 +156,12 @@ pub fn run(
                 let answer = crate::Answer {
                     max_tokens: 16,
                     stop_at_newline: false,
-                    share_leaves: crate::shares_leaves(s, &spec.methods, method),
+                    share_leaves: match method {
+                        EvalMethod::Model(m) => {
+                            crate::shares_leaves(s, EvalMethod::models(&spec.methods), m)
+                        }
+                        EvalMethod::Bm25 => false,
+                    },
                 };
                 let label = if vname.is_empty() {
                     method.to_string()
@@ -106,9 +169,28 @@ pub fn run(
                     format!("{method} [{vname}]")
                 };
                 let total = sample.prompt.total_len();
-                let identity = crate::same_run(method, total, answer.max_tokens, s, variant)?;
+                // BM25 reads its packed prompt with the plain model; where it packs every
+                // passage that is the plain prompt itself.
+                let (model_method, prompt, retrieved) = match method {
+                    EvalMethod::Model(m) => (m.clone(), None, None),
+                    EvalMethod::Bm25 => {
+                        let room = crate::truncation_budget(s, answer.max_tokens).saturating_sub(
+                            sample.prompt.prefix.len() + sample.prompt.suffix.len(),
+                        );
+                        let (p, kept) = retrieve(engine, sample, room)?;
+                        (Method::Plain, Some(p), Some(kept))
+                    }
+                };
+                let prompt = prompt.as_ref().unwrap_or(&sample.prompt);
+                let identity = if matches!(method, EvalMethod::Bm25)
+                    && prompt.concatenated() != sample.prompt.concatenated()
+                {
+                    "bm25".to_string()
+                } else {
+                    crate::same_run(&model_method, total, answer.max_tokens, s, variant)?
+                };
                 let (run, same_as) = match crate::once(&mut runs, identity, &label, || {
-                    run_method(engine, &sample.prompt, method, s, variant, answer, cancel)
+                    run_method(engine, prompt, &model_method, s, variant, answer, cancel)
                 }) {
                     Ok(r) => r,
                     Err(e) => {
@@ -118,12 +200,14 @@ pub fn run(
                 };
                 let got = first_number(&run.text).unwrap_or("").to_string();
                 let ok = got == sample.passkey;
-                let needle_kept = run.kept.as_ref().map(|k| {
-                    k.iter()
-                        .filter(|&&i| {
-                            i >= sample.needle_token && i < sample.needle_token + NEEDLE_TOKENS
-                        })
-                        .count()
+                let needle_kept = retrieved.or_else(|| {
+                    run.kept.as_ref().map(|k| {
+                        k.iter()
+                            .filter(|&&i| {
+                                i >= sample.needle_token && i < sample.needle_token + NEEDLE_TOKENS
+                            })
+                            .count()
+                    })
                 });
                 s.log(format!(
                             "passkey {label:>14} len {len:>6} depth {depth:.2} trial {t}: key {} answer {:?} {} ({:.1}s{}{})",

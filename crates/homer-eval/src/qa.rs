@@ -14,7 +14,6 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 
-use bm25::{Language, SearchEngineBuilder};
 use homer_engine::passkey::Method;
 use homer_engine::{DocPrompt, Engine};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -22,7 +21,7 @@ use serde_json::{Value, json};
 
 use crate::store::Store;
 use crate::text::{Verse, exact, f1, words};
-use crate::{EvalError, HomerVariant, Result, Settings, model_id, run_method};
+use crate::{EvalError, EvalMethod, HomerVariant, Result, Settings, model_id, run_method};
 
 pub const INSTRUCTION: &str = "Below are verses of the King James Bible, one per line.\n\n";
 /// The longest demonstration verse, in tokens.
@@ -33,34 +32,6 @@ const SUFFIX_ROOM: usize = DEMO_MAX_TOKENS + 32;
 const FORM: &str = "qa2";
 /// Verses per retrieval passage.
 pub const PASSAGE_VERSES: usize = 4;
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum QaMethod {
-    Model(Method),
-    Bm25,
-}
-
-impl std::str::FromStr for QaMethod {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        if s == "bm25" {
-            Ok(QaMethod::Bm25)
-        } else {
-            s.parse::<Method>()
-                .map(QaMethod::Model)
-                .map_err(|e| format!("{e}, or bm25"))
-        }
-    }
-}
-
-impl std::fmt::Display for QaMethod {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            QaMethod::Model(m) => m.fmt(f),
-            QaMethod::Bm25 => f.write_str("bm25"),
-        }
-    }
-}
 
 /// One question: a run of verses, which one is asked for, and its place.
 #[derive(Debug, Clone)]
@@ -185,36 +156,17 @@ pub fn retrieve(s: &QaSample, verses: &[Verse], budget: usize) -> (DocPrompt, bo
                 .join("\n")
         })
         .collect();
-    let engine = SearchEngineBuilder::<u32>::with_corpus(Language::English, corpus).build();
     let query = format!("Quote the verse {} from the text above.", s.label);
-    // Ranked passages first; those sharing no word with the question (BM25 returns only
-    // matches) fill what room is left from the end of the document backwards.
-    let mut order: Vec<usize> = engine
-        .search(&query, passages.len())
-        .into_iter()
-        .map(|r| r.document.id as usize)
+    let spans: Vec<std::ops::Range<usize>> = passages
+        .iter()
+        .map(|p| s.lines[p.start].start..s.lines[p.end - 1].end)
         .collect();
-    let ranked: std::collections::HashSet<usize> = order.iter().copied().collect();
-    order.extend((0..passages.len()).rev().filter(|k| !ranked.contains(k)));
-    let mut chosen = vec![];
-    let mut used = 0;
-    for k in order {
-        let p = &passages[k];
-        let len = s.lines[p.end - 1].end - s.lines[p.start].start;
-        if used + len <= budget {
-            used += len;
-            chosen.push(k);
-        }
-    }
-    chosen.sort();
+    let chosen = crate::bm25_pack(&spans, corpus, &query, budget);
     let target_line = s.target - s.verses.start;
     let hit = chosen.iter().any(|&k| passages[k].contains(&target_line));
     let context = chosen
         .iter()
-        .flat_map(|&k| {
-            let p = &passages[k];
-            s.prompt.context[s.lines[p.start].start..s.lines[p.end - 1].end].to_vec()
-        })
+        .flat_map(|&k| s.prompt.context[spans[k].clone()].to_vec())
         .collect();
     (
         DocPrompt {
@@ -233,7 +185,7 @@ pub struct QaSpec {
     pub lengths: Vec<usize>,
     pub depths: Vec<f64>,
     pub trials: usize,
-    pub methods: Vec<QaMethod>,
+    pub methods: Vec<EvalMethod>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -284,12 +236,8 @@ pub fn run(
             let total = q.prompt.total_len();
             let default = HomerVariant::default();
             let result = match method {
-                QaMethod::Model(m) => {
-                    let models = spec.methods.iter().filter_map(|q| match q {
-                        QaMethod::Model(m) => Some(m),
-                        QaMethod::Bm25 => None,
-                    });
-                    let share = crate::shares_leaves(s, models, m);
+                EvalMethod::Model(m) => {
+                    let share = crate::shares_leaves(s, EvalMethod::models(&spec.methods), m);
                     let identity = match crate::same_run(m, total, max_tokens, s, &default) {
                         Ok(i) => i,
                         Err(e) => {
@@ -302,7 +250,7 @@ pub fn run(
                     })
                     .map(|(r, by)| (r, None, by))
                 }
-                QaMethod::Bm25 => {
+                EvalMethod::Bm25 => {
                     let budget = s
                         .window
                         .saturating_sub(q.prompt.prefix.len() + q.prompt.suffix.len() + max_tokens);

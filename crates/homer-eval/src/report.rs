@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 
 use crate::passkey::{PasskeySpec, grid, ordered};
 use crate::plot::{Heatmap, Lines, heatmaps, lines};
-use crate::qa::{QaMethod, QaSpec};
+use crate::qa::QaSpec;
 use crate::store::Store;
-use crate::{EvalError, HomerVariant, Result, Settings};
+use crate::{EvalError, EvalMethod, HomerVariant, Result, Settings};
 
 /// Everything `homer eval all` runs.
 #[derive(Debug, Clone)]
@@ -26,7 +26,10 @@ pub struct AllSpec {
     pub ablation: PasskeySpec,
 }
 
-fn methods(list: &[&str]) -> Vec<Method> {
+fn methods<M: std::str::FromStr>(list: &[&str]) -> Vec<M>
+where
+    M::Err: std::fmt::Debug,
+{
     list.iter()
         .map(|m| m.parse().expect("known method"))
         .collect()
@@ -98,9 +101,9 @@ impl AllSpec {
                 depths: vec![0.5],
                 trials: 1,
                 methods: vec![
-                    QaMethod::Model(Method::Truncation),
-                    QaMethod::Bm25,
-                    QaMethod::Model(Method::Homer),
+                    EvalMethod::Model(Method::Truncation),
+                    EvalMethod::Bm25,
+                    EvalMethod::Model(Method::Homer),
                 ],
             },
             cost_lengths: vec![w / 2, w, 2 * w],
@@ -156,7 +159,7 @@ fn ablation(
         lengths: vec![length],
         depths,
         trials,
-        methods: vec![Method::Homer],
+        methods: vec![EvalMethod::Model(Method::Homer)],
         format: PasskeyFormat::Raw,
         filler: homer_engine::passkey::Filler::Classic,
         variants,
