@@ -68,8 +68,8 @@ pub enum EvalCmd {
         /// pi, ntk, dynamic-ntk, yarn (RoPE scaling, factor = --rope-factor or the smallest that
         /// holds the prompt), homer, homer+<scaling> (e.g. homer+yarn), homer:<selection knobs
         /// joined by +> (homer:sentence, homer:pool7+query=suffix, homer:span16+budget=2048),
-        /// bm25 (passages of 4 sentences ranked by BM25 against the question, the best packed
-        /// into the window)
+        /// bm25 (passages of whole sentences, at most 64 tokens each, ranked by BM25 against the
+        /// question, the best packed into the window and read by the plain model)
         #[arg(long, value_delimiter = ',', default_value = "plain,homer")]
         method: Vec<EvalMethod>,
         /// raw: plain text ending "The pass key is" (default); chat: one turn of the chat template

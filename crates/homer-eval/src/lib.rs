@@ -118,12 +118,6 @@ impl std::fmt::Display for EvalMethod {
     }
 }
 
-impl From<Method> for EvalMethod {
-    fn from(m: Method) -> Self {
-        EvalMethod::Model(m)
-    }
-}
-
 /// The retrieval baseline's choice: the passages (`texts`, each the context tokens `spans`)
 /// ranked by BM25 (the `bm25` crate, English stemming and stop words) against `query`, the best
 /// packed into `budget` tokens; passages that share no word with the query (BM25 returns only

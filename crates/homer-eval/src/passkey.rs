@@ -21,9 +21,9 @@ pub const NEEDLE_TOKENS: usize = 12;
 pub const PASSAGE_TOKENS: usize = 64;
 
 /// The retrieval baseline's prompt: the context cut into passages of whole sentences of at most
-/// [`PASSAGE_TOKENS`] tokens, ranked by BM25 against the question ("What is the pass key?"), the best packed
-/// into `budget` context tokens in document order ([`crate::bm25_pack`]). Also how many of the
-/// needle's first [`NEEDLE_TOKENS`] tokens the chosen passages hold.
+/// [`PASSAGE_TOKENS`] tokens, ranked by BM25 against the question ("What is the pass key?"),
+/// the best packed into `budget` context tokens in document order ([`crate::bm25_pack`]). Also
+/// how many of the needle's first [`NEEDLE_TOKENS`] tokens the chosen passages hold.
 pub fn retrieve(
     engine: &Engine,
     sample: &PasskeySample,
