@@ -517,13 +517,7 @@ impl Engine {
             }
         };
         // Unit ids ascend along the context: each unit is one run of tokens.
-        let mut runs: Vec<std::ops::Range<usize>> = vec![];
-        for i in 0..n {
-            match runs.last_mut() {
-                Some(r) if unit_of[r.start] == unit_of[i] => r.end = i + 1,
-                _ => runs.push(i..i + 1),
-            }
-        }
+        let runs = homer::select::unit_runs(&unit_of);
         let corpus = runs
             .iter()
             .map(|r| self.tokenizer.decode(&prompt.context[r.clone()], true))

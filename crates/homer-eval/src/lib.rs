@@ -324,6 +324,28 @@ pub fn same_run(
     })
 }
 
+/// [`same_run`]'s key for BM25 reading `packed`, its retrieval from `whole`, with the plain model:
+/// where it packed every passage in document order, `packed` is the plain prompt and the run is
+/// plain's; otherwise its own.
+pub fn bm25_run(
+    packed: &DocPrompt,
+    whole: &DocPrompt,
+    max_tokens: usize,
+    s: &Settings,
+) -> Result<String> {
+    if packed.concatenated() == whole.concatenated() {
+        same_run(
+            &Method::Plain,
+            whole.total_len(),
+            max_tokens,
+            s,
+            &HomerVariant::default(),
+        )
+    } else {
+        Ok("bm25".into())
+    }
+}
+
 /// The runs of one prompt by what they computed (`same_run`), with the label of the method that
 /// ran each.
 pub type Runs = BTreeMap<String, (String, Run)>;

@@ -33,15 +33,8 @@ pub fn retrieve(
     let units = engine.tokenizer.sentence_units(context)?;
     // Unit ids ascend along the context: each unit is one run of tokens, joined to the passage
     // before it while the two fit in PASSAGE_TOKENS.
-    let mut sentences: Vec<std::ops::Range<usize>> = vec![];
-    for i in 0..context.len() {
-        match sentences.last_mut() {
-            Some(r) if units[r.start] == units[i] => r.end = i + 1,
-            _ => sentences.push(i..i + 1),
-        }
-    }
     let mut spans: Vec<std::ops::Range<usize>> = vec![];
-    for r in sentences {
+    for r in homer::select::unit_runs(&units) {
         match spans.last_mut() {
             Some(p) if r.end - p.start <= PASSAGE_TOKENS => p.end = r.end,
             _ => spans.push(r),
@@ -182,12 +175,13 @@ pub fn run(
                     }
                 };
                 let prompt = prompt.as_ref().unwrap_or(&sample.prompt);
-                let identity = if matches!(method, EvalMethod::Bm25)
-                    && prompt.concatenated() != sample.prompt.concatenated()
-                {
-                    "bm25".to_string()
-                } else {
-                    crate::same_run(&model_method, total, answer.max_tokens, s, variant)?
+                let identity = match method {
+                    EvalMethod::Bm25 => {
+                        crate::bm25_run(prompt, &sample.prompt, answer.max_tokens, s)?
+                    }
+                    EvalMethod::Model(_) => {
+                        crate::same_run(&model_method, total, answer.max_tokens, s, variant)?
+                    }
                 };
                 let (run, same_as) = match crate::once(&mut runs, identity, &label, || {
                     run_method(engine, prompt, &model_method, s, variant, answer, cancel)

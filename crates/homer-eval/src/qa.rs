@@ -255,12 +255,7 @@ pub fn run(
                         .window
                         .saturating_sub(q.prompt.prefix.len() + q.prompt.suffix.len() + max_tokens);
                     let (p, hit) = retrieve(q, verses, budget);
-                    // Every passage packed, in document order: the plain prompt itself.
-                    let identity = if p.concatenated() == q.prompt.concatenated() {
-                        crate::same_run(&Method::Plain, total, max_tokens, s, &default)?
-                    } else {
-                        "bm25".into()
-                    };
+                    let identity = crate::bm25_run(&p, &q.prompt, max_tokens, s)?;
                     crate::once(&mut runs, identity, &method.to_string(), || {
                         run_method(
                             engine,

@@ -674,6 +674,20 @@ pub fn sentence_units(token_texts: &[String], max_len: usize) -> Vec<u32> {
     out
 }
 
+/// The token runs of a unit labelling (as [`sentence_units`] gives): one range for each maximal
+/// run of equal consecutive ids, in order, covering `0..unit_of.len()`. Ids that ascend along the
+/// context (as [`sentence_units`]' do) give one run a unit.
+pub fn unit_runs(unit_of: &[u32]) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = vec![];
+    for (i, &u) in unit_of.iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if unit_of[r.start] == u => r.end = i + 1,
+            _ => runs.push(i..i + 1),
+        }
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -685,6 +699,27 @@ mod tests {
             .chain(c.map(Some))
             .chain(std::iter::repeat_n(None, s))
             .collect()
+    }
+
+    #[test]
+    fn unit_runs_split_where_the_id_changes() {
+        assert_eq!(unit_runs(&[]), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(unit_runs(&[7]), vec![0..1]);
+        assert_eq!(
+            unit_runs(&[0, 0, 1, 2, 2, 2, 3]),
+            vec![0..2, 2..3, 3..6, 6..7]
+        );
+        // A repeated id after a different one starts a new run.
+        assert_eq!(unit_runs(&[4, 4, 5, 4]), vec![0..2, 2..3, 3..4]);
+        // Runs of sentence_units' labels: one per sentence and newline-ended line.
+        let toks: Vec<String> = ["A", " cat", ".", " It", " ran", "!\n", "Next"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            unit_runs(&sentence_units(&toks, 64)),
+            vec![0..3, 3..6, 6..7]
+        );
     }
 
     #[test]
