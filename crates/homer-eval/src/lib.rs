@@ -623,12 +623,50 @@ pub fn refused_note(records: &[serde_json::Value]) -> String {
     }
     if !skipped.is_empty() {
         out += "\nSkipped (not run here; the reason is the run's):\n\n";
+        // One line a reason; in it, the methods skipped at the same lengths together.
+        let mut by_reason: BTreeMap<String, BTreeMap<String, (Vec<u64>, usize)>> =
+            Default::default();
         for ((m, len, msg), n) in skipped {
-            let cells = if n == 1 { "cell" } else { "cells" };
-            out += &format!("- {m} at {len} tokens ({n} {cells}): {msg}\n");
+            let e = by_reason.entry(msg).or_default().entry(m).or_default();
+            e.0.push(len);
+            e.1 += n;
+        }
+        for (msg, methods) in by_reason {
+            let mut groups: Vec<(Vec<u64>, Vec<String>, usize)> = vec![];
+            for (m, (lens, n)) in methods {
+                match groups.iter_mut().find(|g| g.0 == lens) {
+                    Some(g) => {
+                        g.1.push(m);
+                        g.2 += n;
+                    }
+                    None => groups.push((lens, vec![m], n)),
+                }
+            }
+            let parts: Vec<String> = groups
+                .iter()
+                .map(|(lens, ms, n)| {
+                    let lens: Vec<String> = lens.iter().map(u64::to_string).collect();
+                    let cells = if *n == 1 { "cell" } else { "cells" };
+                    format!(
+                        "{} at {} tokens ({n} {cells})",
+                        and_list(ms),
+                        and_list(&lens)
+                    )
+                })
+                .collect();
+            out += &format!("- {}: {msg}\n", parts.join("; "));
         }
     }
     out
+}
+
+/// "a", "a and b", "a, b and c".
+fn and_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [a] => a.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
 }
 
 /// One (length, depth, trial) cell of a task's grid, with the seed its sample is drawn from (the
@@ -678,6 +716,35 @@ pub fn parse_methods(list: &[String]) -> Result<Vec<Method>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Skipped cells: one line a reason, the methods skipped at the same lengths together, a
+    /// cell measured later left out.
+    #[test]
+    fn skipped_cells_are_listed_once_a_reason() {
+        let skip = |m: &str, len: u64, k: &str, why: &str| serde_json::json!({"method": m, "length": len, "key": k, "skipped": why});
+        let rs = vec![
+            skip("plain", 16384, "p16a", "slow"),
+            skip("plain", 16384, "p16b", "slow"),
+            skip("plain", 32768, "p32", "slow"),
+            skip("yarn", 16384, "y16", "slow"),
+            skip("yarn", 32768, "y32", "slow"),
+            skip("ntk", 8192, "n8", "slow"),
+            skip("plain", 600, "p6", "other"),
+            skip("ntk", 300, "n3", "slow"),
+            serde_json::json!({"method": "ntk", "length": 300, "key": "n3", "correct": true}),
+        ];
+        assert_eq!(
+            refused_note(&rs),
+            "\nSkipped (not run here; the reason is the run's):\n\n\
+             - plain at 600 tokens (1 cell): other\n\
+             - ntk at 8192 tokens (1 cell); plain and yarn at 16384 and 32768 tokens (5 cells): \
+             slow\n"
+        );
+        assert_eq!(
+            and_list(&["a".into(), "b".into(), "c".into()]),
+            "a, b and c"
+        );
+    }
 
     /// Matches first (best first), then the unmatched from the end backwards, while they fit;
     /// the choice comes back in document order.

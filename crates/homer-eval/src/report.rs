@@ -332,6 +332,70 @@ pub fn write_meta(engine: &Engine, s: &Settings, command: &str) -> Result<()> {
         .map_err(|e| EvalError::Io(format!("{}: cannot write: {e}", p.display())))
 }
 
+/// The commands of `meta.json` for the page, oldest first: commands that differ only in
+/// `--trials N` (a grid grown a trial at a time, each run resuming the store) or `--quiet` are
+/// one line, the one with the most trials, naming the values it ran with.
+fn command_lines(commands: &[&str]) -> Vec<String> {
+    // (command without --trials and --quiet, then the trial counts and the latest full command)
+    let mut groups: Vec<(String, Vec<u64>, String, u64)> = vec![];
+    for &c in commands {
+        let words: Vec<&str> = c.split(' ').collect();
+        let mut trials = None;
+        let mut rest = vec![];
+        let mut i = 0;
+        while i < words.len() {
+            match (
+                words[i],
+                words.get(i + 1).and_then(|n| n.parse::<u64>().ok()),
+            ) {
+                ("--trials", Some(n)) => {
+                    trials = Some(n);
+                    i += 2;
+                    continue;
+                }
+                ("--quiet", _) => {}
+                (w, _) => rest.push(w),
+            }
+            i += 1;
+        }
+        let key = rest.join(" ");
+        match groups.iter_mut().find(|g| g.0 == key) {
+            Some(g) => {
+                if let Some(n) = trials
+                    && !g.1.contains(&n)
+                {
+                    g.1.push(n);
+                }
+                if trials.unwrap_or(0) >= g.3 {
+                    g.2 = c.to_string();
+                    g.3 = trials.unwrap_or(0);
+                }
+            }
+            None => groups.push((
+                key,
+                trials.into_iter().collect(),
+                c.to_string(),
+                trials.unwrap_or(0),
+            )),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(_, mut ns, c, _)| {
+            ns.sort();
+            if ns.len() > 1 {
+                let ns: Vec<String> = ns.iter().map(u64::to_string).collect();
+                format!(
+                    "`{c}` (run with --trials {} in turn, each adding to the records)",
+                    ns.join(", ")
+                )
+            } else {
+                format!("`{c}`")
+            }
+        })
+        .collect()
+}
+
 fn order() -> Vec<String> {
     let mut o: Vec<String> = ALL_METHODS.iter().map(|s| s.to_string()).collect();
     o.insert(2, "bm25".into());
@@ -407,10 +471,14 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
                 .map_or("smallest that holds the prompt".into(), |c| c.to_string()),
             meta["commands"]
                 .as_array()
-                .map(|c| c
-                    .iter()
-                    .map(|c| format!("  - `{}`\n", c.as_str().unwrap_or("?")))
-                    .collect::<String>())
+                .map(|c| command_lines(
+                    &c.iter()
+                        .map(|c| c.as_str().unwrap_or("?"))
+                        .collect::<Vec<_>>()
+                )
+                .iter()
+                .map(|c| format!("  - {c}\n"))
+                .collect::<String>())
                 .unwrap_or_default(),
         );
     }
@@ -792,6 +860,31 @@ fn headline(path: &Path, pk: &[Value], qa: &[Value], order: &[String]) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commands_grown_a_trial_at_a_time_are_one_line() {
+        let lines = command_lines(&[
+            "homer eval qa --out d --trials 1",
+            "homer eval passkey --trials 1 --filler classic --out d",
+            "homer eval passkey --trials 2 --filler classic --out d --quiet",
+            "homer eval passkey --trials 1 --filler kjv.txt --out d",
+            "homer eval passkey --trials 3 --filler classic --out d",
+            "homer eval passkey --trials 2 --filler classic --out d",
+            "homer eval qa --out d --quiet --trials 1",
+            "homer eval cost --out d",
+        ]);
+        assert_eq!(
+            lines,
+            vec![
+                "`homer eval qa --out d --quiet --trials 1`".to_string(),
+                "`homer eval passkey --trials 3 --filler classic --out d` (run with --trials 1, \
+                 2, 3 in turn, each adding to the records)"
+                    .to_string(),
+                "`homer eval passkey --trials 1 --filler kjv.txt --out d`".to_string(),
+                "`homer eval cost --out d`".to_string(),
+            ]
+        );
+    }
 
     #[test]
     fn compute_time_sums_each_run_once() {
