@@ -721,7 +721,9 @@ mod tests {
     /// cell measured later left out.
     #[test]
     fn skipped_cells_are_listed_once_a_reason() {
-        let skip = |m: &str, len: u64, k: &str, why: &str| serde_json::json!({"method": m, "length": len, "key": k, "skipped": why});
+        fn skip(m: &str, len: u64, k: &str, why: &str) -> serde_json::Value {
+            serde_json::json!({"method": m, "length": len, "key": k, "skipped": why})
+        }
         let rs = vec![
             skip("plain", 16384, "p16a", "slow"),
             skip("plain", 16384, "p16b", "slow"),
