@@ -336,8 +336,9 @@ pub fn write_meta(engine: &Engine, s: &Settings, command: &str) -> Result<()> {
 /// `--trials N` (a grid grown a trial at a time, each run resuming the store) or `--quiet` are
 /// one line, the one with the most trials, naming the values it ran with.
 fn command_lines(commands: &[&str]) -> Vec<String> {
-    // (command without --trials and --quiet, then the trial counts and the latest full command)
-    let mut groups: Vec<(String, Vec<u64>, String, u64)> = vec![];
+    // (command without --trials and --quiet, its trial counts, and the full command shown: the
+    // latest of those run with the most trials)
+    let mut groups: Vec<(String, Vec<u64>, String)> = vec![];
     for &c in commands {
         let words: Vec<&str> = c.split(' ').collect();
         let mut trials = None;
@@ -361,27 +362,21 @@ fn command_lines(commands: &[&str]) -> Vec<String> {
         let key = rest.join(" ");
         match groups.iter_mut().find(|g| g.0 == key) {
             Some(g) => {
+                if trials.unwrap_or(0) >= g.1.iter().copied().max().unwrap_or(0) {
+                    g.2 = c.to_string();
+                }
                 if let Some(n) = trials
                     && !g.1.contains(&n)
                 {
                     g.1.push(n);
                 }
-                if trials.unwrap_or(0) >= g.3 {
-                    g.2 = c.to_string();
-                    g.3 = trials.unwrap_or(0);
-                }
             }
-            None => groups.push((
-                key,
-                trials.into_iter().collect(),
-                c.to_string(),
-                trials.unwrap_or(0),
-            )),
+            None => groups.push((key, trials.into_iter().collect(), c.to_string())),
         }
     }
     groups
         .into_iter()
-        .map(|(_, mut ns, c, _)| {
+        .map(|(_, mut ns, c)| {
             ns.sort();
             if ns.len() > 1 {
                 let ns: Vec<String> = ns.iter().map(u64::to_string).collect();
