@@ -7,6 +7,7 @@
 //! cleanup) and right after the prefill ([`homer_model::backend::device_memory`]): the pools
 //! keep the pages a prefill grew them by, so the growth is its device high-water mark.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
@@ -113,7 +114,9 @@ pub fn run(
             )));
         }
         for method in methods {
-            let key = format!("{model}|{method}|{len}|{backend}|{}", s.key_tail());
+            // Cost is the host's: a store's cell measured on another host is measured again.
+            let host = store.machine().map_or(String::new(), |m| format!("|{m}"));
+            let key = format!("{model}|{method}|{len}|{backend}{host}|{}", s.key_tail());
             if store.has(&key) {
                 continue;
             }
@@ -177,7 +180,7 @@ pub fn run(
 
 pub fn table(all: &[Value], order: &[String]) -> String {
     let records = &crate::ran(all)[..];
-    let mut out = "| method | backend | length | prefill s | peak MiB above the model | device MiB above the model | tokens/s | cache rows |\n|---|---|---|---|---|---|---|---|\n".to_string();
+    let mut out = "| method | backend | machine | length | prefill s | peak MiB above the model | device MiB above the model | tokens/s | cache rows |\n|---|---|---|---|---|---|---|---|---|\n".to_string();
     let names: std::collections::BTreeSet<String> = records
         .iter()
         .map(|r| r["method"].as_str().unwrap_or("?").to_string())
@@ -189,8 +192,9 @@ pub fn table(all: &[Value], order: &[String]) -> String {
             let device =
                 device_growth(r).map_or("–".into(), |b| format!("{:.0}", b as f64 / 1048576.0));
             out += &format!(
-                "| {name} | {} | {len} | {secs:.1} | {} | {device} | {:.0} | {} |\n",
+                "| {name} | {} | {} | {len} | {secs:.1} | {} | {device} | {:.0} | {} |\n",
                 r["backend"].as_str().unwrap_or("?"),
+                machine(r),
                 r["peak_bytes"]
                     .as_u64()
                     .map_or("not counted".into(), |b| format!(
@@ -205,7 +209,7 @@ pub fn table(all: &[Value], order: &[String]) -> String {
     out + &ratio_table(records, order) + &crate::refused_note(all)
 }
 
-/// The records of `method`, by backend, then length.
+/// The records of `method`, by backend, then machine, then length.
 fn of_method<'a>(records: &'a [Value], method: &str) -> Vec<&'a Value> {
     let mut rs: Vec<&Value> = records
         .iter()
@@ -214,14 +218,50 @@ fn of_method<'a>(records: &'a [Value], method: &str) -> Vec<&'a Value> {
     rs.sort_by_key(|r| {
         (
             r["backend"].as_str().map(str::to_string),
+            r["machine"].as_str().map(str::to_string),
             r["length"].as_u64(),
         )
     });
     rs
 }
 
+/// For each backend the host whose records the cost plot draws: of the records that name a
+/// host, the host with the most of them (on a tie the one whose first record is the latest); records that
+/// name none (`None`) only where no record of the backend names one.
+pub fn plotted_hosts(records: &[Value]) -> BTreeMap<String, Option<String>> {
+    let mut count: BTreeMap<String, Vec<(Option<String>, usize)>> = BTreeMap::new();
+    for r in records {
+        let b = r["backend"].as_str().unwrap_or("?").to_string();
+        let h = r["machine"].as_str().map(str::to_string);
+        let hs = count.entry(b).or_default();
+        match hs.iter_mut().find(|(x, _)| *x == h) {
+            Some(c) => c.1 += 1,
+            None => hs.push((h, 1)),
+        }
+    }
+    count
+        .into_iter()
+        .map(|(b, hs)| {
+            let pick = hs
+                .iter()
+                .enumerate()
+                .max_by_key(|(i, (h, n))| (h.is_some(), *n, *i))
+                .map(|(_, (h, _))| h.clone())
+                .unwrap_or(None);
+            (b, pick)
+        })
+        .collect()
+}
+
+/// The host a record names ("not recorded" for records written before records named one).
+fn machine(r: &Value) -> &str {
+    r["machine"].as_str().unwrap_or(NOT_RECORDED)
+}
+
+const NOT_RECORDED: &str = "not recorded";
+
 /// Device bytes a prefill grew burn's pools by (GPU records only).
-fn device_growth(r: &Value) -> Option<u64> {
+pub(crate) fn device_growth(r: &Value) -> Option<u64> {
     Some(
         r["device_reserved_after"]
             .as_u64()?
@@ -238,6 +278,7 @@ pub fn ratio_table(records: &[Value], order: &[String]) -> String {
             p["method"].as_str() == Some("plain")
                 && p["length"] == r["length"]
                 && p["backend"] == r["backend"]
+                && machine(p) == machine(r)
         })
     };
     let names: std::collections::BTreeSet<String> = records
@@ -257,11 +298,17 @@ pub fn ratio_table(records: &[Value], order: &[String]) -> String {
             let f = |v: &Value, k: &str| v[k].as_f64();
             let dev = |v: &Value| device_growth(v).map(|b| b as f64);
             rows += &format!(
-                "| {name} | {} | {} | {} | {} | {} |\n",
+                "| {name} | {} | {} | {} | {} | {} | {} |\n",
                 r["backend"].as_str().unwrap_or("?"),
+                machine(r),
                 r["length"],
                 ratio(f(r, "secs"), f(p, "secs")),
-                ratio(f(r, "peak_bytes"), f(p, "peak_bytes")),
+                // On a GPU the tensors live on the device: the host heap's ratio says nothing.
+                if device_growth(r).is_some() {
+                    "–".into()
+                } else {
+                    ratio(f(r, "peak_bytes"), f(p, "peak_bytes"))
+                },
                 ratio(dev(r), dev(p)),
             );
         }
@@ -269,12 +316,22 @@ pub fn ratio_table(records: &[Value], order: &[String]) -> String {
     if rows.is_empty() {
         return rows;
     }
-    "\nAgainst a plain prefill of the same length on the same backend (the layout of the paper's \
-     Table 5): time and memory above the model as a multiple of plain's.\n\n| method | backend \
-     | length | time (× plain) | peak memory (× plain) | device memory (× plain) |\n\
-     |---|---|---|---|---|---|\n"
-        .to_string()
-        + &rows
+    let legacy = if records.iter().any(|r| r["machine"].is_null()) {
+        format!(
+            " Records that name no machine (\"{NOT_RECORDED}\": written before records \
+             carried their host) are set against each other; they ran on the hosts listed at \
+             the top of the page."
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "\nAgainst a plain prefill of the same length on the same backend and machine (the \
+         layout of the paper's Table 5): time and memory above the model as a multiple of \
+         plain's; on a GPU backend the device's memory (the host heap is not compared \
+         there).{legacy}\n\n| method | backend | machine | length | time (× plain) | peak \
+         memory (× plain) | device memory (× plain) |\n|---|---|---|---|---|---|---|\n"
+    ) + &rows
         + PAPER_COST
 }
 
@@ -307,21 +364,74 @@ mod tests {
         ];
         let t = ratio_table(&rs, &[]);
         assert!(
-            t.contains("| homer | cpu | 4096 | 0.50× | 0.25× | – |"),
+            t.contains("| homer | cpu | not recorded | 4096 | 0.50× | 0.25× | – |"),
             "{t}"
         );
         assert!(
-            t.contains("| homer | wgpu | 4096 | 1.50× | 1.00× | 0.25× |"),
+            t.contains("| homer | wgpu | not recorded | 4096 | 1.50× | – | 0.25× |"),
             "{t}"
         );
+        assert!(t.contains("name no machine"), "{t}");
         assert!(!t.contains("| 8192 |"), "{t}");
         // The paper's own figures sit under the table, labelled as theirs.
         assert!(t.ends_with(PAPER_COST) && PAPER_COST.contains("not measured here"));
         let full = table(&rs, &[]);
         assert!(
-            full.contains("| homer | wgpu | 4096 | 3.0 | 0 | 0 | 1365 | 1 |"),
+            full.contains("| homer | wgpu | not recorded | 4096 | 3.0 | 0 | 0 | 1365 | 1 |"),
             "{full}"
         );
         assert!(ratio_table(&rs[1..3], &[]).is_empty());
+    }
+
+    #[test]
+    fn homer_is_set_against_plain_of_the_same_machine_only() {
+        let rec = |m: &str, host: &str, secs: f64| {
+            json!({"method": m, "backend": "cpu", "machine": host, "length": 4096,
+                   "secs": secs, "peak_bytes": 100, "cache_rows": 1})
+        };
+        let rs = vec![
+            rec("plain", "2 × Fast", 10.0),
+            rec("plain", "2 × Slow", 40.0),
+            rec("homer", "2 × Slow", 10.0),
+            rec("homer", "8 × Alone", 1.0), // no plain on this host: no ratio row
+        ];
+        let t = ratio_table(&rs, &[]);
+        assert!(
+            t.contains("| homer | cpu | 2 × Slow | 4096 | 0.25× | 1.00× | – |"),
+            "{t}"
+        );
+        assert!(
+            !t.contains("8 × Alone") && !t.contains("name no machine"),
+            "{t}"
+        );
+        // each host's rows in the full table, named
+        let full = table(&rs, &[]);
+        for host in ["2 × Fast", "2 × Slow", "8 × Alone"] {
+            assert!(full.contains(&format!("| cpu | {host} | 4096 |")), "{full}");
+        }
+    }
+
+    #[test]
+    fn the_plot_draws_one_host_a_backend_preferring_named_ones() {
+        let rec = |backend: &str, host: Option<&str>| json!({"backend": backend, "machine": host});
+        let rs = vec![
+            rec("cpu", None),
+            rec("cpu", None),
+            rec("cpu", None),
+            rec("cpu", Some("2 × A")),
+            rec("wgpu", None),
+            rec("cpu", Some("2 × B")),
+            rec("cpu", Some("2 × A")),
+            rec("cpu", Some("2 × B")),
+        ];
+        let h = plotted_hosts(&rs);
+        // A and B have two records each; B's first is the later: B
+        assert_eq!(h["cpu"].as_deref(), Some("2 × B"));
+        assert_eq!(h["wgpu"], None);
+        assert_eq!(
+            plotted_hosts(&rs[..5])["cpu"].as_deref(),
+            Some("2 × A"),
+            "a named host wins over more records that name none"
+        );
     }
 }

@@ -398,6 +398,26 @@ pub fn shared_leaves_note(records: &[serde_json::Value]) -> String {
              once (`same_run_as` in the records).\n"
         );
     }
+    // The hosts the timed records ran on, in the order they first appear.
+    let mut hosts: Vec<Option<&str>> = vec![];
+    for r in records.iter().filter(|r| r["secs"].is_number()) {
+        let h = r["machine"].as_str();
+        if !hosts.contains(&h) {
+            hosts.push(h);
+        }
+    }
+    if hosts.len() > 1 {
+        let mut named: Vec<String> = hosts.iter().flatten().map(|h| format!("`{h}`")).collect();
+        if hosts.contains(&None) {
+            named.push("hosts the records do not name (written before records carried it)".into());
+        }
+        out += &format!(
+            "\nThe prefill medians pool records measured on more than one host ({}): they show \
+             where the time goes, not one machine's speed; the cost section times each host \
+             apart.\n",
+            and_list(&named)
+        );
+    }
     out
 }
 
@@ -661,7 +681,7 @@ pub fn refused_note(records: &[serde_json::Value]) -> String {
 }
 
 /// "a", "a and b", "a, b and c".
-fn and_list(items: &[String]) -> String {
+pub(crate) fn and_list(items: &[String]) -> String {
     match items {
         [] => String::new(),
         [a] => a.clone(),
@@ -719,6 +739,24 @@ mod tests {
 
     /// Skipped cells: one line a reason, the methods skipped at the same lengths together, a
     /// cell measured later left out.
+    #[test]
+    fn prefill_medians_over_several_hosts_say_so() {
+        let one = vec![
+            serde_json::json!({"secs": 1.0, "machine": "2 × A"}),
+            serde_json::json!({"secs": 2.0, "machine": "2 × A"}),
+            serde_json::json!({"skipped": "x"}),
+        ];
+        assert!(!shared_leaves_note(&one).contains("host"));
+        let mut many = one.clone();
+        many.push(serde_json::json!({"secs": 3.0}));
+        many.push(serde_json::json!({"secs": 3.0, "machine": "2 × B"}));
+        let n = shared_leaves_note(&many);
+        assert!(
+            n.contains("(`2 × A`, `2 × B` and hosts the records do not name"),
+            "{n}"
+        );
+    }
+
     #[test]
     fn skipped_cells_are_listed_once_a_reason() {
         fn skip(m: &str, len: u64, k: &str, why: &str) -> serde_json::Value {

@@ -210,11 +210,11 @@ pub fn run_all(
         vec![]
     };
     if want("passkey") {
-        let mut st = Store::open(&s.out_dir, "passkey")?;
+        let mut st = Store::open(&s.out_dir, "passkey")?.stamped(host());
         crate::passkey::run(engine, s, &spec.passkey, &mut st, cancel)?;
     }
     if want("perplexity") {
-        let mut st = Store::open(&s.out_dir, "perplexity")?;
+        let mut st = Store::open(&s.out_dir, "perplexity")?.stamped(host());
         crate::perplexity::run(
             engine,
             s,
@@ -227,11 +227,11 @@ pub fn run_all(
         )?;
     }
     if want("qa") {
-        let mut st = Store::open(&s.out_dir, "qa")?;
+        let mut st = Store::open(&s.out_dir, "qa")?.stamped(host());
         crate::qa::run(engine, s, &verses, &source, &spec.qa, &mut st, cancel)?;
     }
     if want("cost") {
-        let mut st = Store::open(&s.out_dir, "cost")?;
+        let mut st = Store::open(&s.out_dir, "cost")?.stamped(host());
         crate::cost::run(
             engine,
             s,
@@ -244,7 +244,7 @@ pub fn run_all(
         )?;
     }
     if want("ablation") {
-        let mut st = Store::open(&s.out_dir, "ablation")?;
+        let mut st = Store::open(&s.out_dir, "ablation")?.stamped(host());
         crate::passkey::run(engine, s, &spec.ablation, &mut st, cancel)?;
     }
     engine
@@ -279,6 +279,13 @@ pub fn text_tokens(
     Ok(ids)
 }
 
+/// The host a record is measured on: the CPU threads this process may use and the processor's
+/// name, e.g. "2 × AMD EPYC" (written into each record, `Store::stamped`).
+pub fn host() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpus} × {}", cpu_model())
+}
+
 /// The processor's name (Linux: /proc/cpuinfo), or "CPU".
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -308,10 +315,10 @@ pub fn write_meta(engine: &Engine, s: &Settings, command: &str) -> Result<()> {
     // Every backend and machine the commands ran on (a store may gather several).
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let here = json!(format!(
-        "{} ({}) on {cpus} × {}",
+        "{} ({}) on {}",
         engine.device.backend,
         engine.device.adapter,
-        cpu_model()
+        host()
     ));
     let mut machines = old["machines"].as_array().cloned().unwrap_or_default();
     if !machines.contains(&here) {
@@ -622,15 +629,30 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
     let cost_all = load("cost")?;
     let cost = crate::ran(&cost_all);
     if !cost_all.is_empty() {
+        // One host a backend: times of different machines do not share a line.
+        let hosts = crate::cost::plotted_hosts(&cost);
         let mut by: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
         for r in &cost {
-            by.entry(r["method"].as_str().unwrap_or("?").to_string())
-                .or_default()
-                .push((
-                    r["length"].as_f64().unwrap_or(0.0),
-                    r["secs"].as_f64().unwrap_or(0.0),
-                    r["peak_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0,
-                ));
+            let backend = r["backend"].as_str().unwrap_or("?");
+            if hosts.get(backend) != Some(&r["machine"].as_str().map(str::to_string)) {
+                continue;
+            }
+            let name = r["method"].as_str().unwrap_or("?");
+            let name = if backend == "cpu" {
+                name.to_string()
+            } else {
+                format!("{name} ({backend})")
+            };
+            by.entry(name).or_default().push((
+                r["length"].as_f64().unwrap_or(0.0),
+                r["secs"].as_f64().unwrap_or(0.0),
+                // on a GPU the device pools' growth, where the tensors live
+                crate::cost::device_growth(r)
+                    .map(|b| b as f64)
+                    .or(r["peak_bytes"].as_f64())
+                    .unwrap_or(f64::NAN)
+                    / 1048576.0,
+            ));
         }
         let mk = |f: fn(&(f64, f64, f64)) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
             ordered(by.keys(), &order)
@@ -658,7 +680,7 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
                 Lines {
                     title: "peak memory above the model".into(),
                     x_desc: "prompt length (tokens)".into(),
-                    y_desc: "MiB (allocator peak)".into(),
+                    y_desc: "MiB (CPU: allocator peak; GPU: device pools)".into(),
                     log_x: true,
                     log_y: false,
                     series: mk(|p| p.2),
@@ -676,7 +698,20 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
                prompt runs first, so that neither column counts burn's autotune or shader \
                compilation.\n\n";
         md += &crate::cost::table(&cost_all, &order);
-        md += "\n![cost](cost.png)\n\n";
+        let drawn: Vec<String> = hosts
+            .iter()
+            .map(|(b, h)| {
+                format!(
+                    "{b} on {}",
+                    h.as_deref()
+                        .unwrap_or("the host of the records that name none")
+                )
+            })
+            .collect();
+        md += &format!(
+            "\n![cost](cost.png)\n\nThe plot draws one machine a backend: {}.\n\n",
+            crate::and_list(&drawn)
+        );
     }
     let rep = load("replay")?;
     if !rep.is_empty() {

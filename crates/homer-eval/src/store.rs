@@ -17,6 +17,8 @@ pub struct Store {
     /// measures them.
     skipped: HashSet<String>,
     records: Vec<Value>,
+    /// The host the records appended now are measured on (`stamped`), written into each.
+    machine: Option<String>,
 }
 
 /// Whether a record says its cell was skipped rather than run.
@@ -63,7 +65,21 @@ impl Store {
             keys,
             skipped,
             records,
+            machine: None,
         })
+    }
+
+    /// Write `machine` (the host: CPU threads and processor) into every record appended from
+    /// now on that does not name one, so that times measured on different hosts of one store
+    /// stay apart.
+    pub fn stamped(mut self, machine: String) -> Store {
+        self.machine = Some(machine);
+        self
+    }
+
+    /// The host this store's new records are stamped with (`stamped`).
+    pub fn machine(&self) -> Option<&str> {
+        self.machine.as_deref()
     }
 
     pub fn path(&self) -> &Path {
@@ -97,11 +113,15 @@ impl Store {
     }
 
     /// Append a record (it must carry its `key`), flushed at once.
-    pub fn append(&mut self, record: Value) -> Result<()> {
+    pub fn append(&mut self, mut record: Value) -> Result<()> {
         let key = record["key"]
             .as_str()
             .expect("records carry a key")
             .to_string();
+        let skip = is_skip(&record);
+        if let (Some(m), false, Some(o)) = (&self.machine, skip, record.as_object_mut()) {
+            o.entry("machine").or_insert_with(|| Value::from(m.clone()));
+        }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -111,7 +131,7 @@ impl Store {
         writeln!(f, "{line}")
             .and_then(|_| f.sync_data())
             .map_err(|e| EvalError::Io(format!("{}: cannot write: {e}", self.path.display())))?;
-        if is_skip(&record) {
+        if skip {
             self.skipped.insert(key);
         } else {
             self.keys.insert(key, record["sample_seed"].as_u64());
@@ -161,5 +181,24 @@ mod tests {
             e.contains("t.jsonl") && e.contains("--depths") && e.contains("--out"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_stamped_store_names_the_host_in_each_record_it_measures() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), "t")
+            .unwrap()
+            .stamped("2 × Some CPU".into());
+        assert_eq!(s.machine(), Some("2 × Some CPU"));
+        s.append(serde_json::json!({"key": "run"})).unwrap();
+        s.append(serde_json::json!({"key": "elsewhere", "machine": "8 × Other"}))
+            .unwrap();
+        s.append(serde_json::json!({"key": "skip", "skipped": "too long"}))
+            .unwrap();
+        // as written to the file, not only as held
+        let s = Store::open(dir.path(), "t").unwrap();
+        let m: Vec<Option<&str>> = s.records().iter().map(|r| r["machine"].as_str()).collect();
+        assert_eq!(m, vec![Some("2 × Some CPU"), Some("8 × Other"), None]);
+        assert_eq!(s.machine(), None);
     }
 }
