@@ -539,6 +539,14 @@ fn skipped_cells_are_recorded_listed_and_run_later() {
         )
     );
     assert_eq!(rows.iter().filter(|r| r["correct"].is_boolean()).count(), 3);
+    // Each run record names the host it was measured on; a skip measured nothing.
+    assert!(
+        rows.iter()
+            .filter(|r| r["correct"].is_boolean())
+            .all(|r| r["machine"].as_str().is_some_and(|m| m.contains(" × "))),
+        "{rows:?}"
+    );
+    assert!(skipped[0]["machine"].is_null(), "{rows:?}");
     assert!(!stdout.contains("| plain | 600 |"), "{stdout}");
     assert!(
         stdout.contains("- plain at 600 tokens (1 cell): too slow here"),
@@ -1052,6 +1060,12 @@ fn cost_on_wgpu_warms_up_and_records_device_memory() {
     for r in &rows {
         assert!(r["skipped"].is_null() && r["refused"].is_null(), "{r}");
         assert!(r["secs"].as_f64().unwrap() > 0.0, "{r}");
+        // cost is the host's: measured again on another host, so the key names it
+        let host = r["machine"].as_str().unwrap();
+        assert!(
+            r["key"].as_str().unwrap().contains(&format!("|{host}|")),
+            "{r}"
+        );
         match r["backend"].as_str().unwrap() {
             "wgpu" => {
                 assert!(r["warmup_secs"].as_f64().unwrap() > 0.0, "{r}");
