@@ -226,8 +226,8 @@ fn of_method<'a>(records: &'a [Value], method: &str) -> Vec<&'a Value> {
 }
 
 /// For each backend the host whose records the cost plot draws: of the records that name a
-/// host, the host with the most of them (on a tie the one whose first record is the latest); records that
-/// name none (`None`) only where no record of the backend names one.
+/// host, the host with the most of them (on a tie the one whose first record is the latest);
+/// records that name none (`None`) only where no record of the backend names one.
 pub fn plotted_hosts(records: &[Value]) -> BTreeMap<String, Option<String>> {
     let mut count: BTreeMap<String, Vec<(Option<String>, usize)>> = BTreeMap::new();
     for r in records {
