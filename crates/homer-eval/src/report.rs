@@ -762,15 +762,57 @@ fn record_secs(r: &Value) -> Option<(f64, bool)> {
     }
 }
 
+/// Records far slower than the rest of their cell (the same method, length, filler, variant,
+/// backend and leaf sharing; cells of at least 3 timed records): over 2.5× the cell's median and
+/// over a minute more. Their count and the seconds they took above the median: time the machine
+/// spent on other work (a build, a test run) while they ran.
+fn slowed(records: &[Value]) -> (usize, f64) {
+    let cell = |r: &Value| {
+        ["method", "length", "filler", "variant", "backend"]
+            .map(|k| r[k].to_string())
+            .join("|")
+            + if r["leaves_reused"].as_u64().unwrap_or(0) > 0 {
+                "|shared"
+            } else {
+                ""
+            }
+    };
+    let mut cells: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for r in records {
+        if let Some((t, _)) = record_secs(r) {
+            cells.entry(cell(r)).or_default().push(t);
+        }
+    }
+    let (mut n, mut excess) = (0, 0.0);
+    for ts in cells.values() {
+        if ts.len() < 3 {
+            continue;
+        }
+        let m = crate::stats::median(&mut ts.clone());
+        for &t in ts {
+            if t > 2.5 * m && t - m > 60.0 {
+                n += 1;
+                excess += t - m;
+            }
+        }
+    }
+    (n, excess)
+}
+
 /// How long the records took on the machine, per task and in all: each record's own time, summed.
 pub fn compute_time(tasks: &[(&str, Vec<Value>)]) -> String {
     let mut rows = String::new();
     let (mut total, mut total_n, mut prefill_only) = (0.0, 0usize, 0usize);
+    let (mut slow_n, mut slow_secs) = (0usize, 0.0);
     for (task, records) in tasks {
-        let times: Vec<(f64, bool)> = crate::ran(records).iter().filter_map(record_secs).collect();
+        let ran = crate::ran(records);
+        let times: Vec<(f64, bool)> = ran.iter().filter_map(record_secs).collect();
         if times.is_empty() {
             continue;
         }
+        let (n, x) = slowed(&ran);
+        slow_n += n;
+        slow_secs += x;
         let secs: f64 = times.iter().map(|t| t.0).sum();
         prefill_only += times.iter().filter(|t| t.1).count();
         rows += &format!("| {task} | {} | {:.1} |\n", times.len(), secs / 3600.0);
@@ -782,7 +824,7 @@ pub fn compute_time(tasks: &[(&str, Vec<Value>)]) -> String {
     }
     let mut out = format!(
         "## Compute time\n\nThe time the records took, each its own prompt's (prefill and \
-         answer) on the machine named above, summed; a record that took another method's run \
+         answer) on the machines named above, summed; a record that took another method's run \
          of the same prompt counts once. Waits between runs are not in it.\n\n| task | runs \
          | hours |\n|---|---|---|\n{rows}| all | {total_n} | {:.1} |\n",
         total / 3600.0
@@ -791,6 +833,16 @@ pub fn compute_time(tasks: &[(&str, Vec<Value>)]) -> String {
         out += &format!(
             "\n{prefill_only} QA records written before QA records carried their whole time \
              count their prefill only (the answer's decoding, a few seconds, is left out).\n"
+        );
+    }
+    if slow_n > 0 {
+        out += &format!(
+            "\n{slow_n} records took over 2.5× the median of their cell (the same method, length \
+             and filler; cells of 3 or more) and over a minute more: {:.1} h of the total lies \
+             above those medians, time the machine spent on other work (a build, a test run) \
+             while they ran. Without it the records took {:.1} h.\n",
+            slow_secs / 3600.0,
+            (total - slow_secs) / 3600.0
         );
     }
     out + "\n"
@@ -944,6 +996,38 @@ mod tests {
         assert!(!t.contains("| ablation |"), "{t}");
         assert!(t.contains("1 QA records written before"), "{t}");
         assert!(compute_time(&[("qa", vec![])]).is_empty());
+        assert!(!t.contains("over 2.5×"), "{t}");
+    }
+
+    #[test]
+    fn records_slowed_by_other_work_are_counted_apart() {
+        let rec = |len: u64, secs: f64| json!({"method": "homer", "length": len, "secs": secs});
+        let rs = vec![
+            rec(4096, 100.0),
+            rec(4096, 110.0),
+            rec(4096, 90.0),
+            rec(4096, 1000.0), // 890 s above the median of 110 s
+            rec(4096, 240.0),  // 2.2× the median: not counted
+            rec(8192, 10.0),
+            rec(8192, 12.0),
+            rec(8192, 60.0), // 5× the median of 12 s but under a minute more: not counted
+            rec(65536, 9000.0), // a cell of two: no median to judge by
+            rec(65536, 90.0),
+        ];
+        let (n, x) = slowed(&rs);
+        assert_eq!((n, x), (1, 890.0));
+        let t = compute_time(&[("passkey", rs)]);
+        assert!(t.contains("1 records took over 2.5×"), "{t}");
+        assert!(t.contains(": 0.2 h of the total"), "{t}");
+        let total: f64 = [
+            100.0, 110.0, 90.0, 1000.0, 240.0, 10.0, 12.0, 60.0, 9000.0, 90.0,
+        ]
+        .iter()
+        .sum();
+        assert!(
+            t.contains(&format!("took {:.1} h.", (total - 890.0) / 3600.0)),
+            "{t}"
+        );
     }
 
     #[test]
