@@ -292,9 +292,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
                 filler: filler_arg(&filler)?,
                 variants: vec![(String::new(), HomerVariant::default())],
             };
-            let mut st = Store::open(&s.out_dir, "passkey")
-                .map_err(e)?
-                .stamped(homer_eval::report::host());
+            let mut st = Store::open_to_measure(&s.out_dir, "passkey").map_err(e)?;
             homer_eval::passkey::run(&mut engine, &s, &spec, &mut st, &cancel).map_err(e)?;
             let order: Vec<String> = spec.methods.iter().map(|m| m.to_string()).collect();
             print!("{}", homer_eval::passkey::table(st.records(), &order));
@@ -311,9 +309,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
             homer_eval::report::write_meta(&engine, &s, &command_line()).map_err(e)?;
             let verses = homer_eval::text::read_verses(&text).map_err(e)?;
             let tokens = homer_eval::report::text_tokens(&engine, &verses, length).map_err(e)?;
-            let mut st = Store::open(&s.out_dir, "perplexity")
-                .map_err(e)?
-                .stamped(homer_eval::report::host());
+            let mut st = Store::open_to_measure(&s.out_dir, "perplexity").map_err(e)?;
             let source = file_name(&text);
             homer_eval::perplexity::run(
                 &mut engine,
@@ -355,9 +351,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
                 trials,
                 methods: method,
             };
-            let mut st = Store::open(&s.out_dir, "qa")
-                .map_err(e)?
-                .stamped(homer_eval::report::host());
+            let mut st = Store::open_to_measure(&s.out_dir, "qa").map_err(e)?;
             homer_eval::qa::run(
                 &mut engine,
                 &s,
@@ -384,9 +378,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
             let verses = homer_eval::text::read_verses(&text).map_err(e)?;
             let max = lengths.iter().copied().max().unwrap_or(0);
             let tokens = homer_eval::report::text_tokens(&engine, &verses, max).map_err(e)?;
-            let mut st = Store::open(&s.out_dir, "cost")
-                .map_err(e)?
-                .stamped(homer_eval::report::host());
+            let mut st = Store::open_to_measure(&s.out_dir, "cost").map_err(e)?;
             homer_eval::cost::run(
                 &mut engine,
                 &s,
@@ -506,9 +498,7 @@ pub fn eval(cmd: EvalCmd) -> Result<(), String> {
                 budgets,
                 homer,
             };
-            let mut st = Store::open(&s.out_dir, "replay")
-                .map_err(e)?
-                .stamped(homer_eval::report::host());
+            let mut st = Store::open_to_measure(&s.out_dir, "replay").map_err(e)?;
             homer_eval::replay::run(&mut engine, &s, &spec, &mut st, &cancel).map_err(e)?;
             print!("{}", homer_eval::replay::table(st.records()));
             finish(&s.out_dir, "replay")

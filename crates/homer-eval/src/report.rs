@@ -210,11 +210,11 @@ pub fn run_all(
         vec![]
     };
     if want("passkey") {
-        let mut st = Store::open(&s.out_dir, "passkey")?.stamped(host());
+        let mut st = Store::open_to_measure(&s.out_dir, "passkey")?;
         crate::passkey::run(engine, s, &spec.passkey, &mut st, cancel)?;
     }
     if want("perplexity") {
-        let mut st = Store::open(&s.out_dir, "perplexity")?.stamped(host());
+        let mut st = Store::open_to_measure(&s.out_dir, "perplexity")?;
         crate::perplexity::run(
             engine,
             s,
@@ -227,11 +227,11 @@ pub fn run_all(
         )?;
     }
     if want("qa") {
-        let mut st = Store::open(&s.out_dir, "qa")?.stamped(host());
+        let mut st = Store::open_to_measure(&s.out_dir, "qa")?;
         crate::qa::run(engine, s, &verses, &source, &spec.qa, &mut st, cancel)?;
     }
     if want("cost") {
-        let mut st = Store::open(&s.out_dir, "cost")?.stamped(host());
+        let mut st = Store::open_to_measure(&s.out_dir, "cost")?;
         crate::cost::run(
             engine,
             s,
@@ -244,7 +244,7 @@ pub fn run_all(
         )?;
     }
     if want("ablation") {
-        let mut st = Store::open(&s.out_dir, "ablation")?.stamped(host());
+        let mut st = Store::open_to_measure(&s.out_dir, "ablation")?;
         crate::passkey::run(engine, s, &spec.ablation, &mut st, cancel)?;
     }
     engine
@@ -279,26 +279,6 @@ pub fn text_tokens(
     Ok(ids)
 }
 
-/// The host a record is measured on: the CPU threads this process may use and the processor's
-/// name, e.g. "2 × AMD EPYC" (written into each record, `Store::stamped`).
-pub fn host() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpus} × {}", cpu_model())
-}
-
-/// The processor's name (Linux: /proc/cpuinfo), or "CPU".
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "CPU".into())
-}
-
 /// Record the run's settings and machine in `OUT/meta.json`, with `command` added to the
 /// commands that made the records (every `homer eval` task calls it before it runs).
 pub fn write_meta(engine: &Engine, s: &Settings, command: &str) -> Result<()> {
@@ -313,12 +293,11 @@ pub fn write_meta(engine: &Engine, s: &Settings, command: &str) -> Result<()> {
         commands.push(json!(command));
     }
     // Every backend and machine the commands ran on (a store may gather several).
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let here = json!(format!(
         "{} ({}) on {}",
         engine.device.backend,
         engine.device.adapter,
-        host()
+        crate::store::host()
     ));
     let mut machines = old["machines"].as_array().cloned().unwrap_or_default();
     if !machines.contains(&here) {
@@ -331,7 +310,7 @@ pub fn write_meta(engine: &Engine, s: &Settings, command: &str) -> Result<()> {
         "chunk_len": s.chunk_len, "warmup_layers": s.warmup_layers,
         "bias": crate::passkey::bias_name(&s.bias), "rope_factor": s.rope_factor,
         "seed": s.seed, "commands": commands, "machines": machines,
-        "cpus": cpus,
+        "cpus": crate::store::threads(),
         "counting_allocator": crate::alloc::installed(),
     });
     std::fs::create_dir_all(&s.out_dir)

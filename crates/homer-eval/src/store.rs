@@ -26,6 +26,30 @@ fn is_skip(v: &Value) -> bool {
     v.get("skipped").is_some_and(|s| !s.is_null())
 }
 
+/// The CPU threads this process may use (0 when the system does not say).
+pub fn threads() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// The host a record is measured on: the CPU threads this process may use and the processor's
+/// name, e.g. "2 × AMD EPYC" (written into each record, `Store::open_to_measure`).
+pub fn host() -> String {
+    format!("{} × {}", threads(), cpu_model())
+}
+
+/// The processor's name (Linux: /proc/cpuinfo), or "CPU".
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "CPU".into())
+}
+
 impl Store {
     /// Open (or start) `<dir>/<task>.jsonl`. A line that does not parse is reported and left in
     /// the file, not dropped: the error names the file and the line.
@@ -67,6 +91,12 @@ impl Store {
             records,
             machine: None,
         })
+    }
+
+    /// `open`, stamped with the host this process runs on (`host`): how every command that
+    /// measures opens its store.
+    pub fn open_to_measure(dir: &Path, task: &str) -> Result<Store> {
+        Ok(Store::open(dir, task)?.stamped(host()))
     }
 
     /// Write `machine` (the host: CPU threads and processor) into every record appended from
@@ -200,5 +230,16 @@ mod tests {
         let m: Vec<Option<&str>> = s.records().iter().map(|r| r["machine"].as_str()).collect();
         assert_eq!(m, vec![Some("2 × Some CPU"), Some("8 × Other"), None]);
         assert_eq!(s.machine(), None);
+    }
+
+    #[test]
+    fn a_store_opened_to_measure_is_stamped_with_this_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_to_measure(dir.path(), "t").unwrap();
+        let here = host();
+        assert_eq!(s.machine(), Some(here.as_str()));
+        let (n, cpu) = here.split_once(" × ").unwrap();
+        assert_eq!(n.parse::<usize>().unwrap(), threads());
+        assert!(threads() >= 1 && !cpu.trim().is_empty(), "{here}");
     }
 }
